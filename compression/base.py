@@ -1,0 +1,166 @@
+"""The one interface every compressed embedding module implements.
+
+A compressed module is a TorchRec ``EmbeddingBagCollectionInterface``: it takes the
+model's ``KeyedJaggedTensor`` and returns a ``KeyedTensor`` with one pooled embedding
+per feature, so TorchRec models (``torchrec.models.dlrm.DLRM``) and the sharder
+(``DistributedModelParallel``) use it without knowing it is compressed. Inside it is
+an id transform in front of real TorchRec tables and a combine step behind them.
+
+``embedding_bag_configs()`` describes what the model sees (one config per source
+table, ``embedding_dim`` = that feature's output dim); the physical, smaller tables
+live in TorchRec submodules (``EmbeddingBagCollection`` ...), which is what the
+sharder shards and what the byte accounting counts.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollection,
+    EmbeddingBagCollectionInterface,
+)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+
+class IdOutOfRangeError(IndexError):
+    """An id outside the table its feature is declared to use."""
+
+
+@dataclass
+class Stage:
+    """One named step of a method's training schedule.
+
+    ``run`` is called by the trainer with a ``recsys.training.StageContext`` and
+    returns a dict of metrics; ``None`` means the trainer's standard training loop.
+    The trainer logs every stage of a multi-stage schedule as a nested MLflow run.
+    """
+
+    name: str
+    run: Callable[[Any], dict[str, float]] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _tracing() -> bool:
+    return torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
+class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """Base class of every compressed module (KJT in, KeyedTensor out).
+
+    Args:
+        tables: the uncompressed tables this module replaces.
+        output_dims: per-table output dim when it differs from the table's own
+            ``embedding_dim`` (e.g. multi-probe methods that concatenate chunks).
+        validate_ids: refuse ids outside ``[0, num_embeddings)`` with a message naming
+            the feature; methods that hash arbitrary ids set this to False.
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        output_dims: Mapping[str, int] | None = None,
+        validate_ids: bool = True,
+    ) -> None:
+        super().__init__()
+        if not tables:
+            raise ValueError("compress() needs at least one EmbeddingBagConfig")
+        names = [t.name for t in tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"table names must be unique, got {names}")
+        features = [f for t in tables for f in t.feature_names]
+        if len(set(features)) != len(features):
+            raise ValueError(f"a feature may feed only one table, got {features}")
+        output_dims = dict(output_dims or {})
+        self._source_tables = [dataclasses.replace(t) for t in tables]
+        self._logical_tables = [
+            dataclasses.replace(t, embedding_dim=output_dims.get(t.name, t.embedding_dim))
+            for t in tables
+        ]
+        self._feature_names: list[str] = features
+        self._feature_rows: dict[str, int] = {
+            f: t.num_embeddings for t in tables for f in t.feature_names
+        }
+        self._validate_ids = validate_ids
+
+    # -- TorchRec interface -------------------------------------------------------
+    @abc.abstractmethod
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor: ...
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._logical_tables
+
+    def is_weighted(self) -> bool:
+        return False
+
+    # -- what the rest of embcomp asks of a method ---------------------------------
+    def source_tables(self) -> list[EmbeddingBagConfig]:
+        """The uncompressed tables this module stands for (what the ratio is against)."""
+        return self._source_tables
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self._feature_names
+
+    def output_dims(self) -> dict[str, int]:
+        return {f: t.embedding_dim for t in self._logical_tables for f in t.feature_names}
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        """Embedding rows, trained by the sparse (row-wise Adagrad) optimizer.
+
+        Default: every parameter of the TorchRec embedding collections inside.
+        Everything else (projections, step sizes, thresholds) is dense.
+        """
+        seen: dict[int, nn.Parameter] = {}
+        for m in self.modules():
+            if isinstance(m, EmbeddingBagCollection):
+                for p in m.parameters():
+                    seen[id(p)] = p
+        return list(seen.values())
+
+    def stages(self) -> list[Stage]:
+        """The method's training schedule; most methods train in one standard stage."""
+        return [Stage("train")]
+
+    def regularization(self) -> torch.Tensor | None:
+        """Extra loss term added to the task loss during training (None: nothing)."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Sizes the method chose (rows, collisions, dims ...), logged as MLflow params."""
+        return {}
+
+    # -- helpers for subclasses ------------------------------------------------------
+    def check_ids(self, features: KeyedJaggedTensor) -> None:
+        """Raise ``IdOutOfRangeError`` naming the feature if an id is outside its table."""
+        if not self._validate_ids or _tracing():
+            return
+        lengths = features.length_per_key()
+        values = features.values()
+        start = 0
+        for key, n in zip(features.keys(), lengths):
+            if n and key in self._feature_rows:
+                chunk = values[start : start + n]
+                lo, hi = int(chunk.min()), int(chunk.max())
+                rows = self._feature_rows[key]
+                if lo < 0 or hi >= rows:
+                    bad = lo if lo < 0 else hi
+                    raise IdOutOfRangeError(
+                        f"feature '{key}': id {bad} is outside its table of {rows} rows "
+                        f"(valid ids 0..{rows - 1})"
+                    )
+            start += n
+
+
+def table_named(tables: Iterable[EmbeddingBagConfig], name: str) -> EmbeddingBagConfig:
+    for t in tables:
+        if t.name == name:
+            return t
+    raise KeyError(f"no table named '{name}'")

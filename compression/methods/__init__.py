@@ -1,0 +1,7 @@
+"""Every compression method; importing this package registers them all.
+
+Adding a method: its module here, one import line below, a Hydra config in
+``experiments/conf/compression/``, and its tests in ``tests/compression/``.
+"""
+
+from compression.methods import none  # noqa: F401

@@ -1,0 +1,17 @@
+"""Hooks through which the trainer reports (MLflow logging lives in experiments/)."""
+
+from __future__ import annotations
+
+from compression.base import Stage
+
+
+class Callback:
+    """Override what you need; every hook is a no-op by default."""
+
+    def on_stage_start(self, stage: Stage, n_stages: int) -> None: ...
+
+    def on_stage_end(self, stage: Stage, metrics: dict[str, float], n_stages: int) -> None: ...
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], step: int) -> None: ...

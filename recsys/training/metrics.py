@@ -1,0 +1,43 @@
+"""Evaluation: exact AUC (torchmetrics) and logloss over a whole split."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.functional.classification import binary_auroc
+
+from recsys.data.loader import BatchLoader
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: BatchLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every row of ``loader``, in loader order, on the CPU."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for batch in loader.epoch(0):
+            batch = batch.to(device)
+            logits.append(model(batch.dense_features, batch.sparse_features).reshape(-1).float().cpu())
+            labels.append(batch.labels.cpu())
+    finally:
+        model.train(was_training)
+    if not logits:
+        raise ValueError(f"split '{loader.split}' of {loader.path} has no rows to evaluate")
+    return torch.cat(logits), torch.cat(labels)
+
+
+def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """AUC, logloss, mean prediction and row count of logits against 0/1 labels."""
+    auc = float(binary_auroc(torch.sigmoid(logits), labels.long())) if labels.min() != labels.max() else float("nan")
+    return {
+        "auc": auc,
+        "logloss": float(F.binary_cross_entropy_with_logits(logits, labels)),
+        "mean_prediction": float(torch.sigmoid(logits).mean()),
+        "rows": float(len(labels)),
+    }
+
+
+def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device) -> dict[str, float]:
+    return binary_metrics(*predict(model, loader, device))

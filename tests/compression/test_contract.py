@@ -1,0 +1,127 @@
+"""The interface contract, run over every method in the registry.
+
+A new method gets these checks by being registered: its config class must build
+with no arguments, and may list variants in a ``contract_examples()`` classmethod.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+import compression
+from compression import CompressedEmbeddingBagCollection, compress, memory_report
+from recsys.models import DCNv2
+from compression.base import _tracing
+
+DIM = 8
+TABLES = [
+    EmbeddingBagConfig(name="t_small", embedding_dim=DIM, num_embeddings=7, feature_names=["small"]),
+    EmbeddingBagConfig(name="t_big", embedding_dim=DIM, num_embeddings=5000, feature_names=["big"]),
+    EmbeddingBagConfig(name="t_mid", embedding_dim=DIM, num_embeddings=300, feature_names=["tags"]),
+]
+COUNTS = {
+    "small": torch.arange(7, 0, -1).numpy() * 10,
+    "big": (10000 // torch.arange(1, 5001)).numpy(),
+    "tags": (3000 // torch.arange(1, 301)).numpy(),
+}
+
+
+def examples():
+    out = []
+    for name, cls in sorted(compression.registered_methods().items()):
+        configs = cls.contract_examples() if hasattr(cls, "contract_examples") else [cls()]
+        out += [pytest.param(c, id=f"{name}-{i}") for i, c in enumerate(configs)]
+    return out
+
+
+def make_kjt(batch: int = 6, seed: int = 0) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    small = torch.randint(0, 7, (batch,), generator=g)
+    big = torch.randint(0, 5000, (batch,), generator=g)
+    tag_len = torch.randint(0, 4, (batch,), generator=g)  # multi-hot, empty bags included
+    tag_len[0] = 0
+    tags = torch.randint(0, 300, (int(tag_len.sum()),), generator=g)
+    return KeyedJaggedTensor(
+        keys=["small", "big", "tags"],
+        values=torch.cat([small, big, tags]),
+        lengths=torch.cat([torch.ones(batch, dtype=torch.int32), torch.ones(batch, dtype=torch.int32), tag_len.int()]),
+    )
+
+
+def build(config, seed: int = 0) -> CompressedEmbeddingBagCollection:
+    return compress(TABLES, config, counts=COUNTS, seed=seed)
+
+
+@pytest.mark.parametrize("config", examples())
+class TestContract:
+    def test_output_is_keyed_tensor_with_declared_dims(self, config):
+        m = build(config)
+        assert isinstance(m, torch.nn.Module)
+        out = m(make_kjt())
+        assert isinstance(out, KeyedTensor)
+        assert out.keys() == ["small", "big", "tags"]
+        dims = {f: c.embedding_dim for c in m.embedding_bag_configs() for f in c.feature_names}
+        assert [c.name for c in m.embedding_bag_configs()] == [t.name for t in TABLES]
+        for key, t in out.to_dict().items():
+            assert t.shape == (6, dims[key])
+            assert torch.isfinite(t).all()
+
+    def test_gradients_reach_the_tables(self, config):
+        m = build(config)
+        m.train()
+        out = m(make_kjt())
+        out.values().pow(2).sum().backward()
+        tables = m.table_parameters()
+        assert tables, "a compressed module must own TorchRec table parameters"
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tables)
+
+    def test_state_dict_round_trip(self, config):
+        a, b = build(config, seed=1), build(config, seed=2)
+        b.load_state_dict(a.state_dict())
+        a.eval(), b.eval()
+        kjt = make_kjt(seed=3)
+        torch.testing.assert_close(a(kjt).values(), b(kjt).values(), rtol=0, atol=0)
+        buf = io.BytesIO()
+        torch.save(a.state_dict(), buf)
+        buf.seek(0)
+        c = build(config, seed=4)
+        c.load_state_dict(torch.load(buf))
+        c.eval()
+        torch.testing.assert_close(a(kjt).values(), c(kjt).values(), rtol=0, atol=0)
+
+    def test_deterministic_for_a_seed(self, config):
+        a, b = build(config, seed=7), build(config, seed=7)
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert ka == kb
+            assert torch.equal(va, vb), ka
+        a.eval(), b.eval()
+        torch.testing.assert_close(a(make_kjt()).values(), b(make_kjt()).values(), rtol=0, atol=0)
+
+    def test_bytes_equal_the_tensors_held(self, config):
+        m = build(config)
+        report = memory_report(m)
+        # independent count: every parameter and buffer by numel * element size
+        seen, expected = set(), 0
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.data_ptr() in seen and t.numel():
+                continue
+            seen.add(t.data_ptr())
+            expected += t.numel() * t.element_size()
+        assert report.bytes == expected
+        assert report.uncompressed_bytes == sum(t.num_embeddings * t.embedding_dim * 4 for t in TABLES)
+        assert report.ratio == pytest.approx(report.uncompressed_bytes / report.bytes)
+
+    def test_a_model_takes_it(self, config):
+        m = build(config)
+        model = DCNv2(m, dense_in_features=2, deep_layers=[8])
+        logits = model(torch.randn(6, 2), make_kjt())
+        assert logits.shape == (6, 1)
+        logits.sum().backward()
+
+    def test_not_tracing_in_eager(self, config):
+        assert not _tracing()
