@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from recsys.data.schema import COUNTS_FILE, SCHEMA_FILE, DatasetSchema, DataError, ProcessedDataset
+from recsys.data.schema import COUNTS_FILE, SCHEMA_FILE, DataError, DatasetSchema, ProcessedDataset
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -139,3 +139,39 @@ def write_counts(path: Path, counts: dict[str, pl.DataFrame]) -> None:
         for name, df in counts.items()
     ]
     pl.concat(frames).write_parquet(path)
+
+
+def scan_lines(path: Path, *, n_rows: int | None = None, row_index: str = "row") -> pl.LazyFrame:
+    """Lazily read a text file as one string column ``line`` with a 0-based ``row_index``.
+
+    Used to validate line-oriented formats vectorised: no quoting, no header, blank
+    lines kept (so ``row + 1`` is the line number), a trailing ``\\r`` dropped, and
+    invalid UTF-8 replaced by U+FFFD so that it fails the format's own checks with a
+    line number instead of aborting the scan.
+    """
+    return pl.scan_csv(
+        path,
+        has_header=False,
+        separator="\x00",  # never a field separator in text formats: one column per line
+        quote_char=None,
+        schema={"line": pl.String},
+        row_index_name=row_index,
+        empty_string_is_null=False,
+        encoding="utf8-lossy",
+        n_rows=n_rows,
+    )
+
+
+def vocab_from_counts(counts: pl.DataFrame, min_count: int) -> pl.DataFrame:
+    """``build_vocab`` for values already counted: columns ``value``, ``count`` in.
+
+    Same contract as ``build_vocab`` (nulls dropped, ids 1.. by descending count, ties
+    by value, counts below ``min_count`` get no id); for pipelines that count with a
+    streaming ``group_by`` instead of holding the whole column.
+    """
+    kept = (
+        counts.drop_nulls("value")
+        .filter(pl.col("count") >= min_count)
+        .sort(["count", "value"], descending=[True, False])
+    )
+    return kept.with_columns(pl.int_range(1, kept.height + 1, dtype=pl.Int64).alias("id"))

@@ -1,0 +1,152 @@
+"""The Criteo pipeline on the real 10,000-row sample, checked against plain-Python recomputation."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections import Counter
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys.data import criteo
+from recsys.data.common import assign_splits
+from recsys.data.criteo import DENSE, SPARSE, CriteoConfig
+from recsys.data.schema import SPLITS
+from tests.conftest import CRITEO_SAMPLE
+
+SAMPLE_SHA256 = "f665bb8823fd742ea1b8602d70918f235ccc08eba3224f1621c11022721c21a3"
+
+
+def _split_rows(rows: list[list[str]], seed: int = 0) -> dict[str, list[list[str]]]:
+    codes = assign_splits(np.arange(len(rows)), seed, (0.8, 0.1, 0.1))
+    return {s: [r for r, c in zip(rows, codes) if c == k] for k, s in enumerate(SPLITS)}
+
+
+def _expected_vocab(train: list[list[str]], col: int, min_count: int = 1) -> dict[str, int]:
+    """value -> id the way the schema defines it: descending train count, ties by integer value."""
+    counts = Counter(r[col] for r in train if r[col] != "")
+    kept = sorted((v for v, n in counts.items() if n >= min_count), key=lambda v: (-counts[v], int(v, 16)))
+    return {v: i + 1 for i, v in enumerate(kept)}
+
+
+def test_rows_and_splits(criteo_sample, sample_rows):
+    rows = criteo_sample.schema.rows
+    assert sum(rows.values()) == 10_000 == len(sample_rows)
+    assert 7_700 <= rows["train"] <= 8_300 and 800 <= rows["val"] <= 1_200 and 800 <= rows["test"] <= 1_200
+    expected = _split_rows(sample_rows)
+    for s in SPLITS:
+        labels = pl.read_parquet(criteo_sample.split_path(s))["label"].to_numpy()
+        np.testing.assert_array_equal(labels, [float(r[0]) for r in expected[s]])
+    total_pos = sum(pl.read_parquet(criteo_sample.split_path(s))["label"].sum() for s in SPLITS)
+    assert total_pos == 2_182  # README of the sample
+
+
+def test_splits_deterministic_by_seed(tmp_path, criteo_sample):
+    again = CriteoConfig(path=str(CRITEO_SAMPLE), seed=0).prepare(tmp_path / "a")
+    other = CriteoConfig(path=str(CRITEO_SAMPLE), seed=1).prepare(tmp_path / "b")
+    for s in SPLITS:
+        assert pl.read_parquet(again.split_path(s)).equals(pl.read_parquet(criteo_sample.split_path(s)))
+    assert again.root.name == criteo_sample.root.name  # same key, same directory name
+    assert other.schema.rows != criteo_sample.schema.rows
+
+
+def test_dense_values(criteo_sample, sample_rows):
+    expected = _split_rows(sample_rows)
+    for s in SPLITS:
+        df = pl.read_parquet(criteo_sample.split_path(s))
+        for j, name in enumerate(DENSE, start=1):
+            want = [math.log1p(max(int(r[j]), 0)) if r[j] != "" else 0.0 for r in expected[s]]
+            np.testing.assert_allclose(df[name].to_numpy(), np.array(want, dtype=np.float32), rtol=1e-6)
+            assert df[name].dtype == pl.Float32
+
+
+def _locate(line: int, n: int, seed: int = 0) -> tuple[str, int]:
+    """(split, position in it) of 0-based line ``line`` of an n-line file."""
+    codes = assign_splits(np.arange(n), seed, (0.8, 0.1, 0.1))
+    return SPLITS[codes[line]], int((codes[:line] == codes[line]).sum())
+
+
+def test_known_rows(criteo_sample, sample_rows):
+    """By hand: line 1 has I1=1, I3=5, I12 empty; some line has a negative I2 (clipped to 0)."""
+    split, pos = _locate(0, len(sample_rows))
+    first = pl.read_parquet(criteo_sample.split_path(split)).row(pos, named=True)
+    assert sample_rows[0][1:4] == ["1", "1", "5"] and sample_rows[0][12] == ""
+    assert first["I1"] == pytest.approx(math.log1p(1)) and first["I3"] == pytest.approx(math.log1p(5))
+    assert first["I12"] == 0.0
+    negative = next(i for i, r in enumerate(sample_rows) if r[2].startswith("-"))
+    split, pos = _locate(negative, len(sample_rows))
+    assert pl.read_parquet(criteo_sample.split_path(split))["I2"][pos] == 0.0
+
+
+@pytest.mark.parametrize("min_count", [1, 3])
+def test_categorical_ids_match_independent_vocab(tmp_path, criteo_sample, sample_rows, min_count):
+    ds = criteo_sample if min_count == 1 else CriteoConfig(path=str(CRITEO_SAMPLE), min_count=min_count).prepare(tmp_path)
+    splits = _split_rows(sample_rows)
+    for k, name in enumerate(SPARSE):
+        col = 14 + k
+        vocab = _expected_vocab(splits["train"], col, min_count)
+        assert ds.schema.cardinality(name) == len(vocab) + 1
+        for s in SPLITS:
+            got = pl.read_parquet(ds.split_path(s), columns=[name])[name].to_list()
+            assert got == [vocab.get(r[col], 0) for r in splits[s]], (name, s)
+
+
+def test_empty_and_unseen_map_to_zero(criteo_sample, sample_rows):
+    splits = _split_rows(sample_rows)
+    train_values = {k: {r[14 + k] for r in splits["train"]} for k in range(26)}
+    empties = unseen = 0
+    for s in SPLITS:
+        df = pl.read_parquet(criteo_sample.split_path(s))
+        for k, name in enumerate(SPARSE):
+            ids = df[name].to_numpy()
+            raw = [r[14 + k] for r in splits[s]]
+            is_empty = np.array([v == "" for v in raw])
+            is_unseen = np.array([v != "" and v not in train_values[k] for v in raw])
+            assert (ids[is_empty] == 0).all() and (ids[is_unseen] == 0).all()
+            assert (ids[~is_empty & ~is_unseen] > 0).all()
+            empties += int(is_empty.sum())
+            unseen += int(is_unseen.sum())
+    assert empties > 0 and unseen > 0  # both cases occur in the sample
+
+
+def test_counts_match(criteo_sample, sample_rows):
+    train = _split_rows(sample_rows)["train"]
+    for k, name in enumerate(SPARSE):
+        counts = criteo_sample.counts(name)
+        raw = Counter(r[14 + k] for r in train)
+        vocab = _expected_vocab(train, 14 + k)
+        assert counts[0] == raw.get("", 0)  # min_count 1: only empties map to 0 in train
+        for value, i in vocab.items():
+            assert counts[i] == raw[value]
+        assert counts.sum() == len(train)
+        assert (np.diff(counts[1:]) <= 0).all()  # ids by descending frequency
+
+
+def test_schema_provenance(criteo_sample):
+    schema = criteo_sample.schema
+    assert schema.dense == DENSE and schema.sparse_names == SPARSE
+    assert schema.source["sha256"] == SAMPLE_SHA256 and schema.source["format"] == "criteo-tsv"
+    assert schema.params["min_count"] == 1 and schema.params["code_version"] == criteo.CODE_VERSION
+    assert not any(p.name.startswith("_parsed") for p in criteo_sample.root.iterdir())
+
+
+def test_crlf_and_max_rows(tmp_path, criteo_sample):
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(CRITEO_SAMPLE.read_bytes().replace(b"\n", b"\r\n"))
+    ds = CriteoConfig(path=str(crlf)).prepare(tmp_path / "cache")
+    for s in SPLITS:
+        assert pl.read_parquet(ds.split_path(s)).equals(pl.read_parquet(criteo_sample.split_path(s)))
+    head = CriteoConfig(path=str(CRITEO_SAMPLE), max_rows=1000).prepare(tmp_path / "cache")
+    assert sum(head.schema.rows.values()) == 1000
+
+
+def test_copy_is_a_new_cache_entry_with_same_data(tmp_path):
+    """The key holds the file's path, size and mtime: a copy is processed anew, to the same data."""
+    copy = tmp_path / "train.txt"
+    shutil.copy(CRITEO_SAMPLE, copy)
+    a = CriteoConfig(path=str(copy)).prepare(tmp_path / "c")
+    b = CriteoConfig(path=str(CRITEO_SAMPLE)).prepare(tmp_path / "c")
+    assert a.root != b.root
+    assert pl.read_parquet(a.split_path("val")).equals(pl.read_parquet(b.split_path("val")))
