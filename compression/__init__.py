@@ -12,9 +12,11 @@ if sys.version_info >= (3, 14):  # pragma: no cover - guarded by requires-python
         "'compression' package, which shadows this one"
     )
 
+from compression import methods  # noqa: E402,F401  (registers every method)
 from compression.api import (  # noqa: E402
     BuildContext,
     CompressionConfig,
+    MethodConfigError,
     UnknownMethodError,
     compress,
     config_class,
@@ -23,8 +25,12 @@ from compression.api import (  # noqa: E402
 )
 from compression.base import CompressedEmbeddingBagCollection, IdOutOfRangeError, Stage  # noqa: E402
 from compression.budget import Budget, BudgetError  # noqa: E402
-from compression.memory import MemoryReport, memory_report, optimizer_state_bytes, uncompressed_bytes  # noqa: E402
-from compression import methods  # noqa: E402,F401  (registers every method)
+from compression.memory import (  # noqa: E402
+    MemoryReport,
+    memory_report,
+    optimizer_state_bytes,
+    uncompressed_bytes,
+)
 from compression.methods.none import NoCompression  # noqa: E402
 
 __all__ = [
@@ -35,6 +41,7 @@ __all__ = [
     "CompressionConfig",
     "IdOutOfRangeError",
     "MemoryReport",
+    "MethodConfigError",
     "NoCompression",
     "Stage",
     "UnknownMethodError",

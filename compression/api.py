@@ -56,6 +56,10 @@ _BUILDERS: dict[type, Builder] = {}
 _BY_NAME: dict[str, type] = {}
 
 
+class MethodConfigError(ValueError):
+    """A method's config that cannot work with these tables (the message says why)."""
+
+
 class UnknownMethodError(KeyError):
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])

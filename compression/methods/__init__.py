@@ -4,4 +4,12 @@ Adding a method: its module here, one import line below, a Hydra config in
 ``experiments/conf/compression/``, and its tests in ``tests/compression/``.
 """
 
-from compression.methods import none  # noqa: F401
+from compression.methods import (  # noqa: F401
+    double_hashing,
+    frequency_hybrid,
+    hashing,
+    managed_collision,
+    mixed_dim,
+    none,
+    qr,
+)

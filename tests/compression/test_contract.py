@@ -15,8 +15,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 import compression
 from compression import CompressedEmbeddingBagCollection, compress, memory_report
-from recsys.models import DCNv2
 from compression.base import _tracing
+from recsys.models import DCNv2
 
 DIM = 8
 TABLES = [

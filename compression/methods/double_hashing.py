@@ -1,0 +1,204 @@
+"""Double / multi-hashing ("hash embeddings", Svenstrup et al. 2017, without weights).
+
+Each id x is looked up through k independent hashes h_1..h_k (``compression.hashing``)
+and the k rows are combined:
+
+- ``combine="sum"``: e(x) = sum_j E_j[h_j(x) mod M]. Done as one pooled lookup: each
+  id's bag entry becomes its k hashed rows, so sum pooling adds them (under MEAN
+  pooling the k rows are averaged with the bag, i.e. the sum divided by k).
+- ``combine="concat"``: e(x) = [E_1[h_1(x)] | ... | E_k[h_k(x)]], each part dim/k wide,
+  so the output keeps the feature's dim; the dim must be divisible by k.
+
+``tables="shared"``: the k hashes index one table of M rows per source table.
+``tables="separate"``: k tables of M rows (for ``sum`` stored as k disjoint row blocks
+of one TorchRec table of k·M rows: the same maths, one lookup).
+
+The budget picks M per table (``compression.sizing``); tables that fit their share
+stay exact (one plain lookup). Ids: any int64 is hashed; in an exact table ids
+outside ``[0, N)`` are hashed into it (never an out-of-range lookup).
+
+Example::
+
+    ebc = compress(tables, DoubleHashingConfig(num_hashes=2, combine="concat"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
+from compression.budget import Budget
+from compression.hashing import UniversalHash
+from compression.idmap import (
+    IdMappedCollection,
+    KeyParams,
+    column_order,
+    in_range,
+    inner_table,
+    with_values,
+)
+from compression.memory import memory_report, uncompressed_bytes
+from compression.sizing import FieldCost, Plan, check_exclusive, plan_sizes, verify
+
+COMBINES = ("sum", "concat")
+TABLES = ("shared", "separate")
+
+
+@dataclass
+class DoubleHashingConfig(CompressionConfig):
+    """k hashes per id, rows summed or concatenated; ``budget`` or ``rows`` picks M."""
+
+    method: ClassVar[str] = "double_hashing"
+    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
+    # rows M per hash function (budget: null)
+    rows: Optional[int] = None
+    num_hashes: int = 2
+    combine: str = "sum"
+    tables: str = "shared"
+
+    @classmethod
+    def contract_examples(cls) -> list[DoubleHashingConfig]:
+        return [
+            cls(),
+            cls(tables="separate"),
+            cls(combine="concat"),
+            cls(combine="concat", tables="separate", num_hashes=4, budget=Budget(ratio=2)),
+            cls(budget=None, rows=40, num_hashes=3),
+        ]
+
+
+def _check(config: DoubleHashingConfig, tables: list[EmbeddingBagConfig]) -> None:
+    if config.combine not in COMBINES:
+        raise MethodConfigError(f"double_hashing: combine must be one of {COMBINES}, got '{config.combine}'")
+    if config.tables not in TABLES:
+        raise MethodConfigError(f"double_hashing: tables must be one of {TABLES}, got '{config.tables}'")
+    if config.num_hashes < 1:
+        raise MethodConfigError(f"double_hashing: num_hashes must be >= 1, got {config.num_hashes}")
+    if config.combine == "concat":
+        for t in tables:
+            if t.embedding_dim % config.num_hashes:
+                raise MethodConfigError(
+                    f"double_hashing with combine='concat' splits each feature's dim into num_hashes parts: "
+                    f"dim {t.embedding_dim} of table '{t.name}' is not divisible by num_hashes={config.num_hashes}"
+                )
+
+
+def _bytes_per_m(t: EmbeddingBagConfig, config: DoubleHashingConfig) -> int:
+    """Bytes per unit of M: shared sum d, separate sum k·d, shared concat d/k, separate concat d."""
+    k, d = config.num_hashes, t.embedding_dim
+    if config.combine == "sum":
+        return 4 * d * (k if config.tables == "separate" else 1)
+    return 4 * (d // k) * (k if config.tables == "separate" else 1)
+
+
+def _cost(t: EmbeddingBagConfig, config: DoubleHashingConfig) -> FieldCost:
+    per_m = _bytes_per_m(t, config)
+    return FieldCost(t.name, uncompressed_bytes([t]), 1, t.num_embeddings, lambda m: per_m * m)
+
+
+class DoubleHashedEmbeddingBagCollection(IdMappedCollection):
+    """k seeded hashes per id into TorchRec tables; sum or concatenation of the k rows."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, config: DoubleHashingConfig, ctx: BuildContext) -> None:
+        super().__init__(tables, plan, knob="rows_per_hash")
+        k = self.k = config.num_hashes
+        self.concat = config.combine == "concat"
+        self.separate = config.tables == "separate"
+        inner: list[EmbeddingBagConfig] = []
+        produced: list[tuple[str, int]] = []  # (feature, width) blocks in the inner output order
+        for t in tables:
+            m = plan.sizes[t.name]
+            if m is None:
+                feats = [f"{f}__0" for f in t.feature_names] if self.concat else t.feature_names
+                inner.append(inner_table(t, features=feats))
+                produced += [(f, t.embedding_dim) for f in t.feature_names]
+            elif not self.concat:
+                inner.append(inner_table(t, rows=m * (k if self.separate else 1)))
+                produced += [(f, t.embedding_dim) for f in t.feature_names]
+            elif self.separate:
+                for j in range(k):
+                    feats = [f"{f}__{j}" for f in t.feature_names]
+                    inner.append(inner_table(t, f"{t.name}__{j}", m, t.embedding_dim // k, feats))
+                produced += [(f"{f}__{j}", t.embedding_dim // k) for j in range(k) for f in t.feature_names]
+            else:
+                feats = [f"{f}__{j}" for f in t.feature_names for j in range(k)]
+                inner.append(inner_table(t, rows=m, dim=t.embedding_dim // k, features=feats))
+                produced += [(f"{f}__{j}", t.embedding_dim // k) for f in t.feature_names for j in range(k)]
+        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.device)
+        self.hasher = UniversalHash(k, seed=ctx.seed, device=ctx.device)
+        per_feature = {f: (plan.sizes[t.name], t.num_embeddings) for t in tables for f in t.feature_names}
+        self._exact_features = {f for f, (m, _) in per_feature.items() if m is None}
+        self.params = KeyParams(
+            self.feature_names,
+            {
+                "rows": [m if m is not None else n for m, n in per_feature.values()],
+                "exact": [int(m is None) for m, _ in per_feature.values()],
+            },
+            device=ctx.device,
+        )
+        wanted: list[tuple[str, int]] = []
+        for t in tables:
+            split = self.concat and plan.sizes[t.name] is not None
+            for f in t.feature_names:
+                wanted += [(f"{f}__{j}", t.embedding_dim // k) for j in range(k)] if split else [(f, t.embedding_dim)]
+        self._perm = column_order(produced, wanted)
+
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The KJT the inner tables see: k hashed rows per id, as extra bag entries
+        (sum) or as k keys per feature (concat, keys ``{feature}__{j}``)."""
+        p = self.params.expand(features)
+        ids, rows, exact = features.values(), p["rows"], p["exact"] != 0
+        h = self.hasher(ids, rows.unsqueeze(-1))  # [n, k]
+        if self.separate and not self.concat:  # hash j indexes row block j
+            h = h + torch.arange(self.k, device=ids.device) * rows.unsqueeze(-1)
+        if self._exact_features:
+            h[:, 0] = torch.where(exact & in_range(ids, rows), ids, h[:, 0])
+        if self.concat:
+            names = features.keys()
+            keys = [f"{key}__{j}" for j in range(self.k) for key in names]
+            return with_values(features, h.t().reshape(-1), keys, repeat=self.k)
+        return self._expanded(features, h, exact)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        out = self.ebc(self.remap(features)).values()
+        return self.keyed(out if self._perm is None else out[:, self._perm])
+
+    def _expanded(self, features: KeyedJaggedTensor, h: torch.Tensor, exact: torch.Tensor) -> KeyedJaggedTensor:
+        """Each id's bag entry replaced by its k hashed rows (one row for exact features)."""
+        lengths, lpk = features.lengths(), features.length_per_key()
+        if not self._exact_features:
+            return KeyedJaggedTensor(
+                keys=features.keys(), values=h.reshape(-1), lengths=lengths * self.k,
+                stride=features.stride(), length_per_key=[n * self.k for n in lpk],
+            )
+        keep = torch.arange(self.k, device=h.device) < torch.where(exact, 1, self.k).unsqueeze(-1)
+        names = features.keys()
+        fan = [1 if key in self._exact_features or key not in self.params else self.k for key in names]
+        fan_t = torch.tensor(fan, dtype=lengths.dtype, device=lengths.device)
+        return KeyedJaggedTensor(
+            keys=features.keys(),
+            values=h[keep],
+            lengths=(lengths.view(len(fan), -1) * fan_t.unsqueeze(-1)).reshape(-1),
+            stride=features.stride(),
+            length_per_key=[n * f for n, f in zip(lpk, fan)],
+        )
+
+
+@register(DoubleHashingConfig)
+def build(
+    tables: list[EmbeddingBagConfig], config: DoubleHashingConfig, ctx: BuildContext
+) -> DoubleHashedEmbeddingBagCollection:
+    check_exclusive("double_hashing", config.budget, rows=config.rows)
+    _check(config, tables)
+    costs = [_cost(t, config) for t in tables]
+    fixed = UniversalHash.nbytes(config.num_hashes) + KeyParams.nbytes(2, sum(len(t.feature_names) for t in tables))
+    plan = plan_sizes("double_hashing", costs, config.budget, tables, fixed, config.rows)
+    module = DoubleHashedEmbeddingBagCollection(tables, plan, config, ctx)
+    verify("double_hashing", plan, memory_report(module).bytes)
+    return module

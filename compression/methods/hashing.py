@@ -1,0 +1,89 @@
+"""The hashing trick (Weinberger et al. 2009): each feature's ids hashed into M rows.
+
+Per table, an id x is looked up at row ``h(x) mod M`` of a TorchRec table of M rows,
+``h`` a seeded universal hash (``compression.hashing``). The budget picks M per
+table (``compression.sizing``); a table whose plain form fits its share stays exact.
+
+Ids: every int64 is accepted. In a hashed table any id (negative, or beyond the
+declared cardinality) is just hashed. In a table kept exact, ids in ``[0, N)`` keep
+their own row and any other id is hashed into ``[0, N)`` (sharing a row with a real
+id), never an out-of-range lookup.
+
+Example::
+
+    ebc = compress(tables, HashingConfig(budget=Budget(ratio=10)))
+    ebc.describe()   # {'t_user.rows': 1000, 'uncompressed_fields': 'country', ...}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from compression.api import BuildContext, CompressionConfig, register
+from compression.budget import Budget
+from compression.hashing import UniversalHash
+from compression.idmap import IdMappedCollection, KeyParams, in_range, inner_table, with_values
+from compression.memory import memory_report, uncompressed_bytes
+from compression.sizing import FieldCost, Plan, check_exclusive, plan_sizes, verify
+
+
+@dataclass
+class HashingConfig(CompressionConfig):
+    """Hashing trick. ``budget`` picks each table's rows; or give ``rows`` (budget: null)."""
+
+    method: ClassVar[str] = "hashing"
+    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
+    # rows of every hashed table (tables with fewer ids stay exact)
+    rows: Optional[int] = None
+
+    @classmethod
+    def contract_examples(cls) -> list[HashingConfig]:
+        return [cls(), cls(budget=Budget(ratio=3, scope="table")), cls(budget=None, rows=50)]
+
+
+class HashedEmbeddingBagCollection(IdMappedCollection):
+    """One TorchRec table of M rows per source table; ids hashed on the way in."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, ctx: BuildContext) -> None:
+        super().__init__(tables, plan, knob="rows")
+        inner = [inner_table(t, rows=plan.sizes[t.name] or t.num_embeddings) for t in tables]
+        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.device)
+        self.hasher = UniversalHash(1, seed=ctx.seed, device=ctx.device)
+        rows = {f: c.num_embeddings for c in inner for f in c.feature_names}
+        exact = {f: int(plan.sizes[t.name] is None) for t in tables for f in t.feature_names}
+        self.params = KeyParams(
+            self.feature_names,
+            {"rows": [rows[f] for f in self.feature_names], "exact": [exact[f] for f in self.feature_names]},
+            device=ctx.device,
+        )
+
+    def rows(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """The inner row of every id of ``features.values()``."""
+        p = self.params.expand(features)
+        ids = features.values()
+        rows = self.hasher(ids, p["rows"], which=0)
+        return torch.where((p["exact"] != 0) & in_range(ids, p["rows"]), ids, rows)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self.ebc(with_values(features, self.rows(features)))
+
+
+def _cost(t: EmbeddingBagConfig) -> FieldCost:
+    row = 4 * t.embedding_dim
+    return FieldCost(t.name, uncompressed_bytes([t]), 1, t.num_embeddings, lambda m: row * m)
+
+
+@register(HashingConfig)
+def build(tables: list[EmbeddingBagConfig], config: HashingConfig, ctx: BuildContext) -> HashedEmbeddingBagCollection:
+    check_exclusive("hashing", config.budget, rows=config.rows)
+    fixed = UniversalHash.nbytes(1) + KeyParams.nbytes(2, sum(len(t.feature_names) for t in tables))
+    plan = plan_sizes("hashing", [_cost(t) for t in tables], config.budget, tables, fixed, config.rows)
+    module = HashedEmbeddingBagCollection(tables, plan, ctx)
+    verify("hashing", plan, memory_report(module).bytes)
+    return module

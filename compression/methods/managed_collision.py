@@ -1,0 +1,207 @@
+"""Managed collisions: TorchRec's zero-collision hashing (MCH) with LFU eviction.
+
+Per compressed table, a ``MCHManagedCollisionModule`` keeps a sorted map from raw ids
+to ``zch_size`` slots of a TorchRec table. The compressed tables are TorchRec's own
+``ManagedCollisionEmbeddingBagCollection`` (a ``ManagedCollisionCollection`` in front
+of an ``EmbeddingBagCollection``), so ``DistributedModelParallel`` shards them as one.
+While training, every ``eviction_interval`` steps the ids seen since the last
+eviction are counted; new ids take empty slots, then the
+slots of the least frequently used ids (``LFU_EvictionPolicy``; on a tie the id
+already in the table stays). The last slot (row zch_size - 1) is never given to an
+id: it is the shared fallback row every id without a slot reads (unseen ids in
+eval, ids that lost their slot, and, in training, ids that did not win one). An
+evicted slot's row is re-initialised with the table's init, as TorchRec's sharded
+MC-EBC does (its unsharded forward leaves the row as it was); unsharded, the row's
+optimizer state is not reset (the optimizer lives outside the module).
+
+TorchRec's ``ManagedCollisionEmbeddingBagCollection.forward`` returns a tuple; this
+module keeps the KJT-in, KeyedTensor-out contract instead.
+
+Bytes: per slot, the row (4·dim) plus three int64 buffers (sorted raw ids, slot
+mapping, LFU counts); per table TorchRec also holds a 1025-entry int64 segment
+buffer and three scalars, all counted. The id history that MCH collects between
+evictions (``_history_accumulator``, sized by TorchRec at 1.25 x the first training
+batch's ids x ``eviction_interval``; ids past its end in a larger batch go uncounted)
+is working memory, like activations, and not counted. Tables whose plain form is smaller stay
+exact (plain TorchRec tables).
+
+Ids: MC keys rows by the raw int64 id, so negative ids and ids beyond the declared
+cardinality are just other keys; the only exception is 2^63 - 1, TorchRec's
+empty-slot marker, which is read as 2^63 - 2. In exact tables ids outside [0, N) are
+hashed into [0, N).
+
+Example::
+
+    ebc = compress(tables, ManagedCollisionConfig(budget=Budget(ratio=4)))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import ClassVar, Optional
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from torchrec.modules.mc_modules import (
+    LFU_EvictionPolicy,
+    ManagedCollisionCollection,
+    MCHManagedCollisionModule,
+)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
+from compression.budget import Budget
+from compression.hashing import UniversalHash
+from compression.idmap import (
+    IdMappedCollection,
+    KeyParams,
+    column_order,
+    fold,
+    inner_table,
+    with_values,
+)
+from compression.memory import memory_report, tensor_bytes, uncompressed_bytes
+from compression.sizing import FieldCost, Plan, check_exclusive, plan_sizes, verify
+
+_EMPTY = torch.iinfo(torch.int64).max  # TorchRec's marker of an empty slot
+MIN_SLOTS = 2  # one slot for ids, one fallback
+
+
+@dataclass
+class ManagedCollisionConfig(CompressionConfig):
+    """TorchRec MCH with LFU eviction; ``budget`` picks the slots, or give ``zch_size``."""
+
+    method: ClassVar[str] = "managed_collision"
+    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
+    # slots (rows, the fallback included) of every MC table (budget: null)
+    zch_size: Optional[int] = None
+    # training steps between two LFU evictions
+    eviction_interval: int = 1
+
+    @classmethod
+    def contract_examples(cls) -> list[ManagedCollisionConfig]:
+        return [cls(), cls(budget=Budget(ratio=2), eviction_interval=3), cls(budget=None, zch_size=100)]
+
+
+def _mch(slots: int, interval: int, device: torch.device, name: str | None = None) -> MCHManagedCollisionModule:
+    return MCHManagedCollisionModule(
+        zch_size=slots, device=device, eviction_policy=LFU_EvictionPolicy(), eviction_interval=interval, name=name
+    )
+
+
+@cache
+def mch_bytes() -> tuple[int, int]:
+    """(bytes per slot, bytes per table) of TorchRec's MCH buffers, measured once."""
+    held = [
+        sum(tensor_bytes(_mch(z, 1, torch.device("cpu")).named_buffers()).values()) for z in (MIN_SLOTS, MIN_SLOTS + 1)
+    ]
+    per_slot = held[1] - held[0]
+    return per_slot, held[0] - MIN_SLOTS * per_slot
+
+
+class ManagedCollisionEmbeddingBags(IdMappedCollection):
+    """TorchRec's MC-EBC for the compressed tables, a plain EBC for the exact ones."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, config: ManagedCollisionConfig, ctx: BuildContext) -> None:
+        super().__init__(tables, plan, knob="zch_size")
+        mc = [inner_table(t, rows=plan.sizes[t.name]) for t in tables if plan.sizes[t.name] is not None]
+        exact = [inner_table(t) for t in tables if plan.sizes[t.name] is None]
+        self.mc_ebc = (
+            ManagedCollisionEmbeddingBagCollection(
+                EmbeddingBagCollection(tables=mc, device=ctx.device),
+                ManagedCollisionCollection(
+                    {c.name: _mch(c.num_embeddings, config.eviction_interval, ctx.device, c.name) for c in mc}, mc
+                ),
+            )
+            if mc
+            else None
+        )
+        self.exact_ebc = EmbeddingBagCollection(tables=exact, device=ctx.device) if exact else None
+        self.hasher = UniversalHash(1, seed=ctx.seed, device=ctx.device)
+        self.params = KeyParams(
+            self.feature_names, {"rows": [t.num_embeddings for t in tables for _ in t.feature_names]}, device=ctx.device
+        )
+        produced = [(f, c.embedding_dim) for c in mc + exact for f in c.feature_names]
+        self._perm = column_order(produced, [(f, t.embedding_dim) for t in tables for f in t.feature_names])
+        self._mc_keys: list[str] | None = None
+
+    @property
+    def mcc(self) -> ManagedCollisionCollection:
+        """The remapping half of the MC-EBC (its MCH modules hold the slot maps)."""
+        assert self.mc_ebc is not None
+        return self.mc_ebc._managed_collision_collection
+
+    @property
+    def mc_tables(self) -> EmbeddingBagCollection:
+        """The TorchRec tables behind the slots."""
+        assert self.mc_ebc is not None
+        return self.mc_ebc._embedding_bag_collection
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        parts = []
+        if self.mc_ebc is not None:
+            parts.append(self._lookup_mc(features).values())
+        if self.exact_ebc is not None:
+            ids = fold(features.values(), self.params.expand(features)["rows"], self.hasher)
+            parts.append(self.exact_ebc(with_values(features, ids)).values())
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.keyed(out if self._perm is None else out[:, self._perm])
+
+    def _lookup_mc(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        ids = with_values(features, features.values().clamp(max=_EMPTY - 1))
+        if not isinstance(self.mc_ebc, ManagedCollisionEmbeddingBagCollection):
+            assert self.mc_ebc is not None
+            return self.mc_ebc(ids)[0]  # sharded: TorchRec re-draws evicted rows itself
+        # unsharded TorchRec leaves evicted rows as they were (its evict() is a TODO), so
+        # remap, re-draw what was evicted, then look up, as its sharded module does
+        keys = features.keys()
+        if keys != self._mc_keys:  # the MCC caches the key order of its first batch
+            self.mcc._features_order.clear()
+            self.mcc._created_feature_order[0] = False
+            self._mc_keys = list(keys)
+        remapped = self.mcc(ids)
+        for table, slots in self.mcc.evict().items():
+            if slots is not None and slots.numel():
+                self._reinit(table, slots)
+        return self.mc_tables(remapped)
+
+    @torch.no_grad()
+    def _reinit(self, table: str, slots: torch.Tensor) -> None:
+        """Fresh rows for evicted slots, drawn as the table was initialised."""
+        weight = self.mc_tables.embedding_bags[table].weight
+        config = next(c for c in self.mc_tables.embedding_bag_configs() if c.name == table)
+        fresh = weight[slots].clone()
+        config.init_fn(fresh)  # type: ignore[misc]
+        weight[slots] = fresh
+
+    def slot_of(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
+        """The slot (row) each raw id currently reads, without touching the LFU state."""
+        table = next(t.name for t in self.source_tables() if feature in t.feature_names)
+        module = self.mcc._managed_collision_modules[table]
+        sorted_ids, mapping = module._mch_sorted_raw_ids, module._mch_remapped_ids_mapping
+        ids = ids.clamp(max=_EMPTY - 1)
+        pos = torch.searchsorted(sorted_ids[:-1], ids)
+        hit = sorted_ids[pos] == ids
+        return torch.where(hit, mapping[pos], module.output_size() - 1)
+
+
+def _cost(t: EmbeddingBagConfig) -> FieldCost:
+    per_slot, per_table = mch_bytes()
+    slot = 4 * t.embedding_dim + per_slot
+    return FieldCost(t.name, uncompressed_bytes([t]), MIN_SLOTS, t.num_embeddings, lambda z: slot * z + per_table)
+
+
+@register(ManagedCollisionConfig)
+def build(tables: list[EmbeddingBagConfig], config: ManagedCollisionConfig, ctx: BuildContext) -> ManagedCollisionEmbeddingBags:
+    check_exclusive("managed_collision", config.budget, zch_size=config.zch_size)
+    if config.eviction_interval < 1:
+        raise MethodConfigError(f"managed_collision: eviction_interval must be >= 1, got {config.eviction_interval}")
+    costs = [_cost(t) for t in tables]
+    fixed = UniversalHash.nbytes(1) + KeyParams.nbytes(1, sum(len(t.feature_names) for t in tables))
+    plan = plan_sizes("managed_collision", costs, config.budget, tables, fixed, config.zch_size)
+    module = ManagedCollisionEmbeddingBags(tables, plan, config, ctx)
+    verify("managed_collision", plan, memory_report(module).bytes)
+    return module

@@ -1,0 +1,204 @@
+"""Mixed-dimension embeddings (Ginart et al., ISIT 2021): a dim per field, projected back.
+
+Every table keeps all its rows but gets its own dim d_t <= d, by the paper's power
+rule d_t proportional to n_t^(-alpha): n_t is the table's cardinality
+(``rule="cardinality"``) or its cardinality over its train traffic
+(``rule="popularity"``, from ``BuildContext.counts``: a table whose rows are rarely
+read gets fewer dims). A bias-free ``Linear(d_t, d)`` (dense, trained by Adam; its
+bytes counted) maps the field back to the model's dim; a table that keeps d_t = d is
+a plain exact table with no projection.
+
+The budget sets the rule's scale (``compression.sizing``, with per-table weights
+n_t^(1-alpha), the bytes the rule gives each table, for ``scope="model"``). So that
+the bytes can land within 5% of any budget, a table's size is a number of scalars s
+rather than a whole dim: ids [0, r) get d_t values and ids [r, N) get d_t - 1, with
+N·(d_t - 1) + r = s (the paper's blocks by popularity, in two blocks; ids are
+numbered by descending train frequency, so the first r are the most frequent). Both
+blocks share the projection (the lower block's missing last value is zero). The
+smallest form is d_t = 1 (about 1/dim of the fp32 bytes: higher ratios raise a
+``BudgetError`` with that figure). Or give whole ``dims`` per table (budget: null).
+
+Ids: rows are exact, so ids outside [0, N) are refused with ``IdOutOfRangeError``
+naming the feature, as the uncompressed baseline does.
+
+Example::
+
+    ebc = compress(tables, MixedDimConfig(budget=Budget(ratio=4), alpha=0.3))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
+from compression.budget import Budget
+from compression.idmap import IdMappedCollection, KeyParams, inner_table
+from compression.memory import memory_report, uncompressed_bytes
+from compression.sizing import FieldCost, Plan, check_exclusive, plan_budget, plan_explicit, verify
+
+RULES = ("cardinality", "popularity")
+
+
+@dataclass
+class MixedDimConfig(CompressionConfig):
+    """Per-table dims by the power rule; ``budget`` sets its scale, or give ``dims``."""
+
+    method: ClassVar[str] = "mixed_dim"
+    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=4))
+    # the power rule's temperature: 0 gives every table the same dim
+    alpha: float = 0.3
+    rule: str = "cardinality"
+    # explicit dim per table name (budget: null); tables not listed keep their dim
+    dims: Optional[dict[str, int]] = None
+
+    @classmethod
+    def contract_examples(cls) -> list[MixedDimConfig]:
+        return [cls(), cls(rule="popularity", budget=Budget(ratio=2)), cls(budget=None, dims={"t_big": 3, "t_mid": 5})]
+
+
+def power_weights(
+    tables: list[EmbeddingBagConfig], config: MixedDimConfig, counts: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    """Bytes weight per table, n_t^(1 - alpha), n_t from cardinality or popularity."""
+    if config.rule not in RULES:
+        raise MethodConfigError(f"mixed_dim: rule must be one of {RULES}, got '{config.rule}'")
+    out = {}
+    for t in tables:
+        n = float(t.num_embeddings)
+        if config.rule == "popularity":
+            missing = [f for f in t.feature_names if f not in counts]
+            if missing:
+                raise MethodConfigError(f"mixed_dim with rule='popularity' needs the train counts of feature(s) {missing}")
+            traffic = float(sum(np.asarray(counts[f]).sum() for f in t.feature_names))
+            effective = n / max(traffic, 1.0)
+            out[t.name] = n * effective ** (-config.alpha)
+        else:
+            out[t.name] = n ** (1 - config.alpha)
+    return out
+
+
+def split(scalars: int, rows: int) -> tuple[int, int]:
+    """A table of ``scalars`` embedding values over ``rows`` ids as (dim, r).
+
+    Ids ``[0, r)`` get ``dim`` values, ids ``[r, rows)`` get ``dim - 1``; ``r`` in
+    ``[1, rows]``, so ``scalars = rows·(dim - 1) + r``.
+    """
+    dim = (scalars - 1) // rows + 1
+    return dim, scalars - rows * (dim - 1)
+
+
+class MixedDimEmbeddingBagCollection(IdMappedCollection):
+    """Per source table: rows [0, r) at dim d_t, rows [r, N) at d_t - 1, projected to d."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, ctx: BuildContext) -> None:
+        super().__init__(tables, plan, knob="scalars", validate_ids=True)
+        inner: list[EmbeddingBagConfig] = []
+        self._split: dict[str, tuple[int, int]] = {}
+        per_feature = []  # (table, dim, has lower block) per feature, source order
+        for t in tables:
+            s = plan.sizes[t.name]
+            dim, r = (t.embedding_dim, t.num_embeddings) if s is None else split(s, t.num_embeddings)
+            low = r < t.num_embeddings
+            inner.append(inner_table(t, rows=r, dim=dim))
+            if low:
+                inner.append(inner_table(t, f"{t.name}__b", t.num_embeddings - r, dim - 1, [f"{f}__b" for f in t.feature_names]))
+            if s is not None:
+                self._split[t.name] = (dim, r)
+            per_feature += [(t.name, dim, low) for _ in t.feature_names]
+        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.device)
+        self.projections = nn.ModuleDict(
+            {
+                t.name: nn.Linear(self._split[t.name][0], t.embedding_dim, bias=False, device=ctx.device)
+                for t in tables
+                if t.name in self._split
+            }
+        )
+        upper_rows = [self._split[t.name][1] if t.name in self._split else t.num_embeddings for t in tables]
+        self.params = KeyParams(
+            self.feature_names, {"r": [r for t, r in zip(tables, upper_rows) for _ in t.feature_names]}, device=ctx.device
+        )
+        # inner output columns of each feature's upper (dim) and lower (dim - 1) block
+        at, col = {}, 0
+        for x in inner:
+            for f in x.feature_names:
+                at[f] = (col, x.embedding_dim)
+                col += x.embedding_dim
+        self._blocks = [
+            (table, at[f], at[f"{f}__b"] if low else None) for f, (table, _, low) in zip(self.feature_names, per_feature)
+        ]
+        self._any_lower = any(low for _, _, low in per_feature)
+
+    def _split_blocks(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Ids below r keep their key (upper block); the others go to key ``{f}__b`` as id - r."""
+        ids, lengths = features.values(), features.lengths()
+        r = self.params.expand(features)["r"]
+        upper = ids < r
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths.long(), output_size=ids.numel())
+        len_upper = torch.zeros_like(lengths).index_add_(0, bag, upper.to(lengths.dtype))
+        names = features.keys()
+        return KeyedJaggedTensor(
+            keys=names + [f"{k}__b" for k in names],
+            values=torch.cat([ids[upper], (ids - r)[~upper]]),
+            lengths=torch.cat([len_upper, lengths - len_upper]),
+            stride=features.stride(),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        for t, (dim, r) in self._split.items():
+            out[f"{t}.dim"] = dim
+            out[f"{t}.rows_at_dim"] = r
+        return out
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        self.check_ids(features)
+        pooled = self.ebc(self._split_blocks(features) if self._any_lower else features).values()
+        out = []
+        for table, (a, wa), lower in self._blocks:
+            x = pooled[:, a : a + wa]
+            if lower is not None:  # the lower block lacks the last dim: pad it with zero
+                b, wb = lower
+                x = x + F.pad(pooled[:, b : b + wb], (0, 1))
+            out.append(x if table not in self.projections else self.projections[table](x))
+        return self.keyed(torch.cat(out, dim=1))
+
+
+def _cost(t: EmbeddingBagConfig) -> FieldCost:
+    n, d = t.num_embeddings, t.embedding_dim
+    return FieldCost(t.name, uncompressed_bytes([t]), n, n * d, lambda s: 4 * (s + d * split(s, n)[0]))
+
+
+@register(MixedDimConfig)
+def build(tables: list[EmbeddingBagConfig], config: MixedDimConfig, ctx: BuildContext) -> MixedDimEmbeddingBagCollection:
+    check_exclusive("mixed_dim", config.budget, dims=config.dims)
+    costs = [_cost(t) for t in tables]
+    n_features = sum(len(t.feature_names) for t in tables)
+    if config.budget is not None:
+        weights = power_weights(tables, config, ctx.counts)
+        per_model = config.budget.scope == "model"
+        fixed = KeyParams.nbytes(1, n_features)
+        plan = plan_budget("mixed_dim", costs, config.budget, tables, fixed, weights if per_model else None)
+    else:
+        dims = dict(config.dims or {})
+        unknown = sorted(set(dims) - {t.name for t in tables})
+        if unknown:
+            raise MethodConfigError(f"mixed_dim: dims name unknown tables {unknown}")
+        for name, k in dims.items():
+            d = next(t.embedding_dim for t in tables if t.name == name)
+            if not 1 <= k <= d:
+                raise MethodConfigError(f"mixed_dim: dim {k} for table '{name}' must be in [1, {d}]")
+        sizes = {t.name: t.num_embeddings * dims.get(t.name, t.embedding_dim) for t in tables}
+        plan = plan_explicit("mixed_dim", costs, sizes, tables, KeyParams.nbytes(1, n_features))
+    module = MixedDimEmbeddingBagCollection(tables, plan, ctx)
+    verify("mixed_dim", plan, memory_report(module).bytes)
+    return module
