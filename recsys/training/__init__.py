@@ -2,7 +2,14 @@
 
 from recsys.training.callbacks import Callback
 from recsys.training.metrics import binary_metrics, evaluate, predict
-from recsys.training.trainer import FitResult, RunResult, StageContext, Trainer, TrainerConfig, resolve_device
+from recsys.training.trainer import (
+    FitResult,
+    RunResult,
+    StageContext,
+    Trainer,
+    TrainerConfig,
+    resolve_device,
+)
 
 __all__ = [
     "Callback",

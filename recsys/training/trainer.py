@@ -200,7 +200,7 @@ class Trainer:
                 state.samples += len(batch.labels)
                 state.batch += 1
                 state.global_step += 1
-                loss_value = float(loss)
+                loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(
                         f"training loss became {loss_value} at epoch {state.epoch + 1}, step "

@@ -1,0 +1,49 @@
+"""Hydra entry point: ``python -m experiments.run dataset=criteo_sample model=dcnv2``.
+
+One MLflow run per job; ``--multirun`` sweeps. Bad input (data, ids, budgets,
+tracking store) ends the job with one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from compression import BudgetError, IdOutOfRangeError, MethodConfigError, UnknownMethodError
+from experiments.config import register_configs
+from experiments.job import run_job
+from experiments.tracking import TrackingError
+from recsys.data.schema import DataError
+
+USER_ERRORS = (
+    DataError, BudgetError, MethodConfigError, IdOutOfRangeError, UnknownMethodError, TrackingError, FileNotFoundError,
+)
+log = logging.getLogger("experiments.run")
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Run one job; returns the test AUC, the value a sweeper optimises."""
+    try:
+        summary = run_job(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    m = summary["metrics"]
+    log.info(
+        "%s: test AUC %.4f, logloss %.4f, %d embedding bytes (%.1fx), %.0f samples/s",
+        summary["run_name"], m["test_auc"], m["test_logloss"], m["embedding_bytes"],
+        m["compression_ratio"], m.get("samples_per_s", float("nan")),
+    )
+    return float(m["test_auc"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""A real Hydra job end to end, read back from a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from experiments.job import run_job
+from experiments.tracking import TrackingError
+from recsys.data.schema import DataError
+from tests.experiments.conftest import run_cli, smoke_overrides
+
+
+def test_job_is_recorded_in_mlflow(compose_cfg, tmp_path):
+    cfg = compose_cfg(smoke_overrides(tmp_path, "dataset=criteo_sample", "model=dcnv2"))
+    summary = run_job(cfg, tmp_path / "out")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
+    m = run.data.metrics
+    assert 0.5 < m["test_auc"] <= 1.0
+    assert m["test_logloss"] > 0
+    assert m["compression_ratio"] == 1.0
+    assert m["embedding_bytes"] == m["embedding_uncompressed_bytes"]
+    assert m["samples_per_s"] > 0 and m["parameters"] > m["dense_parameters"] > 0
+    assert m["embedding_optimizer_bytes"] > 0
+    tags = run.data.tags
+    assert (tags["method"], tags["budget"], tags["model"], tags["dataset"]) == ("none", "none", "dcnv2", "criteo_sample")
+    assert tags["embcomp.status"] == "complete"
+    p = run.data.params
+    assert p["trainer.epochs"] == "1" and p["model.cross_layers"] == "3"
+    assert p["dataset.rows.train"] == str(summary["dataset"]["schema"]["rows"]["train"])
+    assert run.inputs.dataset_inputs[0].dataset.name == "criteo_sample"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+    assert len(history) >= 2
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert on_disk["metrics"]["test_auc"] == pytest.approx(m["test_auc"])
+
+
+def test_cli_runs_one_configured_job(tmp_path):
+    r = run_cli("dataset=criteo_sample", "model=deepfm", *smoke_overrides(tmp_path), f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["tags"]["model"] == "deepfm"
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("trainer.epochs=three", "trainer.epochs"),
+        ("trainer.no_such_key=1", "no_such_key"),
+        ("compression=no_such_method", "no_such_method"),
+        ("model.deep_layers=7", "deep_layers"),
+        ("dataset.min_count=1.5", "min_count"),
+    ],
+)
+def test_bad_config_fails_at_composition(compose_cfg, tmp_path, override, expected):
+    with pytest.raises(Exception, match=expected):
+        compose_cfg(smoke_overrides(tmp_path, override))
+
+
+def test_bad_config_on_the_command_line_exits_nonzero_before_any_work(tmp_path):
+    r = run_cli(*smoke_overrides(tmp_path), "trainer.no_such_key=1", f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode != 0
+    assert "no_such_key" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    "override,error,expected",
+    [
+        ("dataset.path=no/such/file.txt", DataError, "no/such/file.txt"),
+        ("mlflow.tracking_uri=http://127.0.0.1:9", TrackingError, "MLflow tracking server http://127.0.0.1:9 does not answer"),
+        ("mlflow.tracking_uri=file:./mlruns", TrackingError, "file stores"),
+    ],
+)
+def test_bad_input_is_refused_before_training(compose_cfg, tmp_path, override, error, expected):
+    cfg = compose_cfg(smoke_overrides(tmp_path, "dataset=criteo_sample", override))
+    with pytest.raises(error, match=expected):
+        run_job(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_bad_input_on_the_command_line_is_one_line_and_exit_1(tmp_path):
+    r = run_cli("dataset=criteo_sample", *smoke_overrides(tmp_path), "dataset.path=no/such/file.txt",
+                f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no/such/file.txt" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()

@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+
+from compression import NoCompression, compress
+from recsys.data.loader import BatchLoader
+from recsys.data.schema import embedding_tables
+from recsys.models import DCNv2Config
+from recsys.training import Callback, Trainer, TrainerConfig
+
+
+def setup(ds, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = TrainerConfig(epochs=3, batch_size=64, eval_batch_size=256, device="cpu", progress="off",
+                        log_every_steps=1, patience=5, **overrides)
+    module = compress(embedding_tables(ds.schema, 8), NoCompression(), seed=seed)
+    model = DCNv2Config(deep_layers=[16], cross_layers=1).build(module, len(ds.schema.dense))
+    loaders = [BatchLoader(ds, s, cfg.batch_size if s == "train" else 256, shuffle=s == "train", seed=seed)
+               for s in ("train", "val", "test")]
+    return cfg, module, model, loaders
+
+
+class Recorder(Callback):
+    def __init__(self, fail_at=None):
+        self.steps, self.epochs, self.fail_at = [], [], fail_at
+
+    def on_step(self, step, metrics):
+        self.steps.append((step, metrics["train_loss"]))
+        if self.fail_at is not None and step == self.fail_at:
+            raise KeyboardInterrupt("simulated interruption")
+
+    def on_epoch_end(self, epoch, metrics, step):
+        self.epochs.append(metrics)
+
+
+def test_training_learns_the_planted_signal(tiny_dataset):
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset)
+    rec = Recorder()
+    result = Trainer(cfg, callbacks=[rec]).run(model, module, tr, va, te)
+    assert result.test["auc"] > 0.7
+    assert len(rec.epochs) == 3 and rec.steps
+    # row-wise Adagrad: one fp32 accumulator per row, plus a scalar step count per table
+    fields = tiny_dataset.schema.sparse
+    assert result.fit.optimizer_bytes == sum(f.cardinality * 4 for f in fields) + 4 * len(fields)
+    assert result.fit.samples_per_s > 0
+
+
+def test_early_stopping_restores_the_best_epoch(tiny_dataset):
+    # a huge learning rate overfits fast: validation AUC peaks, then falls
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset, dense_lr=0.05, sparse_lr=2.0)
+    cfg.epochs, cfg.patience = 8, 1
+    result = Trainer(cfg).run(model, module, tr, va, te)
+    fit = result.fit
+    best = max(h["auc"] for h in fit.history)
+    assert fit.best_val["auc"] == best
+    assert fit.best_epoch == [h["auc"] for h in fit.history].index(best) + 1
+    if fit.stopped_early:
+        assert fit.epochs_run == fit.best_epoch + 1
+    # the restored weights are the best epoch's: re-evaluating val gives its AUC
+    from recsys.training import evaluate
+    assert evaluate(model, va, torch.device("cpu"))["auc"] == pytest.approx(best, abs=1e-7)
+
+
+def test_resume_after_interruption_gives_the_same_result(tiny_dataset, tmp_path):
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset, checkpoint_every_steps=7)
+    ref = Trainer(cfg).run(model, module, tr, va, te)
+
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset, checkpoint_every_steps=7)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, callbacks=[Recorder(fail_at=50)], checkpoint_dir=tmp_path).run(model, module, tr, va, te)
+    assert (tmp_path / "train" / "last.pt").is_file()
+    # a fresh process would build everything anew from a different seed's init
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset, seed=0, checkpoint_every_steps=7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the resumed weights must come from the checkpoint
+    rec = Recorder()
+    resumed = Trainer(cfg, callbacks=[rec], checkpoint_dir=tmp_path).run(model, module, tr, va, te)
+    assert rec.steps[0][0] == 50  # continued from the step-49 checkpoint (every 7 steps)
+    assert resumed.test == ref.test
+    assert resumed.fit.history == ref.fit.history
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_dataset):
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset)
+    with torch.no_grad():
+        next(model.head.parameters()).fill_(math.nan)
+    with pytest.raises(FloatingPointError, match="training loss became nan"):
+        Trainer(cfg).run(model, module, tr, va, te)
