@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from compression import compress, memory_report
 from compression.base import CompressedEmbeddingBagCollection
-from experiments.tracking import MLflowCallback, check_tracking, dataset_input, flatten
+from experiments.tracking import MLflowCallback, check_tracking, dataset_input, flatten, use_experiment
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
 from recsys.training import Trainer
@@ -53,8 +53,7 @@ def run_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     comp_cfg: Any = OmegaConf.to_object(cfg.compression)
     trainer_cfg: Any = OmegaConf.to_object(cfg.trainer)
     check_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.connect_timeout_s)
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    mlflow.set_experiment(cfg.mlflow.experiment_name)
+    use_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name)
 
     torch.manual_seed(cfg.seed)
     ds = dataset_cfg.prepare(Path(cfg.cache_dir))

@@ -56,6 +56,26 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
         )
 
 
+def use_experiment(uri: str, name: str) -> str:
+    """Point MLflow at ``uri`` and experiment ``name`` (created if missing); its id.
+
+    With a SQLite store, artifacts go to ``mlartifacts/`` beside the database file
+    rather than to the working directory, so a store and its artifacts stay together.
+    """
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        mlflow.set_experiment(experiment_id=exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):]).resolve()
+        location = (db.parent / "mlartifacts").as_uri()
+    exp_id = mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested config to ``{"a.b.c": value}`` for ``mlflow.log_params``."""
     out: dict[str, Any] = {}

@@ -37,6 +37,8 @@ def test_job_is_recorded_in_mlflow(compose_cfg, tmp_path):
     assert run.inputs.dataset_inputs[0].dataset.name == "criteo_sample"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
     assert len(history) >= 2
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    assert "summary.json" in [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk["metrics"]["test_auc"] == pytest.approx(m["test_auc"])
 
