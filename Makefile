@@ -8,13 +8,21 @@ STAMP := $(VENV)/.setup-$(DEVICE)
 # Where a CPU build of torch comes from when the configured pip sources lack it.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
+EXP ?= comparison
+PORT ?= 5000
+TRACKING_URI ?= sqlite:///mlflow.db
+EXPERIMENTS := $(basename $(notdir $(wildcard experiments/conf/experiment/*.yaml)))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-all experiment ui lint clean
+.PHONY: help setup test test-all experiment sweep report readme-table ui lint clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sort | \
-	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | \
+	  awk 'BEGIN {FS = ":.*## "}; {printf "  %-28s %s\n", $$1, $$2}'
+	@echo "  named experiments (make experiment-<name>):"
+	@for f in experiments/conf/experiment/*.yaml; do \
+	  n=$$(basename $$f .yaml); d=$$(grep -m1 -E '^# [^@]' $$f | sed 's/^# //'); \
+	  printf "    %-26s %s\n" "experiment-$$n" "$$d"; done
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,12 +48,25 @@ test: $(STAMP) ## run the test suite (what CI runs)
 test-all: $(STAMP) ## run every test, slow ones included
 	$(PY) -m pytest -q $(ARGS)
 
-experiment: $(STAMP) ## the main job: baselines on MovieLens-100K and the Criteo sample, into MLflow
-	$(PY) -m experiments.run --multirun experiment=baseline $(ARGS)
+experiment: $(STAMP) ## the main job: every method at 10x/100x/1000x + baseline (MovieLens-100K), report
+	$(PY) -m experiments.run --multirun experiment=comparison $(ARGS)
 
-ui: $(STAMP) ## serve the MLflow UI for ./mlflow.db on 127.0.0.1
-	@echo "MLflow UI: http://127.0.0.1:$${PORT:-5000}"
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $${PORT:-5000}
+experiment-%: $(STAMP) ## run experiments/conf/experiment/<name>.yaml as one sweep (see below)
+	@test -f experiments/conf/experiment/$*.yaml || { echo "error: no experiment '$*'; have: $(EXPERIMENTS)"; exit 1; }
+	$(PY) -m experiments.run --multirun experiment=$* $(ARGS)
+
+sweep: $(STAMP) ## any Hydra multirun: make sweep ARGS="compression=hashing,qr budget=10x,100x"
+	$(PY) -m experiments.run --multirun $(ARGS)
+
+report: $(STAMP) ## Pareto report of an experiment's latest sweep: make report EXP=comparison
+	$(PY) -m experiments.report --experiment $(EXP)
+
+readme-table: $(STAMP) ## regenerate README's comparison table from the latest 'comparison' sweep in MLflow
+	$(PY) -m experiments.readme_table --experiment comparison
+
+ui: $(STAMP) ## serve the MLflow UI for ./mlflow.db on 127.0.0.1 (PORT=5000)
+	@echo "MLflow UI: http://127.0.0.1:$(PORT)"
+	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
 
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check recsys compression experiments tests

@@ -9,10 +9,11 @@ method's config dataclass is its schema with no extra registration.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 import compression
 from compression.budget import Budget
@@ -32,11 +33,20 @@ DATASET_SCHEMAS = {
 MODEL_SCHEMAS = {"dlrm": DLRMConfig, "dcnv2": DCNv2Config, "deepfm": DeepFMConfig}
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_root() -> str:
+    """The repository root (``${project_root:}`` in configs), so relative data and
+    store paths mean the same thing whatever directory a job is started from."""
+    return str(PROJECT_ROOT)
+
+
 @dataclass
 class MLflowConfig:
     """Where and how runs are recorded. The default store is SQLite at the repo root."""
 
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str = "sqlite:///${project_root:}/mlflow.db"
     experiment_name: str = "embcomp"
     run_name: Optional[str] = None
     log_system_metrics: bool = True
@@ -55,14 +65,22 @@ class Config:
     trainer: TrainerConfig = MISSING
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     seed: int = 0
+    # a budget for the method, overriding compression.budget: "10x" (ratio) or bytes
+    # ("2MiB", "500000"); ignored by methods without one (none), so sweeps can cross it
+    budget: Optional[str] = None
+    budget_scope: str = "model"
     # processed datasets are cached here (relative paths are to the working directory)
-    cache_dir: str = "data/cache"
+    cache_dir: str = "${project_root:}/data/cache"
+    # where sweep reports are written (reports/<experiment>/)
+    report_dir: str = "${project_root:}/reports"
     # None: <hydra output dir>/checkpoints; point it at an old run's directory to resume
     checkpoint_dir: Optional[str] = None
 
 
 def register_configs() -> None:
     """Put every schema into Hydra's ConfigStore (idempotent)."""
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", project_root)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="trainer", name="schema", node=TrainerConfig)

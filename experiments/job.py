@@ -6,6 +6,7 @@ call it through Hydra's compose API with the same config.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,29 +16,82 @@ from typing import Any
 
 import mlflow
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from compression import compress, memory_report
+from compression import Budget, BudgetError, compress, memory_report
 from compression.base import CompressedEmbeddingBagCollection
-from experiments.tracking import MLflowCallback, check_tracking, dataset_input, flatten, use_experiment
+from experiments.tracking import (
+    MLflowCallback,
+    check_tracking,
+    dataset_input,
+    flatten,
+    use_experiment,
+)
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
 from recsys.training import Trainer
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+PARENT_TAG = "mlflow.parentRunId"
 
 
-def describe_job(cfg: DictConfig) -> dict[str, str]:
-    """Tags that name a job in the MLflow UI: method, budget, model, dataset."""
+def parse_budget(text: str, scope: str = "model") -> Budget:
+    """'10x' -> a ratio; '2MiB', '500KB', '123456' -> bytes."""
+    t = str(text).strip()
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    try:
+        if t.lower().endswith("x"):
+            return Budget(ratio=float(t[:-1]), scope=scope)
+        for suffix, mult in units.items():
+            if t.lower().endswith(suffix):
+                return Budget(bytes=int(float(t[: -len(suffix)]) * mult), scope=scope)
+        return Budget(bytes=int(t), scope=scope)
+    except ValueError:
+        raise BudgetError(f"budget '{text}' is neither a ratio like '10x' nor bytes like '2MiB'") from None
+
+
+def resolve_compression(cfg: DictConfig) -> Any:
+    """The method's config object with the job-level ``budget`` applied (if it has one)."""
     comp: Any = OmegaConf.to_object(cfg.compression)
+    if cfg.get("budget") is not None and hasattr(comp, "budget"):
+        comp.budget = parse_budget(cfg.budget, cfg.get("budget_scope", "model"))
+    return comp
+
+
+def describe_job(cfg: DictConfig, comp: Any | None = None) -> dict[str, str]:
+    """Tags that name a job in the MLflow UI: method, budget, model, dataset."""
+    comp = comp if comp is not None else resolve_compression(cfg)
     budget = getattr(comp, "budget", None)
+    quant = getattr(comp, "quantization", None)
+    method = type(comp).method
+    if quant is not None and getattr(quant, "precision", None):
+        method = f"{method}+{quant.precision}"
     return {
-        "method": type(comp).method,
+        "method": method,
         "budget": budget.label() if budget is not None else "none",
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
     }
+
+
+def job_key(cfg: DictConfig, comp: Any) -> str:
+    """Digest of what determines a job's result (a method without a budget ignores one)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    for k in ("mlflow", "checkpoint_dir", "budget", "budget_scope", "cache_dir"):
+        container.pop(k, None)
+    container["compression"] = {"type": type(comp).__name__, **_as_plain(comp)}
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _as_plain(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
 
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
@@ -46,23 +100,66 @@ def _write_json_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Run one configured job and return its summary (also written to summary.json)."""
+def _sweep_parent() -> str | None:
+    """The MLflow parent run of the multirun this job belongs to (see callbacks.py)."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # composed outside a Hydra app (tests, library use)
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    path = Path(hc.sweep.dir) / PARENT_RUN_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+class JobSkipped(Exception):
+    """A sweep job that does not need to run (duplicate, or a budget out of reach)."""
+
+
+def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run one configured job and return its summary (also written to summary.json).
+
+    In a sweep (``parent_run_id`` set), a job whose effective config already ran under
+    the same parent is skipped, and a budget the method cannot reach is recorded as an
+    ``unreachable`` child run instead of stopping the sweep.
+    """
     dataset_cfg: Any = OmegaConf.to_object(cfg.dataset)
     model_cfg: Any = OmegaConf.to_object(cfg.model)
-    comp_cfg: Any = OmegaConf.to_object(cfg.compression)
+    comp_cfg = resolve_compression(cfg)
     trainer_cfg: Any = OmegaConf.to_object(cfg.trainer)
     check_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.connect_timeout_s)
     use_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name)
+    parent_run_id = parent_run_id or _sweep_parent()
+    tags = {**describe_job(cfg, comp_cfg), **cfg.mlflow.tags}
+    key = job_key(cfg, comp_cfg)
+    tags["embcomp.job_key"] = key
+    run_name = cfg.mlflow.run_name or "-".join(
+        [tags["method"]] + ([tags["budget"]] if tags["budget"] != "none" else []) + [tags["model"], tags["dataset"]]
+    )
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+        done = mlflow.search_runs(
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`embcomp.job_key` = '{key}'",
+            output_format="list",
+        )
+        if any(r.info.status == "FINISHED" for r in done):
+            raise JobSkipped(f"{run_name}: same effective config already ran in this sweep")
 
     torch.manual_seed(cfg.seed)
     ds = dataset_cfg.prepare(Path(cfg.cache_dir))
     schema = ds.schema
     trainer = Trainer(trainer_cfg, callbacks=[MLflowCallback()], checkpoint_dir=None)
     tables = embedding_tables(schema, model_cfg.embedding_dim)
-    module: CompressedEmbeddingBagCollection = compress(
-        tables, comp_cfg, counts=_LazyCounts(ds), device=trainer.device, seed=cfg.seed
-    )
+    try:
+        module: CompressedEmbeddingBagCollection = compress(
+            tables, comp_cfg, counts=_LazyCounts(ds), device=trainer.device, seed=cfg.seed
+        )
+    except BudgetError as e:
+        if not parent_run_id:
+            raise
+        with mlflow.start_run(run_name=run_name, tags={**tags, "embcomp.status": "unreachable"}, parent_run_id=parent_run_id):
+            mlflow.set_tag("embcomp.reason", str(e)[:5000])
+        raise JobSkipped(str(e)) from None
     model = model_cfg.build(module, len(schema.dense))
     loaders = {
         split: BatchLoader(
@@ -81,18 +178,19 @@ def run_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     trainer.checkpoint_dir = ckdir
     run_id_path = ckdir / RUN_ID_FILE
     resume_id = run_id_path.read_text().strip() if run_id_path.is_file() else None
-    tags = {**describe_job(cfg), **cfg.mlflow.tags}
-    run_name = cfg.mlflow.run_name or "-".join(
-        [tags["method"]] + ([tags["budget"]] if tags["budget"] != "none" else []) + [tags["model"], tags["dataset"]]
-    )
-    memory = memory_report(module)
     n_params = sum(p.numel() for p in model.parameters())
     with mlflow.start_run(
-        run_id=resume_id, run_name=run_name, tags=tags, log_system_metrics=cfg.mlflow.log_system_metrics
+        run_id=resume_id,
+        run_name=run_name,
+        tags=tags,
+        parent_run_id=parent_run_id if resume_id is None else None,
+        log_system_metrics=cfg.mlflow.log_system_metrics,
     ) as run:
         if resume_id is None:
             run_id_path.write_text(run.info.run_id)
             params = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+            params["compression.method"] = type(comp_cfg).method
+            params.update({f"compression.{k}": v for k, v in flatten(_as_plain(comp_cfg)).items()})
             params.update({f"compression.chosen.{k}": v for k, v in module.describe().items()})
             params.update({"dataset.rows." + k: v for k, v in schema.rows.items()})
             params.update({"dataset.cache_dir": str(ds.root), "device": str(trainer.device)})
@@ -102,6 +200,8 @@ def run_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             log.info("resuming MLflow run %s from %s", resume_id, ckdir)
         result = trainer.run(model, module, loaders["train"], loaders["val"], loaders["test"])
         mlflow.flush_async_logging()
+        # bytes after every stage: a post-training quantize stage changes them
+        memory = memory_report(module)
         metrics: dict[str, float] = {f"test_{k}": v for k, v in result.test.items()}
         metrics.update(memory.as_metrics())
         metrics["parameters"] = float(n_params)
@@ -112,15 +212,19 @@ def run_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         if result.fit is not None:
             metrics["epochs_run"] = float(result.fit.epochs_run)
             metrics["best_epoch"] = float(result.fit.best_epoch)
+            metrics["samples_per_s"] = result.fit.samples_per_s
+            metrics["step_time_ms"] = result.fit.step_time_ms
             if result.fit.optimizer_bytes is not None:
                 metrics["embedding_optimizer_bytes"] = float(result.fit.optimizer_bytes)
         summary = {
             "run_id": run.info.run_id,
             "run_name": run_name,
             "experiment": cfg.mlflow.experiment_name,
+            "parent_run_id": parent_run_id,
             "tags": tags,
             "metrics": metrics,
             "memory_by_tensor": memory.by_tensor,
+            "chosen": module.describe(),
             "stages": result.stages,
             "history": result.fit.history if result.fit else [],
             "config": OmegaConf.to_container(cfg, resolve=True),

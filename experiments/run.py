@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from compression import BudgetError, IdOutOfRangeError, MethodConfigError, UnknownMethodError
 from experiments.config import register_configs
-from experiments.job import run_job
+from experiments.job import JobSkipped, run_job
 from experiments.tracking import TrackingError
 from recsys.data.schema import DataError
 
@@ -33,6 +33,9 @@ def main(cfg: DictConfig) -> float:
     """Run one job; returns the test AUC, the value a sweeper optimises."""
     try:
         summary = run_job(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except JobSkipped as e:
+        print(f"skipped: {e}", file=sys.stderr)
+        return float("nan")
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

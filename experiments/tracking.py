@@ -46,9 +46,10 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
             ) from None
     elif uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
-        parent = db.parent if str(db.parent) else Path(".")
-        if not parent.is_dir():
-            raise TrackingError(f"MLflow store {uri}: directory {parent} does not exist")
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"MLflow store {uri}: cannot create {db.parent} ({e.strerror})") from None
     elif uri.startswith("file:") or "://" not in uri:
         raise TrackingError(
             f"MLflow tracking URI '{uri}': MLflow 3 no longer supports file stores; "

@@ -1,0 +1,75 @@
+"""Hydra callback: one MLflow parent run per multirun, the report at its end.
+
+Configured in ``conf/config.yaml`` (``hydra.callbacks``). Jobs find the parent's id
+in ``<sweep dir>/mlflow_parent_run_id`` and nest their runs under it; rerunning a
+sweep into the same directory reuses its parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from hydra.experimental.callback import Callback
+from mlflow.entities import RunStatus
+from omegaconf import DictConfig
+
+from experiments.job import PARENT_RUN_FILE
+from experiments.tracking import TrackingError, check_tracking, use_experiment
+
+log = logging.getLogger(__name__)
+
+
+class MLflowSweepCallback(Callback):
+    """Opens the parent run before the first job and closes it after the last."""
+
+    def __init__(self, report: bool = True) -> None:
+        self.report = report
+        self._parent: str | None = None
+        self._sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        uri, name = config.mlflow.tracking_uri, config.mlflow.experiment_name
+        try:
+            check_tracking(uri, config.mlflow.connect_timeout_s)
+        except TrackingError as e:
+            # Hydra turns a callback's exception into a warning and goes on: stop here
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        exp_id = use_experiment(uri, name)
+        self._sweep_dir = Path(config.hydra.sweep.dir)
+        self._sweep_dir.mkdir(parents=True, exist_ok=True)
+        path = self._sweep_dir / PARENT_RUN_FILE
+        client = mlflow.MlflowClient()
+        if path.is_file():
+            self._parent = path.read_text().strip()
+            client.update_run(self._parent, status="RUNNING")
+            return
+        overrides = " ".join(config.hydra.overrides.task)
+        run = client.create_run(
+            exp_id,
+            run_name=f"{name}-sweep-{self._sweep_dir.name}",
+            tags={"embcomp.kind": "sweep", "embcomp.overrides": overrides[:5000]},
+        )
+        self._parent = run.info.run_id
+        path.write_text(self._parent)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._parent is None:
+            return
+        client = mlflow.MlflowClient()
+        try:
+            if self.report:
+                from experiments.report import build_report
+
+                out = build_report(
+                    config.mlflow.experiment_name, parent_run_id=self._parent, out_root=Path(config.report_dir)
+                )
+                if out is not None:
+                    print(out.markdown)
+                    print(f"report: {out.directory}/table.md, {out.directory}/table.csv, {out.directory}/pareto.png")
+        finally:
+            client.set_terminated(self._parent, RunStatus.to_string(RunStatus.FINISHED))

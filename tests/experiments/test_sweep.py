@@ -1,0 +1,99 @@
+"""A real Hydra multirun: one MLflow parent run, nested jobs, the report at the end;
+and the MLflow UI served by `make ui` answering over REST."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import pandas as pd
+
+from tests.experiments.conftest import REPO, run_cli, smoke_overrides
+
+
+def test_multirun_has_a_parent_run_nested_jobs_and_a_report(tmp_path):
+    r = run_cli(
+        "--multirun", "dataset=criteo_sample", "compression=none,qr", "budget=10x,1000x",
+        "trainer.max_steps_per_epoch=8",
+        *smoke_overrides(tmp_path), "mlflow.experiment_name=sweep-test", f"hydra.sweep.dir={tmp_path}/multi",
+        f"report_dir={tmp_path}/reports",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["sweep-test"], output_format="list")
+    parents = [x for x in runs if x.data.tags.get("embcomp.kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(children) == len(runs) - 1
+    by = {(c.data.tags["method"], c.data.tags["budget"]): c for c in children}
+    # the baseline ignores the budget: it ran once, its duplicate was skipped
+    assert [k for k in by if k[0] == "none"] == [("none", "none")]
+    assert by[("qr", "10x")].data.metrics["compression_ratio"] >= 9.5
+    unreachable = by[("qr", "1000x")]
+    assert unreachable.data.tags["embcomp.status"] == "unreachable"
+    assert "cannot reach 1000x" in unreachable.data.tags["embcomp.reason"]
+    # the report: files on disk, artifacts on the parent, values from the runs
+    report = tmp_path / "reports" / "sweep-test"
+    table = pd.read_csv(report / "table.csv")
+    qr = table[(table.method == "qr") & (table.budget == "10x")].iloc[0]
+    assert qr.auc == by[("qr", "10x")].data.metrics["test_auc"]
+    base_auc = by[("none", "none")].data.metrics["test_auc"]
+    assert abs(qr.delta_auc - (qr.auc - base_auc)) < 1e-12
+    assert (report / "pareto.png").stat().st_size > 10_000
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "report")}
+    assert arts == {"report/table.md", "report/table.csv", "report/pareto.png"}
+    assert "| qr | 10x |" in r.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_make_ui_serves_the_store_over_rest(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("ui-test", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=exp, run_name="hashing-10x-dcnv2-x", tags={"method": "hashing"}):
+        mlflow.log_metric("test_auc", 0.75)
+    port = _free_port()
+    proc = subprocess.Popen(
+        ["make", "-s", "ui", f"PORT={port}", f"TRACKING_URI={uri}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline, answer = time.time() + 120, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                req = urllib.request.Request(
+                    f"{base}/api/2.0/mlflow/runs/search", data=json.dumps({"experiment_ids": [exp]}).encode(),
+                    headers={"Content-Type": "application/json"}, method="POST",
+                )
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    answer = json.load(resp)
+                break
+            except OSError:
+                time.sleep(1)
+        assert answer is not None, "the MLflow UI never answered"
+        assert [x["info"]["run_name"] for x in answer["runs"]] == ["hashing-10x-dcnv2-x"]
+        with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # stop it by its PID (the whole process group)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = proc.stdout.read() if proc.stdout else ""
+    assert f"MLflow UI: http://127.0.0.1:{port}" in out
