@@ -32,6 +32,7 @@ from compression.memory import (  # noqa: E402
     uncompressed_bytes,
 )
 from compression.methods.none import NoCompression  # noqa: E402
+from compression.quantization import Quantization, quantize_  # noqa: E402
 
 __all__ = [
     "Budget",
@@ -43,12 +44,14 @@ __all__ = [
     "MemoryReport",
     "MethodConfigError",
     "NoCompression",
+    "Quantization",
     "Stage",
     "UnknownMethodError",
     "compress",
     "config_class",
     "memory_report",
     "optimizer_state_bytes",
+    "quantize_",
     "register",
     "registered_methods",
     "uncompressed_bytes",

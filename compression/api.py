@@ -26,14 +26,32 @@ import numpy as np
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from compression.base import CompressedEmbeddingBagCollection
+from compression.base import CompressedEmbeddingBagCollection, MethodConfigError  # noqa: F401  (re-exported)
+from compression.quantization import Quantization, as_quantization, prepare  # noqa: F401  (Quantization re-exported)
 
 
 @dataclass
 class CompressionConfig:
-    """Base of every method's config dataclass; ``method`` is its registered name."""
+    """Base of every method's config dataclass; ``method`` is its registered name.
+
+    ``quantization`` (every method has it): quantize the method's tables after
+    training, or train them quantization-aware (``compression.quantization``). QR at
+    10x then int4 is one config::
+
+        QRConfig(budget=Budget(ratio=10), quantization=Quantization("int4"))
+        # Hydra: compression=qr compression.budget.ratio=10 +compression.quantization.precision=int4
+
+    It is held as a ``Quantization`` or None; a mapping (what Hydra gives, an empty
+    one for none) is turned into one here, so a bad precision or key fails when the
+    config is built, before any data is read. (Hydra cannot add keys under a node
+    that is None, hence the empty mapping as the default.)
+    """
 
     method: ClassVar[str] = ""
+    quantization: Any = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.quantization = as_quantization(self.quantization)
 
 
 @dataclass
@@ -54,10 +72,6 @@ Builder = Callable[[list[EmbeddingBagConfig], Any, BuildContext], CompressedEmbe
 
 _BUILDERS: dict[type, Builder] = {}
 _BY_NAME: dict[str, type] = {}
-
-
-class MethodConfigError(ValueError):
-    """A method's config that cannot work with these tables (the message says why)."""
 
 
 class UnknownMethodError(KeyError):
@@ -139,4 +153,8 @@ def compress(
         torch.manual_seed(seed)
         module = builder(tables, config, ctx)
     module.compression_config = config  # type: ignore[assignment]
+    # (again: a subclass's own __post_init__ may not call this one)
+    config.quantization = as_quantization(config.quantization)
+    if config.quantization is not None:  # checked now, not after a whole training run
+        prepare(module, config.quantization, type(config).method)
     return module

@@ -34,6 +34,10 @@ class IdOutOfRangeError(IndexError):
     """An id outside the table its feature is declared to use."""
 
 
+class MethodConfigError(ValueError):
+    """A method's config that cannot work with these tables (the message says why)."""
+
+
 @dataclass
 class Stage:
     """One named step of a method's training schedule.
@@ -41,11 +45,14 @@ class Stage:
     ``run`` is called by the trainer with a ``recsys.training.StageContext`` and
     returns a dict of metrics; ``None`` means the trainer's standard training loop.
     The trainer logs every stage of a multi-stage schedule as a nested MLflow run.
+    ``checkpoint=False``: a cheap stage that changes the module's structure (e.g.
+    ``quantize``), re-run after an interruption instead of restored from a checkpoint.
     """
 
     name: str
     run: Callable[[Any], dict[str, float]] | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    checkpoint: bool = True
 
 
 def _tracing() -> bool:
@@ -115,19 +122,32 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def table_parameters(self) -> list[nn.Parameter]:
         """Embedding rows, trained by the sparse (row-wise Adagrad) optimizer.
 
-        Default: every parameter of the TorchRec embedding collections inside.
-        Everything else (projections, step sizes, thresholds) is dense.
+        Default: the rows (``embedding_bags``) of every TorchRec embedding collection
+        inside. Everything else (projections, step sizes, thresholds) is dense.
         """
         seen: dict[int, nn.Parameter] = {}
         for m in self.modules():
             if isinstance(m, EmbeddingBagCollection):
-                for p in m.parameters():
+                for p in m.embedding_bags.parameters():
                     seen[id(p)] = p
         return list(seen.values())
 
     def stages(self) -> list[Stage]:
         """The method's training schedule; most methods train in one standard stage."""
         return [Stage("train")]
+
+    def schedule(self) -> list[Stage]:
+        """What the trainer runs: ``stages()``, then ``quantize`` when the config asks.
+
+        Post-training quantization is the same for every method (the TorchRec tables
+        inside become quantized TorchRec tables), so no method lists it itself.
+        """
+        quantization = getattr(getattr(self, "compression_config", None), "quantization", None)
+        if quantization is None:
+            return self.stages()
+        from compression.quantization import quantize_stage
+
+        return [*self.stages(), quantize_stage(quantization)]
 
     def regularization(self) -> torch.Tensor | None:
         """Extra loss term added to the task loss during training (None: nothing)."""

@@ -2,7 +2,11 @@
 
 Every parameter and buffer of the module is counted by the storage it occupies (a
 storage shared by two tensors is counted once), so remap tables, hash parameters,
-quantized rows with their scale/bias and padding are all in. Optimizer state is
+quantized rows with their scale/bias and padding are all in. Two details of
+quantized tables: TorchRec's int4/int2 weights are ``UIntXTensor`` wrappers, counted
+by the uint8 storage they wrap; fbgemm's inference TBE keeps its weight storage and
+per-feature offsets/placements as plain tensor attributes, not buffers, and those are
+counted too (the storage once, with the table views into it). Optimizer state is
 reported beside it, never inside it. The ratio is against the same source tables
 held uncompressed in fp32.
 
@@ -18,8 +22,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
+    IntNBitTableBatchedEmbeddingBagsCodegen,
+)
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.tensor_types import UIntXTensor
 
 FP32_BYTES = 4
 
@@ -27,6 +35,11 @@ FP32_BYTES = 4
 def uncompressed_bytes(tables: Sequence[EmbeddingBagConfig]) -> int:
     """Bytes of ``tables`` as plain fp32 rows: the reference every ratio is against."""
     return sum(t.num_embeddings * t.embedding_dim * FP32_BYTES for t in tables)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns the storage (TorchRec's packed int4/int2 wrap a uint8 one)."""
+    return t.elem if isinstance(t, UIntXTensor) else t
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -41,6 +54,7 @@ def tensor_bytes(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
     for name, t in tensors:
         if t is None:
             continue
+        t = _plain(t)
         key = _storage_key(t)
         if key in seen and t.untyped_storage().nbytes() > 0:
             continue
@@ -78,6 +92,15 @@ class MemoryReport:
         return out
 
 
+def tbe_attributes(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Tensors fbgemm's inference TBEs inside ``module`` hold as plain attributes."""
+    out = []
+    for name, m in module.named_modules():
+        if isinstance(m, IntNBitTableBatchedEmbeddingBagsCodegen):
+            out += [(f"tbe:{name}.{k}", v) for k, v in vars(m).items() if torch.is_tensor(v)]
+    return out
+
+
 def memory_report(module: nn.Module, source_tables: Sequence[EmbeddingBagConfig] | None = None) -> MemoryReport:
     """Count the bytes ``module`` holds; ``source_tables`` default to the module's own."""
     if source_tables is None:
@@ -87,6 +110,7 @@ def memory_report(module: nn.Module, source_tables: Sequence[EmbeddingBagConfig]
     both = tensor_bytes(
         [(f"param:{n}", p) for n, p in module.named_parameters()]
         + [(f"buffer:{n}", b) for n, b in module.named_buffers()]
+        + tbe_attributes(module)
     )
     pbytes = sum(params.values())
     total = sum(both.values())

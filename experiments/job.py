@@ -69,7 +69,7 @@ def describe_job(cfg: DictConfig, comp: Any | None = None) -> dict[str, str]:
     quant = getattr(comp, "quantization", None)
     method = type(comp).method
     if quant is not None and getattr(quant, "precision", None):
-        method = f"{method}+{quant.precision}"
+        method = f"{method}+{quant.label()}"  # int4, or int4-qat when quantization-aware
     return {
         "method": method,
         "budget": budget.label() if budget is not None else "none",
@@ -205,7 +205,10 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
         metrics: dict[str, float] = {f"test_{k}": v for k, v in result.test.items()}
         metrics.update(memory.as_metrics())
         metrics["parameters"] = float(n_params)
-        metrics["dense_parameters"] = float(n_params - sum(p.numel() for p in module.parameters()))
+        # counted after the stages too: quantize turns the table parameters into buffers
+        metrics["dense_parameters"] = float(
+            sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in module.parameters())
+        )
         for name, stage_metrics in result.stages.items():
             prefix = "" if len(result.stages) == 1 else f"{name}."
             metrics.update({f"{prefix}{k}": v for k, v in stage_metrics.items()})

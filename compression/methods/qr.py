@@ -37,6 +37,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
+from compression.base import _tracing
 from compression.budget import Budget
 from compression.hashing import UniversalHash
 from compression.idmap import (
@@ -142,6 +143,8 @@ class QREmbeddingBagCollection(IdMappedCollection):
 
     def _const(self, name: str, values: list[int], device: torch.device) -> torch.Tensor:
         key = (name, device)
+        if _tracing():  # a traced graph holds its own constants; leave the cache alone
+            return torch.tensor(values, dtype=torch.int64, device=device)
         if key not in self._cache:
             self._cache[key] = torch.tensor(values, dtype=torch.int64, device=device)
         return self._cache[key]
@@ -206,9 +209,10 @@ class QREmbeddingBagCollection(IdMappedCollection):
         cache = ("col_keys", tuple(keys), device)
         if cache not in self._cache:
             pos = {k: i for i, k in enumerate(keys)}
-            self._cache[cache] = torch.tensor(
-                [pos[self.feature_names[i]] for i in self._col_feature], dtype=torch.int64, device=device
-            )
+            cols = torch.tensor([pos[self.feature_names[i]] for i in self._col_feature], dtype=torch.int64, device=device)
+            if _tracing():
+                return cols
+            self._cache[cache] = cols
         return self._cache[cache]
 
 
@@ -235,6 +239,8 @@ def quotient_remainder(ids: torch.Tensor, c: int | torch.Tensor) -> tuple[torch.
 
 
 def _single_hot(features: KeyedJaggedTensor) -> bool:
+    if _tracing():  # a traced graph serves every batch: the per-id path, right for both
+        return False
     lengths = features.lengths()
     return lengths.numel() == 0 or int(lengths.max()) <= 1
 

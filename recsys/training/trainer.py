@@ -2,8 +2,9 @@
 checkpoints that resume to the same result, and a compressed module's stages.
 
 The trainer knows nothing of MLflow or of compression methods: it reports through
-callbacks, and runs whatever stages the embedding module's ``stages()`` lists (a
-stage with ``run=None`` is this standard loop).
+callbacks, and runs whatever stages the embedding module's ``schedule()`` lists (its
+``stages()``, then ``quantize`` when its config asks; a stage with ``run=None`` is
+this standard loop).
 
 Example::
 
@@ -131,11 +132,11 @@ class Trainer:
     ) -> RunResult:
         """Run every stage of ``module``'s schedule, then evaluate on ``test``."""
         model.to(self.device)
-        stages = module.stages()
+        stages = module.schedule()
         results: dict[str, dict[str, float]] = {}
         last_fit: FitResult | None = None
         for stage in stages:
-            ckdir = self.checkpoint_dir / stage.name if self.checkpoint_dir else None
+            ckdir = self.checkpoint_dir / stage.name if self.checkpoint_dir and stage.checkpoint else None
             done = checkpoint.load(ckdir / "done.pt") if ckdir else None
             for cb in self.callbacks:
                 cb.on_stage_start(stage, len(stages))
