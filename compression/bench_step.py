@@ -11,6 +11,9 @@ shows each one's median over every timed step.
 Usage::
 
     python -m compression.bench_step [--ratio 10] [--scale 1] [--steps 10] [--rounds 5]
+    # only some methods, plus a variant of one (its fields as OmegaConf dot-list overrides)
+    python -m compression.bench_step --methods none hashing \
+        --variant unified_embedding:chunk_dim=8,chunk_rule=cardinality
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -83,6 +87,14 @@ def trainer_for(config: compression.CompressionConfig, tabs: list[EmbeddingBagCo
     return module, step, embedding_only
 
 
+def variant(spec: str) -> tuple[str, compression.CompressionConfig]:
+    """``method:key=value,key=value`` -> (a row label, that method's config with those fields)."""
+    name, _, overrides = spec.partition(":")
+    cls = compression.config_class(name)
+    merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.from_dotlist(overrides.split(",") if overrides else []))
+    return spec, OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=10.0, help="compression ratio of every budget-driven method")
@@ -90,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="batches per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--methods", nargs="*", default=None, help="registered methods to time (default: all; none always)")
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="METHOD:K=V,...", help="also time this config (repeatable)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,8 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     tabs = tables(args.scale)
     data = batches(tabs, args.steps)
     runs = {}
-    for name, cls in sorted(compression.registered_methods().items(), key=lambda kv: kv[0] != "none"):
-        config = cls()
+    chosen = [
+        (name, cls())
+        for name, cls in sorted(compression.registered_methods().items(), key=lambda kv: kv[0] != "none")
+        if args.methods is None or name in args.methods or name == "none"
+    ]
+    for name, config in chosen + [variant(v) for v in args.variant]:
         if hasattr(config, "budget"):
             config.budget = Budget(ratio=args.ratio)
         runs[name] = trainer_for(config, tabs)
@@ -119,12 +139,13 @@ def main(argv: list[str] | None = None) -> None:
         f"dim {DIM}), budget {args.ratio:g}x, {torch.get_num_threads()} threads, "
         f"median of {args.rounds * args.steps} steps"
     )
-    print(f"{'method':<18} {'step ms':>8} {'vs none':>8} {'emb f+b ms':>11} {'vs none':>8} {'bytes':>10} {'ratio':>7}")
+    width = max(18, *(len(name) for name in runs))
+    print(f"{'method':<{width}} {'step ms':>8} {'vs none':>8} {'emb f+b ms':>11} {'vs none':>8} {'bytes':>10} {'ratio':>7}")
     for name, (module, _, _) in runs.items():
         ms, ems = statistics.median(steps[name]), statistics.median(emb[name])
         report = memory_report(module)
         print(
-            f"{name:<18} {ms:8.2f} {ms / base:7.2f}x {ems:11.2f} {ems / base_emb:7.2f}x "
+            f"{name:<{width}} {ms:8.2f} {ms / base:7.2f}x {ems:11.2f} {ems / base_emb:7.2f}x "
             f"{report.bytes:10d} {report.ratio:6.1f}x"
         )
 

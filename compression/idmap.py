@@ -157,11 +157,19 @@ class IdMappedCollection(CompressedEmbeddingBagCollection):
     tables' pooled output into the module's ``KeyedTensor`` in source order.
     """
 
-    def __init__(self, tables: Sequence[EmbeddingBagConfig], plan: Plan, knob: str, validate_ids: bool = False) -> None:
-        super().__init__(tables, validate_ids=validate_ids)
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        plan: Plan,
+        knob: str,
+        validate_ids: bool = False,
+        output_dims: Mapping[str, int] | None = None,
+    ) -> None:
+        super().__init__(tables, output_dims=output_dims, validate_ids=validate_ids)
         self.plan = plan
         self._knob = knob
-        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+        dims = self.output_dims()
+        self._dims = [dims[f] for f in self.feature_names]
 
     def describe(self) -> dict[str, Any]:
         return self.plan.describe(self._knob, {t.name: t.feature_names for t in self.source_tables()})

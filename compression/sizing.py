@@ -24,6 +24,11 @@ sizes (hash coefficients, per-feature parameter buffers). ``plan_budget`` then
    the target; if the sizes' granularity cannot get within 5%, ``BudgetError`` says
    so.
 
+A method that sizes several tables as one unit (Unified Embedding's groups of
+features sharing a table) passes ``units``: unit name -> the source tables it covers.
+The costs are then per unit, and a unit's share of the budget is the sum of its
+tables' shares.
+
 Example::
 
     costs = [FieldCost("t_user", full=64_000, lo=1, hi=999, bytes_at=lambda m: 64 * m)]
@@ -129,15 +134,21 @@ def plan_budget(
     tables: Sequence[EmbeddingBagConfig],
     fixed: int = 0,
     weights: Mapping[str, float] | None = None,
+    units: Mapping[str, Sequence[str]] | None = None,
 ) -> Plan:
-    """Sizes that put the module's bytes within ``[0.95, 1.0]`` of ``budget``."""
+    """Sizes that put the module's bytes within ``[0.95, 1.0]`` of ``budget``.
+
+    ``units`` (unit -> its tables' names): size each unit as one, ``costs`` per unit.
+    """
     if not isinstance(budget, Budget):
         raise BudgetError(f"{method}: budget must be a Budget, got {budget!r}")
     target = budget.target_bytes(tables)  # validates: zero, negative, too large
     shares = budget.per_table(tables)
+    if units is not None:
+        shares = {u: sum(shares[t] for t in names) for u, names in units.items()}
     full_total = uncompressed_bytes(tables)
     by_name = {c.table: c for c in costs}
-    order = [t.name for t in tables]
+    order = list(units) if units is not None else [t.name for t in tables]
     w = {t: float(weights[t]) if weights is not None else float(max(shares[t], 1)) for t in order}
 
     smallest = fixed + sum(c.smallest for c in costs)
@@ -263,10 +274,11 @@ def plan_explicit(
     sizes: Mapping[str, int],
     tables: Sequence[EmbeddingBagConfig],
     fixed: int = 0,
+    units: Mapping[str, Sequence[str]] | None = None,
 ) -> Plan:
     """Sizes given by the user (no budget); a table the knob would not shrink stays exact."""
     by_name = {c.table: c for c in costs}
-    order = [t.name for t in tables]
+    order = list(units) if units is not None else [t.name for t in tables]
     chosen: dict[str, int | None] = {}
     for t in order:
         c, s = by_name[t], sizes[t]
@@ -288,13 +300,16 @@ def plan_sizes(
     tables: Sequence[EmbeddingBagConfig],
     fixed: int,
     size: int | None = None,
+    units: Mapping[str, Sequence[str]] | None = None,
 ) -> Plan:
-    """``plan_budget`` when there is a budget, else the explicit ``size`` for every table."""
+    """``plan_budget`` when there is a budget, else the explicit ``size`` for every table
+    (or every unit of ``units``)."""
     if budget is not None:
-        return plan_budget(method, costs, budget, tables, fixed)
+        return plan_budget(method, costs, budget, tables, fixed, units=units)
     if size is None:
         raise MethodConfigError(f"{method}: needs a budget or an explicit size")
-    return plan_explicit(method, costs, {t.name: size for t in tables}, tables, fixed)
+    names = list(units) if units is not None else [t.name for t in tables]
+    return plan_explicit(method, costs, {t: size for t in names}, tables, fixed, units=units)
 
 
 def check_exclusive(method: str, budget: Budget | None, **overrides: Any) -> None:

@@ -12,4 +12,5 @@ from compression.methods import (  # noqa: F401
     mixed_dim,
     none,
     qr,
+    unified_embedding,
 )

@@ -1,0 +1,413 @@
+"""Unified Embedding: feature multiplexing (Coleman et al., "Unified Embedding:
+Battle-Tested Feature Representations for Web-Scale ML Systems", NeurIPS 2023).
+
+Many features share one table of M rows and chunk dim d. Table t (its features)
+takes c_t chunks; chunk j of an id x is row ``h_{t,j}(x) mod M`` of the shared table,
+``h_{t,j}`` its own seeded universal hash (``compression.hashing``: one coefficient
+set per (t, j)), and the c_t chunk vectors are concatenated:
+
+    e_f(x) = [ E[h_{t,0}(x)] | E[h_{t,1}(x)] | ... | E[h_{t,c_t-1}(x)] ]   (dim c_t·d)
+
+Multi-hot bags pool each chunk (sum/mean per chunk, then concatenation).
+
+Inside: each (feature f, chunk j) is a virtual feature ``f#j`` whose values are f's
+ids hashed by h_{t,j} and whose bags are f's (``remap``: one permute of the input KJT,
+one hash over all values, per-chunk parameters expanded by ``KeyParams``). A physical
+table's virtual features are then stacked into one key of the TorchRec
+``EmbeddingBagCollection`` with ``depth·B`` bags (``stacked``), so every table is one
+pooled lookup with one gradient (the unsharded EBC would otherwise give each chunk a
+dense gradient the size of the shared table); the combine step puts each feature's
+chunks side by side in source order.
+
+- Chunks per table (``chunk_rule``): ``uniform`` (``chunks`` each, default dim / d,
+  so the output keeps the source dim), ``cardinality`` (the same total number of
+  chunks, shared in proportion to log(1 + vocabulary), clipped to [1, max_chunks]),
+  ``explicit`` (``feature_chunks``: feature -> c; features not named take the uniform
+  count). Output dims then differ per feature.
+- DLRM needs one output dim for every feature. ``uniform_output: true`` (set it in a
+  DLRM experiment) refuses any rule that would give several dims with a
+  ``MethodConfigError`` naming the fix; without it ``DLRMConfig.build`` refuses the
+  module. Models never look at the method.
+- ``num_tables`` T: the chunks of a group go round-robin to T shared tables of M rows
+  each (as TensorFlow Recommenders' implementation does for placement), so TorchRec
+  can shard them table-wise or row-wise (a group with fewer chunks uses fewer tables).
+- ``groups``: each group of tables has its own shared table(s): ``all`` (plain
+  Unified Embedding), ``single`` (each table alone: the hashing trick when c = 1),
+  ``cardinality`` (``n_groups`` groups of about equal size by vocabulary) or
+  ``explicit`` (``group_features``: lists of feature names).
+- Sizing (``compression.sizing`` with ``units`` = groups): the budget picks M per
+  group, a group's share proportional to its uncompressed bytes; a group whose plain
+  form fits its share stays exact (one table in which chunk j of table t has its own
+  block of N rows: in-range ids keep their row, others are hashed into the block by
+  h_{t,j}), as in the hashing trick.
+
+Ids: any int64 is hashed (negative or beyond the declared vocabulary included); an
+exact group folds ids outside ``[0, N)`` into their block with ``h_{t,j}``.
+
+Example::
+
+    ebc = compress(tables, UnifiedEmbeddingConfig(budget=Budget(ratio=100), chunk_dim=8,
+                                                  chunk_rule="cardinality", num_tables=2))
+    ebc.describe()   # {'all.rows': ..., 'chunks': 'C1:1,C2:3,...', 'chunk_dim': 8, ...}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
+from compression.budget import Budget
+from compression.hashing import UniversalHash
+from compression.idmap import IdMappedCollection, KeyParams, in_range, inner_table, with_values
+from compression.memory import memory_report
+from compression.sizing import FieldCost, Plan, check_exclusive, plan_sizes, verify
+
+NAME = "unified_embedding"
+CHUNK_RULES = ("uniform", "cardinality", "explicit")
+GROUPINGS = ("all", "single", "cardinality", "explicit")
+
+
+@dataclass
+class UnifiedEmbeddingConfig(CompressionConfig):
+    """Feature multiplexing: ``budget`` (or ``rows``) sizes the shared tables."""
+
+    method: ClassVar[str] = NAME
+    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
+    # rows M of every shared table, instead of a budget (set budget: null)
+    rows: Optional[int] = None
+    # d, the dim of one chunk; None: the source dim / chunks
+    chunk_dim: Optional[int] = None
+    # chunks per feature under the uniform rule (the mean under cardinality); None: dim / chunk_dim
+    chunks: Optional[int] = None
+    # uniform | cardinality | explicit
+    chunk_rule: str = "uniform"
+    # cardinality rule: at most this many chunks per feature
+    max_chunks: int = 4
+    # explicit rule: feature -> chunks (features not named take the uniform count)
+    feature_chunks: dict[str, int] = field(default_factory=dict)
+    # refuse a rule that gives features different output dims (DLRM)
+    uniform_output: bool = False
+    # shared tables per group, chunks dealt round-robin
+    num_tables: int = 1
+    # all | single | cardinality | explicit
+    groups: str = "all"
+    # groups=cardinality: how many groups
+    n_groups: int = 2
+    # groups=explicit: lists of feature names
+    group_features: list[list[str]] = field(default_factory=list)
+
+    @classmethod
+    def contract_examples(cls) -> list[UnifiedEmbeddingConfig]:
+        return [
+            cls(),
+            cls(chunk_dim=4, chunk_rule="cardinality", num_tables=2),
+            cls(chunk_dim=4, chunk_rule="explicit", feature_chunks={"big": 3, "small": 1}),
+            cls(chunk_dim=2, num_tables=3, budget=Budget(ratio=4, scope="table")),
+            cls(groups="cardinality", n_groups=2, chunk_dim=4),
+            cls(groups="explicit", group_features=[["big", "tags"], ["small"]], chunks=2),
+            cls(groups="single", budget=None, rows=50),
+        ]
+
+
+def _fail(msg: str) -> MethodConfigError:
+    return MethodConfigError(f"{NAME}: {msg}")
+
+
+@dataclass
+class Layout:
+    """What the config makes of the tables: chunk dim, chunks per table, groups."""
+
+    d: int
+    chunks: dict[str, int]  # source table -> c_t
+    groups: list[tuple[str, list[EmbeddingBagConfig]]]
+    num_tables: int
+
+    def tables_in(self, group: list[EmbeddingBagConfig]) -> int:
+        return min(self.num_tables, sum(self.chunks[t.name] for t in group))
+
+    def cost(self, name: str, group: list[EmbeddingBagConfig]) -> FieldCost:
+        """Bytes of a group: T shared tables of M rows of d floats; plain: N x c_t·d per table."""
+        per_m = 4 * self.d * self.tables_in(group)
+        plain_rows = sum(t.num_embeddings * self.chunks[t.name] for t in group)
+        full = 4 * self.d * plain_rows
+        return FieldCost(name, full, 1, max(1, plain_rows // self.tables_in(group)), lambda m: per_m * m)
+
+
+def _chunk_dim(tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig) -> int:
+    if config.chunks is not None and config.chunks < 1:
+        raise _fail(f"chunks must be >= 1, got {config.chunks}")
+    if config.chunk_dim is not None:
+        if config.chunk_dim < 1:
+            raise _fail(f"chunk_dim must be >= 1, got {config.chunk_dim}")
+        return config.chunk_dim
+    dim, c = math.gcd(*(t.embedding_dim for t in tables)), config.chunks or 1
+    if dim % c:
+        raise _fail(f"the embedding dim {dim} is not divisible by chunks={c}; set chunk_dim")
+    return dim // c
+
+
+def _uniform(t: EmbeddingBagConfig, d: int, config: UnifiedEmbeddingConfig) -> int:
+    if config.chunks is not None:
+        return config.chunks
+    if t.embedding_dim % d:
+        raise _fail(
+            f"chunk_dim {d} does not divide the dim {t.embedding_dim} of table '{t.name}' "
+            f"(uniform rule: dim / chunk_dim chunks); pick a divisor or set chunks"
+        )
+    return t.embedding_dim // d
+
+
+def _by_cardinality(tables: list[EmbeddingBagConfig], total: int, top: int) -> list[int]:
+    """``total`` chunks shared in proportion to log(1 + N), in [1, top], largest remainders first."""
+    w = np.log1p([t.num_embeddings for t in tables])
+    raw = total * w / w.sum()
+    c = np.clip(np.floor(raw), 1, top).astype(np.int64)
+    while c.sum() < total and (c < top).any():
+        c[np.argmax(np.where(c < top, raw - c, -np.inf))] += 1
+    while c.sum() > total and (c > 1).any():
+        c[np.argmax(np.where(c > 1, c - raw, -np.inf))] -= 1
+    return c.tolist()
+
+
+def _chunk_counts(tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig, d: int) -> dict[str, int]:
+    rule = config.chunk_rule
+    if rule not in CHUNK_RULES:
+        raise _fail(f"chunk_rule must be one of {CHUNK_RULES}, got '{rule}'")
+    if config.feature_chunks and rule != "explicit":
+        raise _fail(f"feature_chunks is only read with chunk_rule=explicit (chunk_rule is '{rule}')")
+    if rule == "uniform":
+        return {t.name: _uniform(t, d, config) for t in tables}
+    if rule == "cardinality":
+        if config.max_chunks < 1:
+            raise _fail(f"max_chunks must be >= 1, got {config.max_chunks}")
+        total = sum(_uniform(t, d, config) for t in tables)
+        if len(tables) > 1 and not len(tables) < total < len(tables) * config.max_chunks:
+            raise _fail(
+                f"chunk_rule=cardinality shares the uniform total of {total} chunks over {len(tables)} tables "
+                f"within [1, max_chunks={config.max_chunks}] each, which leaves nothing to vary: set chunks=2 "
+                f"(chunk_dim = dim/2, 2 chunks per feature on average) or a larger max_chunks"
+            )
+        return dict(zip([t.name for t in tables], _by_cardinality(tables, total, config.max_chunks)))
+    table_of = {f: t for t in tables for f in t.feature_names}
+    out: dict[str, int] = {}
+    for f, c in config.feature_chunks.items():
+        if f not in table_of:
+            raise _fail(f"feature_chunks names unknown feature '{f}'; features: {', '.join(table_of)}")
+        if c < 1:
+            raise _fail(f"feature_chunks['{f}'] must be >= 1, got {c}")
+        t = table_of[f].name
+        if out.setdefault(t, c) != c:
+            raise _fail(f"the features of table '{t}' share its chunks; feature_chunks gives them {out[t]} and {c}")
+    return {t.name: out[t.name] if t.name in out else _uniform(t, d, config) for t in tables}
+
+
+def _groups(tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig) -> list[tuple[str, list[EmbeddingBagConfig]]]:
+    kind = config.groups
+    if kind not in GROUPINGS:
+        raise _fail(f"groups must be one of {GROUPINGS}, got '{kind}'")
+    if config.group_features and kind != "explicit":
+        raise _fail(f"group_features is only read with groups=explicit (groups is '{kind}')")
+    if kind == "all":
+        return [("all", list(tables))]
+    if kind == "single":
+        return [(t.name, [t]) for t in tables]
+    if kind == "cardinality":
+        if config.n_groups < 1:
+            raise _fail(f"n_groups must be >= 1, got {config.n_groups}")
+        by_size = sorted(tables, key=lambda t: t.num_embeddings)  # stable: ties keep source order
+        parts = np.array_split(np.arange(len(tables)), min(config.n_groups, len(tables)))
+        return [(f"g{i}", [by_size[j] for j in p]) for i, p in enumerate(parts)]
+    table_of = {f: t for t in tables for f in t.feature_names}
+    group_of: dict[str, int] = {}
+    for i, names in enumerate(config.group_features):
+        if not names:
+            raise _fail(f"group_features[{i}] is empty")
+        for f in names:
+            if f not in table_of:
+                raise _fail(f"group_features names unknown feature '{f}'; features: {', '.join(table_of)}")
+            if f in group_of:
+                raise _fail(f"feature '{f}' is in two groups (group_features[{group_of[f]}] and [{i}])")
+            group_of[f] = i
+    missing = [f for f in table_of if f not in group_of]
+    if missing:
+        raise _fail(f"groups=explicit: features in no group: {', '.join(missing)}")
+    for t in tables:
+        if len({group_of[f] for f in t.feature_names}) > 1:
+            raise _fail(f"the features of table '{t.name}' share its vocabulary and must be in one group")
+    groups = [(f"g{i}", [t for t in tables if group_of[t.feature_names[0]] == i]) for i in range(len(config.group_features))]
+    return [g for g in groups if g[1]]
+
+
+def layout(tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig) -> Layout:
+    """Check the config against the tables; a ``MethodConfigError`` names what is wrong."""
+    if config.num_tables < 1:
+        raise _fail(f"num_tables must be >= 1, got {config.num_tables}")
+    d = _chunk_dim(tables, config)
+    chunks = _chunk_counts(tables, config, d)
+    dims = sorted({c * d for c in chunks.values()})
+    if config.uniform_output and len(dims) > 1:
+        raise _fail(
+            f"uniform_output=true (one output dim for every feature, as DLRM needs) but chunk_rule="
+            f"'{config.chunk_rule}' gives output dims {dims}; use chunk_rule=uniform, or a model that "
+            f"takes per-feature dims (dcnv2, deepfm) with uniform_output=false"
+        )
+    groups = _groups(tables, config)
+    for name, group in groups:
+        if len({t.pooling for t in group}) > 1:
+            raise _fail(f"group '{name}' mixes poolings {sorted(str(t.pooling) for t in group)}; one table pools one way")
+    return Layout(d, chunks, groups, config.num_tables)
+
+
+class UnifiedEmbeddingBagCollection(IdMappedCollection):
+    """Shared TorchRec tables behind per-(table, chunk) salted hashes; chunks concatenated."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, lay: Layout, ctx: BuildContext) -> None:
+        d, chunks = lay.d, lay.chunks
+        super().__init__(tables, plan, knob="rows", output_dims={t.name: chunks[t.name] * d for t in tables})
+        self.layout = lay
+        first_hash, h = {}, 0
+        for t in tables:  # hash (t, j) is first_hash[t] + j, whatever the grouping
+            first_hash[t.name], h = h, h + chunks[t.name]
+        info: dict[str, tuple[int, int, int]] = {}  # virtual feature -> (rows, hash, base)
+        inner: list[tuple[EmbeddingBagConfig, list[str]]] = []  # table, its virtual features
+        for name, group in lay.groups:
+            m = plan.sizes[name]
+            if m is None:  # exact: chunk j of table t is its own block of N rows of one table
+                base, feats = 0, []
+                for t in group:
+                    for f in t.feature_names:
+                        feats += [f"{f}#{j}" for j in range(chunks[t.name])]
+                    for j in range(chunks[t.name]):
+                        info.update({f"{f}#{j}": (t.num_embeddings, first_hash[t.name] + j, base) for f in t.feature_names})
+                        base += t.num_embeddings
+                inner.append((inner_table(group[0], f"exact_{name}", base, d, [f"exact_{name}"]), feats))
+                continue
+            n = lay.tables_in(group)
+            slot = {(t.name, j): k % n for k, (t, j) in enumerate((t, j) for t in group for j in range(chunks[t.name]))}
+            members: list[list[str]] = [[] for _ in range(n)]
+            for t in group:
+                for f in t.feature_names:
+                    for j in range(chunks[t.name]):
+                        members[slot[t.name, j]].append(f"{f}#{j}")
+                        info[f"{f}#{j}"] = (m, first_hash[t.name] + j, -1)
+            names = [f"shared_{name}_{k}" for k in range(n)]
+            inner += [(inner_table(group[0], names[k], m, d, [names[k]]), members[k]) for k in range(n)]
+        # one key per physical table, named after it, whose bags are (virtual feature, sample)
+        self.ebc = EmbeddingBagCollection(tables=[c for c, _ in inner], device=ctx.device)
+        self.hasher = UniversalHash(h, seed=ctx.seed, device=ctx.device)
+        self._virtual = [v for _, vs in inner for v in vs]  # table by table
+        self._source_of = [self.feature_names.index(v.rsplit("#", 1)[0]) for v in self._virtual]
+        self._any_exact = bool(plan.exact)
+        self.params = KeyParams(
+            self._virtual,
+            {k: [info[v][i] for v in self._virtual] for i, k in enumerate(("rows", "hash", "base"))},
+            device=ctx.device,
+        )
+        self._table_keys = [c.name for c, _ in inner]
+        self._stack = [len(vs) for _, vs in inner]
+        self._depth = max(self._stack)  # bags per sample of every physical table (shorter ones padded)
+        place = {v: (s, k) for k, (_, vs) in enumerate(inner) for s, v in enumerate(vs)}
+        self._padded = None if min(self._stack) == self._depth else [place[v][1] * self._depth + place[v][0] for v in self._virtual]
+        # output blocks come (slot s, table k); the module's order is each feature's chunks in turn
+        src = {f: t for t in tables for f in t.feature_names}
+        wanted = [f"{f}#{j}" for f in self.feature_names for j in range(chunks[src[f].name])]
+        blocks = [place[v] for v in wanted]
+        self._blocks = None if blocks == [(s, 0) for s in range(len(blocks))] else blocks
+        self._cache: dict[Any, Any] = {}
+
+    def _index(self, key: Any, make: Any) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def _permutation(self, features: KeyedJaggedTensor) -> tuple[list[int], torch.Tensor] | None:
+        """Index of each virtual feature's source key in ``features`` (None: already in place)."""
+        keys, device = features.keys(), features.values().device
+
+        def make() -> tuple[list[int], torch.Tensor] | None:
+            at = {k: i for i, k in enumerate(keys)}
+            missing = [f for f in self.feature_names if f not in at]
+            if missing:
+                raise KeyError(f"{NAME}: features {missing} are missing from the input (keys: {keys})")
+            idx = [at[self.feature_names[s]] for s in self._source_of]
+            return None if idx == list(range(len(keys))) else (idx, torch.tensor(idx, dtype=torch.int32, device=device))
+
+        return self._index(("perm", tuple(keys), device), make)
+
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Keys ``f#j`` (table by table): f's ids hashed by h_{t,j} into their table, f's bags."""
+        perm = self._permutation(features)
+        kv = features if perm is None else features.permute(*perm)
+        raw = KeyedJaggedTensor(
+            keys=self._virtual, values=kv.values(), lengths=kv.lengths(),
+            stride=kv.stride(), length_per_key=kv.length_per_key(),
+        )  # fmt: skip
+        p = self.params.expand(raw)
+        ids = raw.values()
+        rows = self.hasher(ids, p["rows"], which=p["hash"])
+        if self._any_exact:  # base >= 0: the id's block in an exact table; in-range ids keep their row
+            exact = p["base"] >= 0
+            rows = torch.where(exact, p["base"] + torch.where(in_range(ids, p["rows"]), ids, rows), rows)
+        return with_values(raw, rows)
+
+    def stacked(self, virtual: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """One key per physical table whose ``depth·B`` bags are its virtual features' bags
+        one after another: the table pools them in one lookup (one gradient, not one per
+        chunk), padded with empty bags where a table serves fewer virtual features."""
+        lengths, lpk, b = virtual.lengths(), virtual.length_per_key(), virtual.stride()
+        per_table, at = [], 0
+        for n in self._stack:
+            per_table.append(sum(lpk[at : at + n]))
+            at += n
+        if self._padded is not None:
+            slots = self._index(("pad", lengths.device), lambda: torch.tensor(self._padded, device=lengths.device))
+            full = lengths.new_zeros(len(self._stack) * self._depth, b)
+            lengths = full.index_copy_(0, slots, lengths.view(-1, b))
+        return KeyedJaggedTensor(
+            keys=self._table_keys, values=virtual.values(), lengths=lengths.view(-1),
+            stride=b * self._depth, length_per_key=per_table,
+        )  # fmt: skip
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        b = features.stride()
+        out = self.ebc(self.stacked(self.remap(features))).values()  # [depth·B, tables·d]
+        if self._blocks is None:  # bag (s, b) of table 0 is chunk s of sample b
+            return self.keyed(out.view(self._depth, b, -1).transpose(0, 1).reshape(b, -1))
+        slot, table = self._index(("blocks", out.device), lambda: torch.tensor(self._blocks, device=out.device).unbind(1))
+        out = out.view(self._depth, b, len(self._stack), -1).permute(1, 0, 2, 3)[:, slot, table]
+        return self.keyed(out.reshape(b, -1))
+
+    def describe(self) -> dict[str, Any]:
+        features = {name: [f for t in g for f in t.feature_names] for name, g in self.layout.groups}
+        out = self.plan.describe("rows", features)
+        out["chunk_dim"] = self.layout.d
+        out["chunks"] = ",".join(f"{f}:{self.layout.chunks[t.name]}" for t in self.source_tables() for f in t.feature_names)
+        out["groups"] = "|".join(f"{name}={'+'.join(fs)}" for name, fs in features.items())
+        out["hash_functions"] = self.hasher.num_hashes
+        for c in self.ebc.embedding_bag_configs():
+            out[f"table.{c.name}.rows"] = c.num_embeddings
+        return out
+
+
+@register(UnifiedEmbeddingConfig)
+def build(
+    tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig, ctx: BuildContext
+) -> UnifiedEmbeddingBagCollection:
+    check_exclusive(NAME, config.budget, rows=config.rows)
+    lay = layout(tables, config)
+    costs = [lay.cost(name, group) for name, group in lay.groups]
+    virtual = sum(lay.chunks[t.name] * len(t.feature_names) for t in tables)
+    fixed = UniversalHash.nbytes(sum(lay.chunks.values())) + KeyParams.nbytes(3, virtual)
+    units = {name: [t.name for t in group] for name, group in lay.groups}
+    plan = plan_sizes(NAME, costs, config.budget, tables, fixed, config.rows, units=units)
+    module = UnifiedEmbeddingBagCollection(tables, plan, lay, ctx)
+    verify(NAME, plan, memory_report(module).bytes)
+    return module
