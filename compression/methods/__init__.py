@@ -11,6 +11,7 @@ from compression.methods import (  # noqa: F401
     managed_collision,
     mixed_dim,
     none,
+    optembed,
     qr,
     unified_embedding,
 )

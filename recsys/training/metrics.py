@@ -11,13 +11,17 @@ from recsys.data.loader import BatchLoader
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: BatchLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of every row of ``loader``, in loader order, on the CPU."""
+def predict(
+    model: nn.Module, loader: BatchLoader, device: torch.device, max_batches: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every row of ``loader`` (or its first ``max_batches``), on the CPU."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
     try:
-        for batch in loader.epoch(0):
+        for i, batch in enumerate(loader.epoch(0)):
+            if max_batches is not None and i >= max_batches:
+                break
             batch = batch.to(device)
             logits.append(model(batch.dense_features, batch.sparse_features).reshape(-1).float().cpu())
             labels.append(batch.labels.cpu())
@@ -39,5 +43,7 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
     }
 
 
-def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device) -> dict[str, float]:
-    return binary_metrics(*predict(model, loader, device))
+def evaluate(
+    model: nn.Module, loader: BatchLoader, device: torch.device, max_batches: int | None = None
+) -> dict[str, float]:
+    return binary_metrics(*predict(model, loader, device, max_batches))

@@ -1,0 +1,185 @@
+"""OptEmbed: the surrogate, thresholds, dimension sampling, the budgeted search, the
+compact export and resuming a four-stage schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from compression import Budget, BudgetError, compress
+from compression.methods.optembed import OptEmbedConfig, SurrogateStep, evolutionary_search
+from recsys.data.loader import BatchLoader
+from recsys.data.schema import embedding_tables
+from recsys.models import DCNv2Config
+from recsys.training import Callback, Trainer, TrainerConfig
+
+D = 8
+TABLES = [
+    EmbeddingBagConfig(name="t_a", embedding_dim=D, num_embeddings=40, feature_names=["a"]),
+    EmbeddingBagConfig(name="t_b", embedding_dim=D, num_embeddings=25, feature_names=["b"]),
+]
+
+
+def kjt(batch=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return KeyedJaggedTensor(
+        keys=["a", "b"],
+        values=torch.cat([torch.randint(0, 40, (batch,), generator=g), torch.randint(0, 25, (batch,), generator=g)]),
+        lengths=torch.ones(2 * batch, dtype=torch.int32),
+    )
+
+
+def test_surrogate_gradient_is_the_reference_piecewise_slope():
+    x = torch.tensor([-1.5, -0.8, -0.3, 0.0, 0.2, 0.4, 0.5, 1.0, 1.2], requires_grad=True)
+    y = SurrogateStep.apply(x)
+    assert y.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1]
+    y.sum().backward()
+    expected = [0, 0.4, 2 - 4 * 0.3, 2, 2 - 4 * 0.2, 2 - 4 * 0.4, 0.4, 0.4, 0]
+    torch.testing.assert_close(x.grad, torch.tensor(expected))
+
+
+def test_thresholds_rise_under_the_regulariser_and_small_rows_get_masked():
+    m = compress(TABLES, OptEmbedConfig(alpha=1.0, threshold_lr=0.05))
+    with torch.no_grad():
+        w = next(m.ec.parameters())
+        w.fill_(1.0)
+        w[:10] *= 0.05  # ten rows of field a with small norms
+    opt = m.extra_optimizers()[0]
+    m.train()
+    for _ in range(30):
+        opt.zero_grad()
+        m.regularization().backward()
+        opt.step()
+    assert (m.thresholds > 0.5).all()  # exp(-t) pushed them up
+    m.freeze_rows()
+    kept = m.kept_t_a
+    assert not kept[:10].any() and kept[10:].all()
+    assert m.training_metrics()["kept_ratio.t_a"] == pytest.approx(30 / 40)
+
+
+def test_dimension_sampling_is_uniform_over_1_to_D():
+    from scipy.stats import chisquare
+
+    m = compress(TABLES, OptEmbedConfig())
+    with torch.no_grad():
+        for w in m.ec.parameters():
+            w.fill_(1.0)
+    m.train()
+    counts = np.zeros(D + 1, dtype=int)
+    for seed in range(20):
+        out = m(kjt(batch=256, seed=seed)).to_dict()
+        for t in out.values():
+            kept = (t != 0).sum(dim=1).numpy()
+            assert ((t != 0).int().diff(dim=1) <= 0).all(), "only the first i dims are kept"
+            counts += np.bincount(kept, minlength=D + 1)
+    assert counts[0] == 0
+    assert chisquare(counts[1:]).pvalue > 1e-3
+    m.eval()  # no dimension masks at validation
+    assert all((t != 0).all() for t in m(kjt()).to_dict().values())
+
+
+def test_search_under_a_budget_never_returns_an_architecture_over_it():
+    kept = np.array([50, 400, 7, 1200])
+
+    def size_of(dims):
+        return int(sum((k + 1) * d * 4 + k * 4 for k, d in zip(kept, dims) if d > 0))
+
+    evaluated = []
+
+    def value(dims):
+        return float(np.dot(np.sqrt(dims), [3, 1, 2, 1]))
+
+    def fitness(dims):
+        evaluated.append(dims)
+        return value(dims)
+
+    target = size_of([8, 8, 8, 8]) // 5
+    best, auc = evolutionary_search([0] * 4, 8, fitness, size_of, target, OptEmbedConfig(generations=6), seed=3)
+    assert size_of(best) <= target
+    assert all(size_of(c) <= target for c in evaluated)
+    assert auc == value(best) and auc == max(value(c) for c in evaluated)
+    with pytest.raises(BudgetError, match="smallest architecture holds"):
+        evolutionary_search([1] * 4, 8, fitness, size_of, 10, OptEmbedConfig(generations=1), seed=0)
+
+
+def test_crossover_cuts_between_fields():
+    seen = set()
+
+    def fitness(dims):
+        seen.add(dims)
+        return 1.0 if dims in {(8,) * 6, (1,) * 6} else 0.0
+
+    cfg = OptEmbedConfig(generations=3, mutations=0, crossovers=10, parents=2)
+    evolutionary_search([1] * 6, 8, fitness, lambda d: 0, None, cfg, seed=0)
+    mixed = [c for c in seen if len(set(c)) == 2 and set(c) == {1, 8}]
+    assert mixed, "crossover of two parents must produce children mixing their fields"
+    for c in mixed:  # a prefix from one parent, the rest from the other
+        cut = [i for i in range(1, 6) if c[i] != c[i - 1]]
+        assert len(cut) == 1
+
+
+def test_compact_export_equals_the_masked_model():
+    m = compress(TABLES, OptEmbedConfig(), seed=1)
+    g = torch.Generator().manual_seed(0)
+    m.kept_t_a.copy_(torch.rand(40, generator=g) > 0.5)
+    m.kept_t_b.copy_(torch.rand(25, generator=g) > 0.7)
+    m.unit_dims.copy_(torch.tensor([3, 6]))
+    m.mode = "fixed"
+    model = DCNv2Config(deep_layers=[8]).build(m, 0).eval()
+    x = kjt(batch=64, seed=5)
+    before = model(torch.zeros(64, 0), x)
+    full = sum(int(n) * D * 4 for n in (40, 25))
+    m.compact()
+    after = model(torch.zeros(64, 0), x)
+    torch.testing.assert_close(after, before)
+    from compression import memory_report
+
+    kept = int(m.compact_module.ids_t_a.numel()), int(m.compact_module.ids_t_b.numel())
+    # rows at their dims + a zero row each, int32 kept ids, thresholds/scales/dims of 2 fields
+    assert memory_report(m).bytes == (kept[0] + 1) * 3 * 4 + (kept[1] + 1) * 6 * 4 + 4 * sum(kept) + 2 * (4 + 4 + 8)
+    assert memory_report(m).bytes < full
+    assert m.candidate_bytes([3, 6]) == memory_report(m).bytes
+
+
+class _Stop(Callback):
+    def __init__(self, at):
+        self.at, self.stage = at, None
+
+    def on_stage_start(self, stage, n):
+        self.stage = stage.name
+
+    def on_step(self, step, metrics):
+        if (self.stage, step) == self.at:
+            raise KeyboardInterrupt
+
+
+def _setup(ds):
+    torch.manual_seed(0)
+    cfg = TrainerConfig(epochs=2, batch_size=128, device="cpu", progress="off", log_every_steps=1, patience=5,
+                        checkpoint_every_steps=5)
+    oe = OptEmbedConfig(generations=2, mutations=3, crossovers=3, parents=3, budget=Budget(ratio=3))
+    module = compress(embedding_tables(ds.schema, 8), oe, seed=0)
+    model = DCNv2Config(deep_layers=[16], cross_layers=1).build(module, len(ds.schema.dense))
+    loaders = [BatchLoader(ds, s, 128 if s == "train" else 512, shuffle=s == "train", seed=0) for s in ("train", "val", "test")]
+    return cfg, module, model, loaders
+
+
+def test_schedule_resumes_across_stages_after_an_interruption(tiny_dataset, tmp_path):
+    cfg, module, model, loaders = _setup(tiny_dataset)
+    ref = Trainer(cfg).run(model, module, *loaders)
+    assert list(ref.stages) == ["supernet", "search", "retrain", "compact"]
+    assert ref.stages["search"]["search_bytes"] <= module.target_bytes()
+    from compression import memory_report
+
+    assert memory_report(module).bytes <= module.target_bytes()
+
+    cfg, module, model, loaders = _setup(tiny_dataset)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, callbacks=[_Stop(("retrain", 7))], checkpoint_dir=tmp_path).run(model, module, *loaders)
+    cfg, module, model, loaders = _setup(tiny_dataset)
+    resumed = Trainer(cfg, checkpoint_dir=tmp_path).run(model, module, *loaders)
+    assert resumed.test == ref.test
+    assert resumed.stages["search"] == ref.stages["search"]
