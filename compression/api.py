@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -60,11 +60,19 @@ class BuildContext:
 
     ``counts`` maps a feature name to the train frequency of each of its ids (the
     processed dataset's ``counts.parquet``), for frequency-aware methods.
+    ``table_device`` is where the TorchRec tables are made (default: ``device``);
+    ``meta`` builds the module without allocating its tables, for
+    ``DistributedModelParallel`` to allocate only each rank's shards.
     """
 
     counts: Mapping[str, np.ndarray] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
+    table_device: Optional[torch.device] = None
+
+    def __post_init__(self) -> None:
+        if self.table_device is None:
+            self.table_device = self.device
 
 
 C = TypeVar("C", bound=CompressionConfig)
@@ -121,6 +129,7 @@ def compress(
     counts: Mapping[str, np.ndarray] | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
+    table_device: torch.device | str | None = None,
 ) -> CompressedEmbeddingBagCollection:
     """Build the compressed module for ``tables`` that ``config`` describes.
 
@@ -134,6 +143,8 @@ def compress(
         counts: per-feature id frequencies (frequency-aware methods read them).
         device: where the tables are allocated (default CPU).
         seed: seeds the method's hashes and initialisation.
+        table_device: where the TorchRec tables go (default ``device``); ``"meta"``
+            allocates none of them (the sharded path: DMP allocates each rank's shards).
     """
     builder = _BUILDERS.get(type(config))
     if builder is None:
@@ -148,6 +159,7 @@ def compress(
         counts=counts if counts is not None else {},
         device=torch.device(device) if device is not None else torch.device("cpu"),
         seed=seed,
+        table_device=torch.device(table_device) if table_device is not None else None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -18,7 +18,7 @@ import abc
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from torchrec.modules.embedding_modules import (
     EmbeddingBagCollectionInterface,
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+if TYPE_CHECKING:  # the planner's types pull in torchrec.distributed: only for hints
+    from torchrec.distributed.planner.types import ParameterConstraints
 
 
 class IdOutOfRangeError(IndexError):
@@ -153,8 +156,30 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Extra loss term added to the task loss during training (None: nothing)."""
         return None
 
+    def training_metrics(self) -> dict[str, float]:
+        """Method-specific figures logged at each epoch end (e.g. thresholds); none by default."""
+        return {}
+
+    def figures(self) -> dict[str, Any]:
+        """Matplotlib figures (file name -> figure) logged as run artifacts at the end."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Sizes the method chose (rows, collisions, dims ...), logged as MLflow params."""
+        return {}
+
+    def sharding_constraints(self) -> dict[str, ParameterConstraints]:
+        """How TorchRec's planner may shard this module's physical tables.
+
+        Table name (of an inner TorchRec collection) -> ``ParameterConstraints``
+        (allowed sharding types, compute kernels ...). Empty by default: the planner
+        chooses among the sharder's types. ``recsys.training.distributed`` applies
+        these, then the job config's ``distributed.constraints`` over them.
+
+        Example::
+
+            {"shared_all_0": ParameterConstraints(sharding_types=["row_wise"])}
+        """
         return {}
 
     # -- helpers for subclasses ------------------------------------------------------

@@ -55,11 +55,23 @@ def parse_budget(text: str, scope: str = "model") -> Budget:
 
 
 def resolve_compression(cfg: DictConfig) -> Any:
-    """The method's config object with the job-level ``budget`` applied (if it has one)."""
+    """The method's config object with the job-level ``budget`` applied (if it has one),
+    told when the model needs one output dim for every feature (DLRM)."""
     comp: Any = OmegaConf.to_object(cfg.compression)
     if cfg.get("budget") is not None and hasattr(comp, "budget"):
         comp.budget = parse_budget(cfg.budget, cfg.get("budget_scope", "model"))
+    model_cls = type(OmegaConf.to_object(cfg.model))
+    if getattr(model_cls, "needs_uniform_dims", False) and hasattr(comp, "uniform_output"):
+        comp.uniform_output = True
     return comp
+
+
+def _variant(cfg: DictConfig, method: str) -> str:
+    """The compression config's name in conf/compression/ (e.g. qr_int4), else the method."""
+    try:
+        return HydraConfig.get().runtime.choices.get("compression") or method
+    except ValueError:
+        return method
 
 
 def describe_job(cfg: DictConfig, comp: Any | None = None) -> dict[str, str]:
@@ -70,8 +82,12 @@ def describe_job(cfg: DictConfig, comp: Any | None = None) -> dict[str, str]:
     method = type(comp).method
     if quant is not None and getattr(quant, "precision", None):
         method = f"{method}+{quant.label()}"  # int4, or int4-qat when quantization-aware
+    variant = _variant(cfg, method)
     return {
         "method": method,
+        "variant": variant,
+        # what reports and run names call it: the config's name when it is a variant
+        "label": method if variant in (method, type(comp).method) else variant,
         "budget": budget.label() if budget is not None else "none",
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
@@ -134,7 +150,7 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
     key = job_key(cfg, comp_cfg)
     tags["embcomp.job_key"] = key
     run_name = cfg.mlflow.run_name or "-".join(
-        [tags["method"]] + ([tags["budget"]] if tags["budget"] != "none" else []) + [tags["model"], tags["dataset"]]
+        [tags["label"]] + ([tags["budget"]] if tags["budget"] != "none" else []) + [tags["model"], tags["dataset"]]
     )
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
@@ -198,46 +214,64 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
             mlflow.log_input(dataset_input(ds), context="training")
         else:
             log.info("resuming MLflow run %s from %s", resume_id, ckdir)
-        result = trainer.run(model, module, loaders["train"], loaders["val"], loaders["test"])
-        mlflow.flush_async_logging()
-        # bytes after every stage: a post-training quantize stage changes them
-        memory = memory_report(module)
-        metrics: dict[str, float] = {f"test_{k}": v for k, v in result.test.items()}
-        metrics.update(memory.as_metrics())
-        metrics["parameters"] = float(n_params)
-        # counted after the stages too: quantize turns the table parameters into buffers
-        metrics["dense_parameters"] = float(
-            sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in module.parameters())
-        )
-        for name, stage_metrics in result.stages.items():
-            prefix = "" if len(result.stages) == 1 else f"{name}."
-            metrics.update({f"{prefix}{k}": v for k, v in stage_metrics.items()})
-        if result.fit is not None:
-            metrics["epochs_run"] = float(result.fit.epochs_run)
-            metrics["best_epoch"] = float(result.fit.best_epoch)
-            metrics["samples_per_s"] = result.fit.samples_per_s
-            metrics["step_time_ms"] = result.fit.step_time_ms
-            if result.fit.optimizer_bytes is not None:
-                metrics["embedding_optimizer_bytes"] = float(result.fit.optimizer_bytes)
-        summary = {
-            "run_id": run.info.run_id,
-            "run_name": run_name,
-            "experiment": cfg.mlflow.experiment_name,
-            "parent_run_id": parent_run_id,
-            "tags": tags,
-            "metrics": metrics,
-            "memory_by_tensor": memory.by_tensor,
-            "chosen": module.describe(),
-            "stages": result.stages,
-            "history": result.fit.history if result.fit else [],
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "dataset": {"root": str(ds.root), "schema": asdict(schema)},
-        }
-        # the summary lands on disk first: a tracking failure below loses nothing
-        _write_json_atomic(summary, output_dir / "summary.json")
-        mlflow.log_metrics({k: v for k, v in metrics.items() if v == v and abs(v) != float("inf")})
-        mlflow.log_artifact(str(output_dir / "summary.json"))
-        mlflow.set_tag("embcomp.status", "complete")
+        try:
+            result = trainer.run(model, module, loaders["train"], loaders["val"], loaders["test"])
+        except BudgetError as e:  # a budget found out of reach in a later stage (OptEmbed's search)
+            if not parent_run_id:
+                raise
+            mlflow.set_tags({"embcomp.status": "unreachable", "embcomp.reason": str(e)[:5000]})
+            unreachable = str(e)
+        else:
+            unreachable = None
+        if unreachable is None:
+            mlflow.flush_async_logging()
+            # bytes after every stage: a post-training quantize stage changes them
+            memory = memory_report(module)
+            metrics: dict[str, float] = {f"test_{k}": v for k, v in result.test.items()}
+            metrics.update(memory.as_metrics())
+            metrics["parameters"] = float(n_params)
+            # counted after the stages too: quantize turns the table parameters into buffers
+            metrics["dense_parameters"] = float(
+                sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in module.parameters())
+            )
+            for name, stage_metrics in result.stages.items():
+                prefix = "" if len(result.stages) == 1 else f"{name}."
+                metrics.update({f"{prefix}{k}": v for k, v in stage_metrics.items()})
+            if result.fit is None:  # a multi-stage method: its last training stage's speed
+                timed = [m for m in result.stages.values() if "step_time_ms" in m]
+                if timed:
+                    metrics["samples_per_s"] = timed[-1]["samples_per_s"]
+                    metrics["step_time_ms"] = timed[-1]["step_time_ms"]
+            if result.fit is not None:
+                metrics["epochs_run"] = float(result.fit.epochs_run)
+                metrics["best_epoch"] = float(result.fit.best_epoch)
+                metrics["samples_per_s"] = result.fit.samples_per_s
+                metrics["step_time_ms"] = result.fit.step_time_ms
+                if result.fit.optimizer_bytes is not None:
+                    metrics["embedding_optimizer_bytes"] = float(result.fit.optimizer_bytes)
+            summary = {
+                "run_id": run.info.run_id,
+                "run_name": run_name,
+                "experiment": cfg.mlflow.experiment_name,
+                "parent_run_id": parent_run_id,
+                "tags": tags,
+                "metrics": metrics,
+                "memory_by_tensor": memory.by_tensor,
+                "chosen": module.describe(),
+                "stages": result.stages,
+                "history": result.fit.history if result.fit else [],
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "dataset": {"root": str(ds.root), "schema": asdict(schema)},
+            }
+            # the summary lands on disk first: a tracking failure below loses nothing
+            _write_json_atomic(summary, output_dir / "summary.json")
+            mlflow.log_metrics({k: v for k, v in metrics.items() if v == v and abs(v) != float("inf")})
+            mlflow.log_artifact(str(output_dir / "summary.json"))
+            for name, fig in module.figures().items():
+                mlflow.log_figure(fig, f"figures/{name}")
+            mlflow.set_tag("embcomp.status", "complete")
+    if unreachable is not None:
+        raise JobSkipped(unreachable)
     return summary
 
 

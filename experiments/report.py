@@ -57,7 +57,7 @@ def collect(experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
             {
                 "dataset": t.get("dataset"),
                 "model": t.get("model"),
-                "method": t.get("method"),
+                "method": t.get("label", t.get("method")),
                 "budget": t.get("budget"),
                 "bytes": m.get("embedding_bytes", math.nan),
                 "ratio": m.get("compression_ratio", math.nan),

@@ -130,7 +130,7 @@ class DoubleHashedEmbeddingBagCollection(IdMappedCollection):
                 feats = [f"{f}__{j}" for f in t.feature_names for j in range(k)]
                 inner.append(inner_table(t, rows=m, dim=t.embedding_dim // k, features=feats))
                 produced += [(f"{f}__{j}", t.embedding_dim // k) for f in t.feature_names for j in range(k)]
-        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.device)
+        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.table_device)
         self.hasher = UniversalHash(k, seed=ctx.seed, device=ctx.device)
         per_feature = {f: (plan.sizes[t.name], t.num_embeddings) for t in tables for f in t.feature_names}
         self._exact_features = {f for f, (m, _) in per_feature.items() if m is None}

@@ -113,7 +113,7 @@ class HybridEmbeddingBagCollection(IdMappedCollection):
             self.top_k[t.name] = k
             key_off, start = key_off + t.num_embeddings, start + k
         inner = [inner_table(t, rows=plan.sizes[t.name] or t.num_embeddings) for t in tables]
-        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.device)
+        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.table_device)
         self.hasher = UniversalHash(1, seed=ctx.seed, device=ctx.device)
         keys = torch.cat(exact_ids) if exact_ids else torch.zeros(0, dtype=torch.int64)
         # (table key offset + id) of every exact id, ascending: a row's index is its position

@@ -53,7 +53,7 @@ class HashedEmbeddingBagCollection(IdMappedCollection):
     def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, ctx: BuildContext) -> None:
         super().__init__(tables, plan, knob="rows")
         inner = [inner_table(t, rows=plan.sizes[t.name] or t.num_embeddings) for t in tables]
-        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.device)
+        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.table_device)
         self.hasher = UniversalHash(1, seed=ctx.seed, device=ctx.device)
         rows = {f: c.num_embeddings for c in inner for f in c.feature_names}
         exact = {f: int(plan.sizes[t.name] is None) for t in tables for f in t.feature_names}

@@ -111,7 +111,7 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
         exact = [inner_table(t) for t in tables if plan.sizes[t.name] is None]
         self.mc_ebc = (
             ManagedCollisionEmbeddingBagCollection(
-                EmbeddingBagCollection(tables=mc, device=ctx.device),
+                EmbeddingBagCollection(tables=mc, device=ctx.table_device),
                 ManagedCollisionCollection(
                     {c.name: _mch(c.num_embeddings, config.eviction_interval, ctx.device, c.name) for c in mc}, mc
                 ),
@@ -119,7 +119,7 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
             if mc
             else None
         )
-        self.exact_ebc = EmbeddingBagCollection(tables=exact, device=ctx.device) if exact else None
+        self.exact_ebc = EmbeddingBagCollection(tables=exact, device=ctx.table_device) if exact else None
         self.hasher = UniversalHash(1, seed=ctx.seed, device=ctx.device)
         self.params = KeyParams(
             self.feature_names, {"rows": [t.num_embeddings for t in tables for _ in t.feature_names]}, device=ctx.device

@@ -115,7 +115,7 @@ class MixedDimEmbeddingBagCollection(IdMappedCollection):
             if s is not None:
                 self._split[t.name] = (dim, r)
             per_feature += [(t.name, dim, low) for _ in t.feature_names]
-        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.device)
+        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.table_device)
         self.projections = nn.ModuleDict(
             {
                 t.name: nn.Linear(self._split[t.name][0], t.embedding_dim, bias=False, device=ctx.device)

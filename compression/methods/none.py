@@ -30,7 +30,7 @@ class UncompressedEmbeddingBagCollection(CompressedEmbeddingBagCollection):
 
     def __init__(self, tables: list[EmbeddingBagConfig], ctx: BuildContext) -> None:
         super().__init__(tables)
-        self.ebc = EmbeddingBagCollection(tables=tables, device=ctx.device)
+        self.ebc = EmbeddingBagCollection(tables=tables, device=ctx.table_device)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         self.check_ids(features)

@@ -24,7 +24,8 @@ of 0.1-1, so nothing but never-seen rows was pruned): importance here is the row
 L1 norm divided by a running mean of the L1 norms of the rows the field looked up
 (a detached buffer), so t_f is in units of "the field's typical row" (0.5 prunes rows
 below half of it) whatever the embedding scale, with alpha and the SGD rate set for
-that scale. Defects of the reference search are not reproduced: crossover cuts over
+that scale (defaults alpha=0.01, SGD rate 0.1: on MovieLens-100K thresholds reach about
+0.4 in 4 epochs; alpha=0.1 reaches about 0.95 and prunes about half the rows). Defects of the reference search are not reproduced: crossover cuts over
 fields, fitness is each candidate's own AUC, candidates are copied before mutation,
 and sizes count dimensions, not dimension indices.
 """
@@ -71,8 +72,8 @@ class OptEmbedConfig(CompressionConfig):
 
     method: ClassVar[str] = "optembed"
     budget: Optional[Budget] = None
-    alpha: float = 1e-3
-    threshold_lr: float = 1e-2
+    alpha: float = 1e-2
+    threshold_lr: float = 0.1
     threshold_init: float = 0.0
     norm_momentum: float = 0.99
     supernet_epochs: Optional[int] = None
@@ -216,7 +217,7 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         self.thresholds.requires_grad_(True)
         metrics = self._fit(ctx, self.config.supernet_epochs)
         self.freeze_rows()
-        metrics.update(self.training_metrics())
+        metrics.update(self.threshold_metrics())
         return metrics
 
     def _run_search(self, ctx: Any) -> dict[str, float]:
@@ -290,16 +291,21 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         return self.config.budget.target_bytes(self.source_tables())
 
     def training_metrics(self) -> dict[str, float]:
+        """Thresholds and kept-row ratios per table at each supernet epoch end (recorded)."""
+        if self.mode != "supernet" or self.compact_module is not None:
+            return {}
+        out = self.threshold_metrics()
+        self.history["thresholds"].append([out[f"threshold.{u}"] for u in self.units])
+        self.history["kept"].append([out[f"kept_ratio.{u}"] for u in self.units])
+        return out
+
+    def threshold_metrics(self) -> dict[str, float]:
+        """Each table's threshold and the fraction of its rows the threshold keeps."""
         out: dict[str, float] = {}
-        kept_now = []
         with torch.no_grad():
             for i, (u, w) in enumerate(zip(self.units, self.weights())):
-                frac = float((self.importance(i, w) > self.thresholds[i]).float().mean())
                 out[f"threshold.{u}"] = float(self.thresholds[i])
-                out[f"kept_ratio.{u}"] = frac
-                kept_now.append(frac)
-        self.history["thresholds"].append([float(t) for t in self.thresholds.detach()])
-        self.history["kept"].append(kept_now)
+                out[f"kept_ratio.{u}"] = float((self.importance(i, w) > self.thresholds[i]).float().mean())
         return out
 
     @torch.no_grad()

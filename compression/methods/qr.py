@@ -123,7 +123,7 @@ class QREmbeddingBagCollection(IdMappedCollection):
             # combine is one elementwise op), then the exact tables
             inner = quot + rem + exact
             self._runs = _runs(tables, plan)
-        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.device)
+        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.table_device)
         self.hasher = UniversalHash(1, seed=ctx.seed, device=ctx.device)
         pairs = [(t, f) for t in tables for f in t.feature_names]
         self.params = KeyParams(

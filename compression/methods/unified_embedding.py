@@ -24,10 +24,10 @@ chunks side by side in source order.
   chunks, shared in proportion to log(1 + vocabulary), clipped to [1, max_chunks]),
   ``explicit`` (``feature_chunks``: feature -> c; features not named take the uniform
   count). Output dims then differ per feature.
-- DLRM needs one output dim for every feature. ``uniform_output: true`` (set it in a
-  DLRM experiment) refuses any rule that would give several dims with a
-  ``MethodConfigError`` naming the fix; without it ``DLRMConfig.build`` refuses the
-  module. Models never look at the method.
+- DLRM needs one output dim for every feature. ``uniform_output: true`` (the experiment
+  job sets it when the model needs one dim) forces the chunk rule to uniform, logs a
+  warning, and ``describe()['chunk_rule']`` says so; without it ``DLRMConfig.build``
+  refuses a module with several dims. Models never look at the method.
 - ``num_tables`` T: the chunks of a group go round-robin to T shared tables of M rows
   each (as TensorFlow Recommenders' implementation does for placement), so TorchRec
   can shard them table-wise or row-wise (a group with fewer chunks uses fewer tables).
@@ -53,6 +53,8 @@ Example::
 
 from __future__ import annotations
 
+import logging
+
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
@@ -73,6 +75,9 @@ from compression.sizing import FieldCost, Plan, check_exclusive, plan_sizes, ver
 NAME = "unified_embedding"
 CHUNK_RULES = ("uniform", "cardinality", "explicit")
 GROUPINGS = ("all", "single", "cardinality", "explicit")
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,6 +134,8 @@ class Layout:
     chunks: dict[str, int]  # source table -> c_t
     groups: list[tuple[str, list[EmbeddingBagConfig]]]
     num_tables: int
+    # the rule actually applied ("uniform (forced: uniform_output)" when DLRM forced it)
+    rule: str = "uniform"
 
     def tables_in(self, group: list[EmbeddingBagConfig]) -> int:
         return min(self.num_tables, sum(self.chunks[t.name] for t in group))
@@ -253,17 +260,25 @@ def layout(tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig) -> 
     d = _chunk_dim(tables, config)
     chunks = _chunk_counts(tables, config, d)
     dims = sorted({c * d for c in chunks.values()})
+    rule = config.chunk_rule
     if config.uniform_output and len(dims) > 1:
-        raise _fail(
-            f"uniform_output=true (one output dim for every feature, as DLRM needs) but chunk_rule="
-            f"'{config.chunk_rule}' gives output dims {dims}; use chunk_rule=uniform, or a model that "
-            f"takes per-feature dims (dcnv2, deepfm) with uniform_output=false"
+        # one output dim for every feature (DLRM): the chunk rule is forced to uniform
+        chunks = {t.name: _uniform(t, d, config) for t in tables}
+        rule = "uniform (forced: uniform_output)"
+        log.warning(
+            "unified_embedding: chunk_rule=%s gives output dims %s but the model needs one dim; "
+            "chunks forced to uniform", config.chunk_rule, dims,
         )
+        if len({c * d for c in chunks.values()}) > 1:
+            raise _fail(
+                f"uniform_output=true needs one output dim, but the tables' dims differ "
+                f"({sorted({t.embedding_dim for t in tables})}); give every table one dim"
+            )
     groups = _groups(tables, config)
     for name, group in groups:
         if len({t.pooling for t in group}) > 1:
             raise _fail(f"group '{name}' mixes poolings {sorted(str(t.pooling) for t in group)}; one table pools one way")
-    return Layout(d, chunks, groups, config.num_tables)
+    return Layout(d, chunks, groups, config.num_tables, rule)
 
 
 class UnifiedEmbeddingBagCollection(IdMappedCollection):
@@ -389,6 +404,7 @@ class UnifiedEmbeddingBagCollection(IdMappedCollection):
         features = {name: [f for t in g for f in t.feature_names] for name, g in self.layout.groups}
         out = self.plan.describe("rows", features)
         out["chunk_dim"] = self.layout.d
+        out["chunk_rule"] = self.layout.rule
         out["chunks"] = ",".join(f"{f}:{self.layout.chunks[t.name]}" for t in self.source_tables() for f in t.feature_names)
         out["groups"] = "|".join(f"{name}={'+'.join(fs)}" for name, fs in features.items())
         out["hash_functions"] = self.hasher.num_hashes

@@ -7,6 +7,7 @@ gives per-feature dims must be paired with DCNv2 or DeepFM instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torch import nn
 from torchrec.models.dlrm import DLRM
@@ -20,6 +21,8 @@ class DLRMConfig(ModelConfig):
     """Bottom MLP ``dense_arch`` (a final layer of ``embedding_dim`` is appended) and
     top MLP ``over_arch`` (a final layer of 1 is appended)."""
 
+    # DLRM's dot interaction needs one output dim for every feature
+    needs_uniform_dims: ClassVar[bool] = True
     name: str = "dlrm"
     dense_arch: list[int] = field(default_factory=lambda: [64])
     over_arch: list[int] = field(default_factory=lambda: [128, 64])

@@ -219,6 +219,7 @@ class Trainer:
             state.end_epoch(val_metrics, model, cfg)
             epoch_metrics = {f"val_{k}": v for k, v in val_metrics.items()}
             epoch_metrics["epoch"] = float(state.epoch)
+            epoch_metrics.update(module.training_metrics())  # e.g. OptEmbed's thresholds
             for cb in self.callbacks:
                 cb.on_epoch_end(state.epoch, epoch_metrics, state.global_step)
             if state_path:

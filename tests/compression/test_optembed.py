@@ -57,7 +57,7 @@ def test_thresholds_rise_under_the_regulariser_and_small_rows_get_masked():
     m.freeze_rows()
     kept = m.kept_t_a
     assert not kept[:10].any() and kept[10:].all()
-    assert m.training_metrics()["kept_ratio.t_a"] == pytest.approx(30 / 40)
+    assert m.threshold_metrics()["kept_ratio.t_a"] == pytest.approx(30 / 40)
 
 
 def test_dimension_sampling_is_uniform_over_1_to_D():

@@ -109,9 +109,11 @@ def test_output_dims_follow_the_chunk_rule():
         assert [c.embedding_dim for c in m.embedding_bag_configs()] == [m.output_dims()[f] for f in "abc"]
 
 
-def test_dlrm_needs_the_uniform_rule():
-    with pytest.raises(MethodConfigError, match="uniform_output=true .* gives output dims \\[4, 8, 12\\].*chunk_rule=uniform"):
-        build(chunk_dim=4, chunk_rule="explicit", feature_chunks={"a": 3, "c": 1}, uniform_output=True)
+def test_dlrm_forces_the_uniform_rule_and_says_so(caplog):
+    forced = build(chunk_dim=4, chunk_rule="explicit", feature_chunks={"a": 3, "c": 1}, uniform_output=True)
+    assert set(forced.output_dims().values()) == {DIM}
+    assert forced.describe()["chunk_rule"] == "uniform (forced: uniform_output)"
+    assert "chunks forced to uniform" in caplog.text
     # without the flag the module builds, and DLRM refuses it naming the fix
     mixed = build(chunk_dim=4, chunk_rule="cardinality")
     with pytest.raises(ValueError, match="DLRM needs one embedding dim.*uniform-dim method setting"):
@@ -331,8 +333,8 @@ def test_yaml_variants_compose(choice, fields):
     config = OmegaConf.to_object(cfg.compression)
     assert config == UE(uniform_output=True, **fields)
     tables, counts = criteo()
-    if config.chunk_rule == "cardinality":  # per-feature dims: DLRM's flag refuses it
-        with pytest.raises(MethodConfigError, match="uniform_output"):
-            compress(tables, config, counts=counts)
-    else:
-        assert uncompressed_bytes(tables) / memory_report(compress(tables, config, counts=counts)).bytes >= 10
+    m = compress(tables, config, counts=counts)
+    assert len(set(m.output_dims().values())) == 1  # DLRM's one dim: cardinality is forced to uniform
+    if config.chunk_rule == "cardinality":
+        assert m.describe()["chunk_rule"] == "uniform (forced: uniform_output)"
+    assert uncompressed_bytes(tables) / memory_report(m).bytes >= 10
