@@ -69,6 +69,12 @@ class Config:
     # ("2MiB", "500000"); ignored by methods without one (none), so sweeps can cross it
     budget: Optional[str] = None
     budget_scope: str = "model"
+    # what the job returns to a sweeper (Optuna): one metric, or several for a
+    # multi-objective study (e.g. [test_auc, embedding_bytes])
+    objective: list[str] = field(default_factory=lambda: ["test_auc"])
+    # a sweep job that is skipped (duplicate, budget out of reach): "nan" returns NaN
+    # (basic sweeps go on), "fail" raises so a sweeper like Optuna marks the trial failed
+    on_skip: str = "nan"
     # processed datasets are cached here (relative paths are to the working directory)
     cache_dir: str = "${project_root:}/data/cache"
     # where sweep reports are written (reports/<experiment>/)

@@ -115,7 +115,9 @@ def to_markdown(df: pd.DataFrame) -> str:
             if r["status"] != "complete":
                 out.append(f"| {r['method']} | {r['budget']} | | | | | | | {r['status']} |")
                 continue
-            step = f"{r['step_ms']:.1f} ({r['step_vs_base']:.2f}×)" if r["step_ms"] == r["step_ms"] else ""
+            step = f"{r['step_ms']:.1f}" if r["step_ms"] == r["step_ms"] else ""
+            if step and r["step_vs_base"] == r["step_vs_base"]:
+                step += f" ({r['step_vs_base']:.2f}×)"
             delta = f"{r['delta_auc']:+.4f}" if r["delta_auc"] == r["delta_auc"] else ""
             out.append(
                 f"| {r['method']} | {r['budget']} | {int(r['bytes']):,} | {r['ratio']:.1f}× | {r['auc']:.4f} "

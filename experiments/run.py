@@ -29,13 +29,15 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Run one job; returns the test AUC, the value a sweeper optimises."""
+def main(cfg: DictConfig) -> float | list[float]:
+    """Run one job; returns ``cfg.objective`` (test AUC by default), what a sweeper optimises."""
     try:
         summary = run_job(cfg, Path(HydraConfig.get().runtime.output_dir))
     except JobSkipped as e:
         print(f"skipped: {e}", file=sys.stderr)
-        return float("nan")
+        if cfg.on_skip == "fail":
+            raise
+        return _objective(cfg, None)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -45,7 +47,12 @@ def main(cfg: DictConfig) -> float:
         summary["run_name"], m["test_auc"], m["test_logloss"], m["embedding_bytes"],
         m["compression_ratio"], m.get("samples_per_s", float("nan")),
     )
-    return float(m["test_auc"])
+    return _objective(cfg, m)
+
+
+def _objective(cfg: DictConfig, metrics: dict | None) -> float | list[float]:
+    values = [float(metrics[k]) if metrics and k in metrics else float("nan") for k in cfg.objective]
+    return values[0] if len(values) == 1 else values
 
 
 if __name__ == "__main__":

@@ -97,3 +97,18 @@ def test_make_ui_serves_the_store_over_rest(tmp_path):
             proc.wait()
     out = proc.stdout.read() if proc.stdout else ""
     assert f"MLflow UI: http://127.0.0.1:{port}" in out
+
+
+def test_optuna_sweeper_searches_method_and_budget(tmp_path):
+    r = run_cli(
+        "--multirun", "hparams_search=budget_optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps_per_epoch=5",
+        *smoke_overrides(tmp_path), f"hydra.sweep.dir={tmp_path}/multi", f"report_dir={tmp_path}/reports",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = (tmp_path / "multi" / "optimization_results.yaml").read_text()
+    assert "name: optuna" in results and "solutions:" in results
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
+    trials = [x for x in runs if x.data.tags.get("embcomp.kind") != "sweep"]
+    assert len(trials) == 2  # each trial is an MLflow run (finished or recorded unreachable)
