@@ -239,6 +239,12 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
             self.search_space(), self.full_dims, fitness, self.candidate_bytes, self.target_bytes(),
             self.config, self.seed, log,
         )
+        if not any(best):
+            keep_one = min(self.candidate_bytes([1 if j == i else 0 for j in range(len(best))]) for i in range(len(best)))
+            raise BudgetError(
+                f"optembed cannot reach the budget of {self.target_bytes()} bytes with any field kept: "
+                f"the smallest architecture that keeps one field holds {keep_one} bytes"
+            )
         self.unit_dims.copy_(torch.tensor(best, dtype=torch.int64))
         return {"search_best_val_auc": best_auc, "search_bytes": float(self.candidate_bytes(best)),
                 **{f"dim.{u}": float(d) for u, d in zip(self.units, best)}}
