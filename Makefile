@@ -9,12 +9,15 @@ STAMP := $(VENV)/.setup-$(DEVICE)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
 EXP ?= comparison
+# processes of a sharded run (make experiment-distributed), and torchrun's rendezvous flags
+NPROC ?= 2
+TORCHRUN_ARGS ?= --standalone
 PORT ?= 5000
 TRACKING_URI ?= sqlite:///mlflow.db
 EXPERIMENTS := $(basename $(notdir $(wildcard experiments/conf/experiment/*.yaml)))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-all experiment sweep report readme-table ui lint clean
+.PHONY: help setup test test-all experiment experiment-distributed sweep report readme-table ui lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -50,6 +53,9 @@ test-all: $(STAMP) ## run every test, slow ones included
 
 experiment: $(STAMP) ## the main job: every method at 10x/100x/1000x + baseline (MovieLens-100K), report
 	$(PY) -m experiments.run --multirun experiment=comparison $(ARGS)
+
+experiment-distributed: $(STAMP) ## sharded training: torchrun, NPROC processes (gloo on CPUs, NCCL on GPUs)
+	$(VENV)/bin/torchrun $(TORCHRUN_ARGS) --nproc-per-node=$(NPROC) -m experiments.run --multirun experiment=distributed $(ARGS)
 
 experiment-%: $(STAMP) ## run experiments/conf/experiment/<name>.yaml as one sweep (see below)
 	@test -f experiments/conf/experiment/$*.yaml || { echo "error: no experiment '$*'; have: $(EXPERIMENTS)"; exit 1; }

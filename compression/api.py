@@ -87,6 +87,25 @@ class UnknownMethodError(KeyError):
         return str(self.args[0])
 
 
+def require_fbgemm_cuda(what: str, device: torch.device) -> None:
+    """Refuse ``what`` on a CUDA device when fbgemm-gpu is its CPU build.
+
+    TorchRec's KJT permutes, managed collisions, fused TBE kernels and quantized
+    tables call FBGEMM operators that the CPU build registers for CPU tensors only;
+    on CUDA tensors they fail deep inside a forward. Said here, before anything runs.
+    """
+    if device.type != "cuda":
+        return
+    import fbgemm_gpu
+
+    if getattr(fbgemm_gpu, "__variant__", "") == "cpu":
+        raise MethodConfigError(
+            f"{what} on CUDA needs FBGEMM's CUDA kernels, but this environment has fbgemm-gpu-cpu "
+            f"{getattr(fbgemm_gpu, '__version__', '')}; install the CUDA build (make setup DEVICE=cuda) "
+            "or train on the CPU (trainer.device=cpu)"
+        )
+
+
 def register(config_cls: type[C]) -> Callable[[Builder], Builder]:
     """Decorator: register ``builder(tables, config, ctx)`` for ``config_cls``."""
     name = getattr(config_cls, "method", "")
@@ -161,6 +180,9 @@ def compress(
         seed=seed,
         table_device=torch.device(table_device) if table_device is not None else None,
     )
+    wanted_q = as_quantization(config.quantization)
+    if wanted_q is not None:  # before any table is made on the device
+        require_fbgemm_cuda(f"{type(config).method} with {wanted_q.precision} tables", ctx.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = builder(tables, config, ctx)

@@ -26,7 +26,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.base import CompressedEmbeddingBagCollection
+from compression.base import CompressedEmbeddingBagCollection, _tracing
 from compression.hashing import UniversalHash
 from compression.sizing import Plan
 
@@ -177,6 +177,24 @@ class IdMappedCollection(CompressedEmbeddingBagCollection):
     def keyed(self, values: torch.Tensor) -> KeyedTensor:
         """The pooled ``[B, sum of dims]`` values (source order) as a KeyedTensor."""
         return KeyedTensor(keys=self.feature_names, length_per_key=self._dims, values=values)
+
+
+def feature_order(ebc: Any) -> list[str]:
+    """The features of a TorchRec EBC in the order its unsharded output lists them."""
+    return [f for c in ebc.embedding_bag_configs() for f in c.feature_names]
+
+
+def in_order(kt: KeyedTensor, keys: Sequence[str]) -> torch.Tensor:
+    """The pooled values of ``kt`` with its keys in the order ``keys``.
+
+    An unsharded EBC returns its features in config order; TorchRec's sharded one
+    groups them by shard (e.g. table-wise: rank 0's tables first), so a method that
+    reads columns by position reads them through this.
+    """
+    if _tracing() or list(kt.keys()) == list(keys):
+        return kt.values()
+    d = kt.to_dict()
+    return torch.cat([d[k] for k in keys], dim=1)
 
 
 def column_order(produced: Sequence[tuple[str, int]], wanted: Sequence[tuple[str, int]]) -> list[int] | None:

@@ -44,6 +44,8 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     s = t.untyped_storage()
+    if t.device.type == "meta":  # no data: every meta storage's pointer is 0, its handle is not
+        return ("meta", s._cdata)
     return (str(t.device), s.data_ptr())
 
 

@@ -18,6 +18,7 @@ from mlflow.entities import RunStatus
 from omegaconf import DictConfig
 
 from experiments.job import PARENT_RUN_FILE
+from experiments.sharding import rank
 from experiments.tracking import TrackingError, check_tracking, use_experiment
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class MLflowSweepCallback(Callback):
         self._sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if rank() != 0:  # a sharded sweep (torchrun): rank 0 alone records
+            return
         uri, name = config.mlflow.tracking_uri, config.mlflow.experiment_name
         try:
             check_tracking(uri, config.mlflow.connect_timeout_s)

@@ -23,6 +23,7 @@ from recsys.data.movielens import MovieLensConfig
 from recsys.data.synthetic import SyntheticConfig
 from recsys.models import DCNv2Config, DeepFMConfig, DLRMConfig
 from recsys.training import TrainerConfig
+from recsys.training.distributed import DistributedConfig
 
 DATASET_SCHEMAS = {
     "criteo": CriteoConfig,
@@ -81,6 +82,8 @@ class Config:
     report_dir: str = "${project_root:}/reports"
     # None: <hydra output dir>/checkpoints; point it at an old run's directory to resume
     checkpoint_dir: Optional[str] = None
+    # sharded training (torchrun; or mode=on in one process): recsys.training.distributed
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def register_configs() -> None:

@@ -22,6 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from compression import Budget, BudgetError, compress, memory_report
 from compression.base import CompressedEmbeddingBagCollection
+from compression.preflight import available_bytes, check_fits, training_bytes
+from experiments.resources import peak_rss_bytes, reset_peak_rss
+from experiments.sharding import ShardedJob
 from experiments.tracking import (
     MLflowCallback,
     check_tracking,
@@ -98,7 +101,8 @@ def job_key(cfg: DictConfig, comp: Any) -> str:
     """Digest of what determines a job's result (a method without a budget ignores one)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
-    for k in ("mlflow", "checkpoint_dir", "budget", "budget_scope", "cache_dir"):
+    # distributed: how a job is run, not what it computes (one step is the same update)
+    for k in ("mlflow", "checkpoint_dir", "budget", "budget_scope", "cache_dir", "distributed"):
         container.pop(k, None)
     container["compression"] = {"type": type(comp).__name__, **_as_plain(comp)}
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -107,7 +111,7 @@ def job_key(cfg: DictConfig, comp: Any) -> str:
 def _as_plain(obj: Any) -> dict[str, Any]:
     import dataclasses
 
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else dict(obj)
 
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
@@ -143,15 +147,20 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
     model_cfg: Any = OmegaConf.to_object(cfg.model)
     comp_cfg = resolve_compression(cfg)
     trainer_cfg: Any = OmegaConf.to_object(cfg.trainer)
-    check_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.connect_timeout_s)
-    use_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name)
-    parent_run_id = parent_run_id or _sweep_parent()
+    # sharded (torchrun, or distributed.mode=on): every rank trains, rank 0 alone records
+    job = ShardedJob.start(cfg, trainer_cfg)
+    main = job is None or job.main
+    if main:
+        check_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.connect_timeout_s)
+        use_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name)
+    parent_run_id = (parent_run_id or _sweep_parent()) if main else None
     tags = {**describe_job(cfg, comp_cfg), **cfg.mlflow.tags}
     key = job_key(cfg, comp_cfg)
     tags["embcomp.job_key"] = key
     run_name = cfg.mlflow.run_name or "-".join(
         [tags["label"]] + ([tags["budget"]] if tags["budget"] != "none" else []) + [tags["model"], tags["dataset"]]
     )
+    skip = None
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
         done = mlflow.search_runs(
@@ -159,23 +168,35 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
             output_format="list",
         )
         if any(r.info.status == "FINISHED" for r in done):
-            raise JobSkipped(f"{run_name}: same effective config already ran in this sweep")
+            skip = f"{run_name}: same effective config already ran in this sweep"
+    in_sweep = bool(parent_run_id)
+    if job is not None:  # every rank skips, or none
+        skip, in_sweep = job.broadcast((skip, in_sweep))
+    if skip:
+        raise JobSkipped(skip)
 
     torch.manual_seed(cfg.seed)
+    reset_peak_rss()  # this job's peak, not the sweep's so far
     ds = dataset_cfg.prepare(Path(cfg.cache_dir))
     schema = ds.schema
     trainer = Trainer(trainer_cfg, callbacks=[MLflowCallback()], checkpoint_dir=None)
     tables = embedding_tables(schema, model_cfg.embedding_dim)
+    label = f"{tags['label']}" + (f" {tags['budget']}" if tags["budget"] != "none" else "")
     try:
+        if job is None:  # before any table exists (sharded: against the plan, in job.wrap)
+            check_fits(training_bytes(tables, comp_cfg, cfg.seed), available_bytes(trainer.device), label)
         module: CompressedEmbeddingBagCollection = compress(
-            tables, comp_cfg, counts=_LazyCounts(ds), device=trainer.device, seed=cfg.seed
-        )
+            tables, comp_cfg, counts=_LazyCounts(ds), device=trainer.device, seed=cfg.seed,
+            table_device="meta" if job is not None else None,
+        )  # fmt: skip
     except BudgetError as e:
-        if not parent_run_id:
+        if not in_sweep:
             raise
-        with mlflow.start_run(run_name=run_name, tags={**tags, "embcomp.status": "unreachable"}, parent_run_id=parent_run_id):
-            mlflow.set_tag("embcomp.reason", str(e)[:5000])
+        if main:
+            with mlflow.start_run(run_name=run_name, tags={**tags, "embcomp.status": "unreachable"}, parent_run_id=parent_run_id):
+                mlflow.set_tag("embcomp.reason", str(e)[:5000])
         raise JobSkipped(str(e)) from None
+    chosen = module.describe()
     model = model_cfg.build(module, len(schema.dense))
     loaders = {
         split: BatchLoader(
@@ -185,16 +206,30 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
             shuffle=split == "train",
             seed=cfg.seed,
             max_batches=trainer_cfg.max_steps_per_epoch if split == "train" else None,
+            shard=job.shard if job is not None else None,
+            in_memory=trainer_cfg.in_memory,
         )
         for split in ("train", "val", "test")
     }
 
     ckdir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else output_dir / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
-    trainer.checkpoint_dir = ckdir
+    trainer.checkpoint_dir = ckdir if job is None else None  # sharded runs do not resume
     run_id_path = ckdir / RUN_ID_FILE
-    resume_id = run_id_path.read_text().strip() if run_id_path.is_file() else None
+    resume_id = run_id_path.read_text().strip() if run_id_path.is_file() and job is None else None
     n_params = sum(p.numel() for p in model.parameters())
+    if job is not None:
+        job.refuse_unsupported(module, type(comp_cfg).method)
+
+        def rebuild() -> torch.nn.Module:  # the model unsharded, for post-training stages on rank 0
+            whole = compress(tables, comp_cfg, counts=_LazyCounts(ds), device=trainer.device, seed=cfg.seed)
+            return model_cfg.build(whole, len(schema.dense))
+
+        model = job.wrap(model, module, trainer, rebuild, label)
+        if not main:  # the other ranks train and evaluate; rank 0 records
+            trainer.callbacks = []
+            trainer.run(model, module, loaders["train"], loaders["val"], loaders["test"])
+            return {}
     with mlflow.start_run(
         run_id=resume_id,
         run_name=run_name,
@@ -207,28 +242,34 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
             params = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
             params["compression.method"] = type(comp_cfg).method
             params.update({f"compression.{k}": v for k, v in flatten(_as_plain(comp_cfg)).items()})
-            params.update({f"compression.chosen.{k}": v for k, v in module.describe().items()})
+            params.update({f"compression.chosen.{k}": v for k, v in chosen.items()})
             params.update({"dataset.rows." + k: v for k, v in schema.rows.items()})
             params.update({"dataset.cache_dir": str(ds.root), "device": str(trainer.device)})
             mlflow.log_params(params)
             mlflow.log_input(dataset_input(ds), context="training")
         else:
             log.info("resuming MLflow run %s from %s", resume_id, ckdir)
+        sharding_metrics = job.log() if job is not None else {}
         try:
             result = trainer.run(model, module, loaders["train"], loaders["val"], loaders["test"])
         except BudgetError as e:  # a budget found out of reach in a later stage (OptEmbed's search)
             if not parent_run_id:
                 raise
             mlflow.set_tags({"embcomp.status": "unreachable", "embcomp.reason": str(e)[:5000]})
-            unreachable = str(e)
+            unreachable: str | None = str(e)
         else:
             unreachable = None
         if unreachable is None:
             mlflow.flush_async_logging()
             # bytes after every stage: a post-training quantize stage changes them
-            memory = memory_report(module)
+            if result.module is not None:  # post-training stages ran on rank 0's unsharded copy
+                module = result.module
+            # sharded and not gathered: the whole module as built (each rank holds a part)
+            memory = memory_report(module) if job is None or result.module is not None or job.whole is None else job.whole
             metrics: dict[str, float] = {f"test_{k}": v for k, v in result.test.items()}
             metrics.update(memory.as_metrics())
+            metrics.update(sharding_metrics)
+            metrics["peak_rss_bytes"] = float(peak_rss_bytes())
             metrics["parameters"] = float(n_params)
             # counted after the stages too: quantize turns the table parameters into buffers
             metrics["dense_parameters"] = float(
@@ -257,7 +298,7 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
                 "tags": tags,
                 "metrics": metrics,
                 "memory_by_tensor": memory.by_tensor,
-                "chosen": module.describe(),
+                "chosen": chosen,
                 "stages": result.stages,
                 "history": result.fit.history if result.fit else [],
                 "config": OmegaConf.to_container(cfg, resolve=True),

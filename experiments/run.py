@@ -19,9 +19,11 @@ from experiments.config import register_configs
 from experiments.job import JobSkipped, run_job
 from experiments.tracking import TrackingError
 from recsys.data.schema import DataError
+from recsys.training.distributed import DistributedError
 
 USER_ERRORS = (
     DataError, BudgetError, MethodConfigError, IdOutOfRangeError, UnknownMethodError, TrackingError, FileNotFoundError,
+    DistributedError,
 )
 log = logging.getLogger("experiments.run")
 
@@ -41,6 +43,8 @@ def main(cfg: DictConfig) -> float | list[float]:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    if not summary:  # a rank other than 0 of a sharded job: rank 0 records and reports
+        return _objective(cfg, None)
     m = summary["metrics"]
     log.info(
         "%s: test AUC %.4f, logloss %.4f, %d embedding bytes (%.1fx), %.0f samples/s",

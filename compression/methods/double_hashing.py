@@ -39,6 +39,8 @@ from compression.idmap import (
     IdMappedCollection,
     KeyParams,
     column_order,
+    feature_order,
+    in_order,
     in_range,
     inner_table,
     with_values,
@@ -131,6 +133,7 @@ class DoubleHashedEmbeddingBagCollection(IdMappedCollection):
                 inner.append(inner_table(t, rows=m, dim=t.embedding_dim // k, features=feats))
                 produced += [(f"{f}__{j}", t.embedding_dim // k) for f in t.feature_names for j in range(k)]
         self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.table_device)
+        self._inner_keys = feature_order(self.ebc)
         self.hasher = UniversalHash(k, seed=ctx.seed, device=ctx.device)
         per_feature = {f: (plan.sizes[t.name], t.num_embeddings) for t in tables for f in t.feature_names}
         self._exact_features = {f for f, (m, _) in per_feature.items() if m is None}
@@ -166,7 +169,7 @@ class DoubleHashedEmbeddingBagCollection(IdMappedCollection):
         return self._expanded(features, h, exact)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        out = self.ebc(self.remap(features)).values()
+        out = in_order(self.ebc(self.remap(features)), self._inner_keys)
         return self.keyed(out if self._perm is None else out[:, self._perm])
 
     def _expanded(self, features: KeyedJaggedTensor, h: torch.Tensor, exact: torch.Tensor) -> KeyedJaggedTensor:

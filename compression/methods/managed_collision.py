@@ -52,7 +52,7 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
+from compression.api import BuildContext, CompressionConfig, MethodConfigError, register, require_fbgemm_cuda
 from compression.budget import Budget
 from compression.hashing import UniversalHash
 from compression.idmap import (
@@ -60,6 +60,7 @@ from compression.idmap import (
     KeyParams,
     column_order,
     fold,
+    in_order,
     inner_table,
     with_values,
 )
@@ -124,6 +125,8 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
         self.params = KeyParams(
             self.feature_names, {"rows": [t.num_embeddings for t in tables for _ in t.feature_names]}, device=ctx.device
         )
+        self._mc_keys_order = [f for c in mc for f in c.feature_names]
+        self._exact_keys_order = [f for c in exact for f in c.feature_names]
         produced = [(f, c.embedding_dim) for c in mc + exact for f in c.feature_names]
         self._perm = column_order(produced, [(f, t.embedding_dim) for t in tables for f in t.feature_names])
         self._mc_keys: list[str] | None = None
@@ -143,10 +146,10 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         parts = []
         if self.mc_ebc is not None:
-            parts.append(self._lookup_mc(features).values())
+            parts.append(in_order(self._lookup_mc(features), self._mc_keys_order))
         if self.exact_ebc is not None:
             ids = fold(features.values(), self.params.expand(features)["rows"], self.hasher)
-            parts.append(self.exact_ebc(with_values(features, ids)).values())
+            parts.append(in_order(self.exact_ebc(with_values(features, ids)), self._exact_keys_order))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return self.keyed(out if self._perm is None else out[:, self._perm])
 
@@ -196,6 +199,7 @@ def _cost(t: EmbeddingBagConfig) -> FieldCost:
 
 @register(ManagedCollisionConfig)
 def build(tables: list[EmbeddingBagConfig], config: ManagedCollisionConfig, ctx: BuildContext) -> ManagedCollisionEmbeddingBags:
+    require_fbgemm_cuda("managed_collision", ctx.device)
     check_exclusive("managed_collision", config.budget, zch_size=config.zch_size)
     if config.eviction_interval < 1:
         raise MethodConfigError(f"managed_collision: eviction_interval must be >= 1, got {config.eviction_interval}")

@@ -42,7 +42,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
 from compression.budget import Budget
-from compression.idmap import IdMappedCollection, KeyParams, inner_table
+from compression.idmap import IdMappedCollection, KeyParams, feature_order, in_order, inner_table
 from compression.memory import memory_report, uncompressed_bytes
 from compression.sizing import FieldCost, Plan, check_exclusive, plan_budget, plan_explicit, verify
 
@@ -116,6 +116,7 @@ class MixedDimEmbeddingBagCollection(IdMappedCollection):
                 self._split[t.name] = (dim, r)
             per_feature += [(t.name, dim, low) for _ in t.feature_names]
         self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.table_device)
+        self._inner_keys = feature_order(self.ebc)
         self.projections = nn.ModuleDict(
             {
                 t.name: nn.Linear(self._split[t.name][0], t.embedding_dim, bias=False, device=ctx.device)
@@ -162,7 +163,7 @@ class MixedDimEmbeddingBagCollection(IdMappedCollection):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         self.check_ids(features)
-        pooled = self.ebc(self._split_blocks(features) if self._any_lower else features).values()
+        pooled = in_order(self.ebc(self._split_blocks(features) if self._any_lower else features), self._inner_keys)
         out = []
         for table, (a, wa), lower in self._blocks:
             x = pooled[:, a : a + wa]

@@ -134,7 +134,7 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
 
     def weights(self) -> list[torch.Tensor]:
         """The full table of every unit, in unit order."""
-        return [self.ec[f"d{d}"].embeddings[u].weight for u, d in zip(self.units, self.full_dims)]
+        return [self.ec[f"d{d}"].embeddings[u].weight for u, d in zip(self.units, self.full_dims)]  # type: ignore[index,union-attr]
 
     # -- parameters and schedule --------------------------------------------------------
     def table_parameters(self) -> list[nn.Parameter]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -44,7 +44,9 @@ from compression.idmap import (
     IdMappedCollection,
     KeyParams,
     column_order,
+    feature_order,
     fold,
+    in_order,
     inner_table,
     with_values,
 )
@@ -124,6 +126,7 @@ class QREmbeddingBagCollection(IdMappedCollection):
             inner = quot + rem + exact
             self._runs = _runs(tables, plan)
         self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.table_device)
+        self._inner_keys = feature_order(self.ebc)
         self.hasher = UniversalHash(1, seed=ctx.seed, device=ctx.device)
         pairs = [(t, f) for t in tables for f in t.feature_names]
         self.params = KeyParams(
@@ -162,7 +165,7 @@ class QREmbeddingBagCollection(IdMappedCollection):
         keys = [f"{k}__q" for k in names] + [f"{k}__r" for k in names]
         values = torch.cat([q, r])
         if self.combine != "mult" or _single_hot(features):
-            out = self.ebc(with_values(features, values, keys, repeat=2)).values()
+            out = in_order(self.ebc(with_values(features, values, keys, repeat=2)), self._inner_keys)
             return self.keyed(self._combine(out))
         return self.keyed(self._per_id(features, keys, values))
 
@@ -191,7 +194,7 @@ class QREmbeddingBagCollection(IdMappedCollection):
         inner = KeyedJaggedTensor(
             keys=keys, values=values, lengths=torch.cat([ones, ones]), stride=longest, length_per_key=lpk + lpk
         )
-        per_id = self._combine(self.ebc(inner).values())  # [longest, D]: row j = j-th id of each key
+        per_id = self._combine(in_order(self.ebc(inner), self._inner_keys))  # [longest, D]: row j = j-th id of each key
         sample = torch.arange(batch, device=values.device).repeat(n_keys)
         bag = torch.full((n_keys, longest), batch, dtype=torch.int64, device=values.device)
         bag[slot] = torch.repeat_interleave(sample, lengths.long(), output_size=values.numel() // 2)
@@ -203,6 +206,18 @@ class QREmbeddingBagCollection(IdMappedCollection):
             n = lengths.view(n_keys, -1).t().index_select(1, col_key).clamp(min=1).to(pooled.dtype)
             pooled = pooled.index_copy(1, cols, pooled.index_select(1, cols) / n.index_select(1, cols))
         return pooled
+
+    def sharding_constraints(self) -> dict[str, Any]:
+        """Quotient and remainder tables table-wise: each is small (about sqrt(N) rows)
+        and read once per id, and the multi-hot ``mult`` path looks them up with one
+        bag per id (a batch whose size differs per rank), which row-wise sharding's
+        gradient all-gather cannot take; table-wise's all-to-all can."""
+        from torchrec.distributed.planner.types import ParameterConstraints
+        from torchrec.distributed.types import ShardingType
+
+        tw = [ShardingType.TABLE_WISE.value]
+        return {c.name: ParameterConstraints(sharding_types=tw)
+                for c in self.ebc.embedding_bag_configs() if c.name.endswith(("__q", "__r"))}  # fmt: skip
 
     def _col_keys(self, keys: list[str], device: torch.device) -> torch.Tensor:
         """For each output column, the position of its feature among the KJT's keys."""

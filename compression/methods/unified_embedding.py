@@ -54,7 +54,6 @@ Example::
 from __future__ import annotations
 
 import logging
-
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
@@ -68,7 +67,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
 from compression.budget import Budget
 from compression.hashing import UniversalHash
-from compression.idmap import IdMappedCollection, KeyParams, in_range, inner_table, with_values
+from compression.idmap import (
+    IdMappedCollection,
+    KeyParams,
+    in_order,
+    in_range,
+    inner_table,
+    with_values,
+)
 from compression.memory import memory_report
 from compression.sizing import FieldCost, Plan, check_exclusive, plan_sizes, verify
 
@@ -393,12 +399,22 @@ class UnifiedEmbeddingBagCollection(IdMappedCollection):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         b = features.stride()
-        out = self.ebc(self.stacked(self.remap(features))).values()  # [depth·B, tables·d]
+        out = in_order(self.ebc(self.stacked(self.remap(features))), self._table_keys)  # [depth·B, tables·d]
         if self._blocks is None:  # bag (s, b) of table 0 is chunk s of sample b
             return self.keyed(out.view(self._depth, b, -1).transpose(0, 1).reshape(b, -1))
         slot, table = self._index(("blocks", out.device), lambda: torch.tensor(self._blocks, device=out.device).unbind(1))
         out = out.view(self._depth, b, len(self._stack), -1).permute(1, 0, 2, 3)[:, slot, table]
         return self.keyed(out.reshape(b, -1))
+
+    def sharding_constraints(self) -> dict[str, Any]:
+        """Shared tables row-wise: every feature of the group reads them, so their rows
+        (and lookups) are spread over all ranks rather than loading one."""
+        from torchrec.distributed.planner.types import ParameterConstraints
+        from torchrec.distributed.types import ShardingType
+
+        rw = [ShardingType.ROW_WISE.value]
+        return {c.name: ParameterConstraints(sharding_types=rw)
+                for c in self.ebc.embedding_bag_configs() if c.name.startswith("shared_")}  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         features = {name: [f for t in g for f in t.feature_names] for name, g in self.layout.groups}

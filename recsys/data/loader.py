@@ -27,6 +27,8 @@ from recsys.data.schema import DatasetSchema, ProcessedDataset
 
 # Splits whose Parquet file is larger than this stream row group by row group.
 IN_MEMORY_LIMIT_BYTES = 2 << 30
+# Label of the empty samples that pad a rank's part of a batch (``shard``): no sample.
+PAD_LABEL = -1.0
 
 
 @dataclass
@@ -119,6 +121,12 @@ class BatchLoader:
 
     ``in_memory=None`` holds the split in memory when its file is under 2 GiB and
     streams row groups otherwise (shuffling row-group order and rows inside each group).
+
+    ``shard=(rank, world_size)``: each batch of the unsharded loader (same order, same
+    total size) is cut into ``world_size`` contiguous parts of equal size and this
+    loader yields part ``rank``, padded at the end with empty samples (no ids, zero
+    dense features, label ``PAD_LABEL``) so every rank's batch has the same size, as
+    TorchRec's row-wise collectives need. Only this rank's rows are gathered.
     """
 
     def __init__(
@@ -131,9 +139,13 @@ class BatchLoader:
         seed: int = 0,
         in_memory: bool | None = None,
         max_batches: int | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if shard is not None and not 0 <= shard[0] < shard[1]:
+            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+        self.shard = shard
         self.dataset = dataset
         self.schema = dataset.schema
         self.split = split
@@ -185,8 +197,32 @@ class BatchLoader:
                 if seen >= limit:
                     return
                 if seen >= start_batch:
-                    yield self._build(cols, order[lo : lo + self.batch_size])
+                    idx = order[lo : lo + self.batch_size]
+                    yield self._build(cols, idx) if self.shard is None else self._part(cols, idx)
                 seen += 1
+
+    def _part(self, cols: Columns, idx: np.ndarray) -> Batch:
+        """This rank's part of the batch ``idx``, padded to ``ceil(len(idx) / world_size)``."""
+        rank, world = self.shard  # type: ignore[misc]
+        size = -(-len(idx) // world)
+        mine = idx[rank * size : (rank + 1) * size]
+        return pad_batch(self._build(cols, mine), size - len(mine))
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
+
+
+def pad_batch(batch: Batch, n: int) -> Batch:
+    """``batch`` with ``n`` empty samples appended (no ids, zero dense, label ``PAD_LABEL``)."""
+    if n == 0:
+        return batch
+    kjt = batch.sparse_features
+    keys, b = kjt.keys(), kjt.stride()
+    lengths = kjt.lengths().view(len(keys), b)
+    lengths = torch.cat([lengths, lengths.new_zeros(len(keys), n)], dim=1).reshape(-1)
+    dense = batch.dense_features
+    return Batch(
+        dense_features=torch.cat([dense, dense.new_zeros(n, dense.shape[1])]),
+        sparse_features=KeyedJaggedTensor(keys=keys, values=kjt.values(), lengths=lengths, stride=b + n),
+        labels=torch.cat([batch.labels, batch.labels.new_full((n,), PAD_LABEL)]),
+    )

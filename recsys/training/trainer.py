@@ -20,7 +20,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -35,7 +35,7 @@ from compression.memory import optimizer_state_bytes
 from recsys.data.loader import BatchLoader
 from recsys.training import checkpoint
 from recsys.training.callbacks import Callback
-from recsys.training.metrics import evaluate
+from recsys.training.metrics import binary_metrics, evaluate
 from recsys.training.optim import Optimizers, build_optimizers
 
 
@@ -58,6 +58,8 @@ class TrainerConfig:
     max_steps_per_epoch: Optional[int] = None
     progress: str = "auto"
     seed: int = 0
+    # hold each split in memory (None: when its file is under 2 GiB; False: stream row groups)
+    in_memory: Optional[bool] = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,6 +94,9 @@ class RunResult:
     stages: dict[str, dict[str, float]]
     test: dict[str, float]
     fit: FitResult | None
+    # the module the schedule ended with when it is not the one passed in (a sharded run's
+    # post-training stages run on rank 0's unsharded copy); None on the other ranks' results
+    module: CompressedEmbeddingBagCollection | None = None
 
 
 @dataclass
@@ -120,6 +125,10 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        # a sharded run (recsys.training.distributed): the DMP-wrapped model's plan and
+        # optimizers, and how to build the model unsharded for post-training stages
+        self.sharded: Any = None
+        self.rebuild: Callable[[], nn.Module] | None = None
 
     # -- the schedule ------------------------------------------------------------------
     def run(
@@ -130,12 +139,24 @@ class Trainer:
         val: BatchLoader,
         test: BatchLoader,
     ) -> RunResult:
-        """Run every stage of ``module``'s schedule, then evaluate on ``test``."""
-        model.to(self.device)
+        """Run every stage of ``module``'s schedule, then evaluate on ``test``.
+
+        Sharded (``self.sharded``): training stages run on every rank; a stage with its
+        own ``run`` (post-training quantization) runs on rank 0 with the model gathered
+        unsharded, and the other ranks return there (``test`` empty).
+        """
+        if self.sharded is None:
+            model.to(self.device)
         stages = module.schedule()
         results: dict[str, dict[str, float]] = {}
         last_fit: FitResult | None = None
+        replaced = None
         for stage in stages:
+            if stage.run is not None and self.sharded is not None:
+                model, replaced = self._unshard(train, val, test)
+                if model is None:
+                    return RunResult(stages=results, test={}, fit=last_fit)
+                module = replaced
             ckdir = self.checkpoint_dir / stage.name if self.checkpoint_dir and stage.checkpoint else None
             done = checkpoint.load(ckdir / "done.pt") if ckdir else None
             for cb in self.callbacks:
@@ -154,8 +175,62 @@ class Trainer:
             results[stage.name] = metrics
             for cb in self.callbacks:
                 cb.on_stage_end(stage, metrics, len(stages))
-        test_metrics = evaluate(model, test, self.device)
-        return RunResult(stages=results, test=test_metrics, fit=last_fit)
+        test_metrics = self._evaluate(model, test)
+        return RunResult(stages=results, test=test_metrics, fit=last_fit, module=replaced)
+
+    def _unshard(self, *loaders: BatchLoader) -> tuple[Any, Any]:
+        """(model, module) gathered unsharded on rank 0, (None, None) elsewhere; the
+        rest of the schedule runs in rank 0 alone, on whole splits."""
+        from recsys.training.sharded import unshard
+
+        if self.rebuild is None:
+            raise RuntimeError("a sharded run's post-training stages need Trainer.rebuild")
+        model = unshard(self.sharded, self.rebuild)
+        self.sharded = None
+        if model is None:
+            return None, None
+        for loader in loaders:
+            loader.shard = None
+        model.to(self.device)
+        return model, next(m for m in model.modules() if isinstance(m, CompressedEmbeddingBagCollection))
+
+    def _snapshot(self, model: nn.Module) -> Any:
+        """A copy of the weights (sharded: of this rank's shards, each copied alone:
+        a deep copy of their views would copy the whole table batch once per table)."""
+        if self.sharded is None:
+            return copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        from recsys.training.distributed import local_tensors
+
+        return {k: [t.detach().clone() for t in local_tensors(v)] for k, v in model.state_dict().items()}
+
+    def _restore(self, model: nn.Module, snapshot: Any) -> None:
+        if self.sharded is None:
+            model.load_state_dict(snapshot)
+            return
+        from recsys.training.distributed import local_tensors
+
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                for dst, src in zip(local_tensors(v), snapshot[k]):
+                    dst.copy_(src)
+
+    def _evaluate(self, model: nn.Module, loader: BatchLoader) -> dict[str, float]:
+        """Metrics over the whole split (sharded: every rank's part, gathered)."""
+        if self.sharded is None:
+            return evaluate(model, loader, self.device)
+        from recsys.training.sharded import predict
+
+        return binary_metrics(*predict(model, loader, self.device))
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """(loss to backpropagate, the batch's mean loss, samples in the batch); sharded:
+        this rank's share of the global batch's mean, the global mean and count."""
+        if self.sharded is None:
+            loss = F.binary_cross_entropy_with_logits(logits, labels)
+            return loss, float(loss.detach()), len(labels)
+        from recsys.training.sharded import global_loss
+
+        return global_loss(logits, labels)
 
     # -- the standard loop -------------------------------------------------------------
     def fit(
@@ -168,8 +243,14 @@ class Trainer:
     ) -> FitResult:
         """Train with early stopping on validation AUC; the best epoch's weights are kept."""
         cfg = self.cfg
-        model.to(self.device).train()
-        opts = build_optimizers(model, module, cfg)
+        if self.sharded is None:
+            model.to(self.device).train()
+            opts = build_optimizers(model, module, cfg)
+        else:  # sharded tables: fused row-wise Adagrad; the dense rest on summed gradients
+            from recsys.training.sharded import build_optimizers as sharded_optimizers
+
+            model.train()
+            opts = sharded_optimizers(self.sharded, module, cfg)
         state = _LoopState()
         state_path = ckdir / "last.pt" if ckdir else None
         saved = checkpoint.load(state_path) if state_path else None
@@ -187,8 +268,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = batch.to(self.device)
                 logits = model(batch.dense_features, batch.sparse_features).reshape(-1)
-                loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+                loss, loss_value, n_samples = self._loss(logits, batch.labels)
                 reg = module.regularization()
+                if reg is not None and self.sharded is not None:  # its gradient is summed over ranks
+                    reg = reg / self.sharded.world_size
                 total = loss + reg if reg is not None else loss
                 opts.zero_grad()
                 total.backward()
@@ -198,10 +281,9 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 state.step_times.append(dt)
                 state.train_time += dt
-                state.samples += len(batch.labels)
+                state.samples += n_samples
                 state.batch += 1
                 state.global_step += 1
-                loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(
                         f"training loss became {loss_value} at epoch {state.epoch + 1}, step "
@@ -215,8 +297,8 @@ class Trainer:
                 if state_path and cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0:
                     checkpoint.save_atomic(state.snapshot(model, opts), state_path)
             bar.close()
-            val_metrics = evaluate(model, val, self.device)
-            state.end_epoch(val_metrics, model, cfg)
+            val_metrics = self._evaluate(model, val)
+            state.end_epoch(val_metrics, model, cfg, self._snapshot)
             epoch_metrics = {f"val_{k}": v for k, v in val_metrics.items()}
             epoch_metrics["epoch"] = float(state.epoch)
             epoch_metrics.update(module.training_metrics())  # e.g. OptEmbed's thresholds
@@ -225,8 +307,8 @@ class Trainer:
             if state_path:
                 checkpoint.save_atomic(state.snapshot(model, opts), state_path)
 
-        if state.best_state is not None:
-            model.load_state_dict(state.best_state)
+        if state.best_state is not None and state.best_epoch != state.epoch:
+            self._restore(model, state.best_state)
         times = state.step_times[min(5, len(state.step_times) // 2):] or [float("nan")]
         return FitResult(
             best_val=state.best_val,
@@ -237,7 +319,8 @@ class Trainer:
             step_time_ms=1000 * statistics.median(times),
             stopped_early=state.stopped,
             history=state.history,
-            optimizer_bytes=optimizer_state_bytes(opts, module.table_parameters()),
+            # sharded: each rank's share is counted by recsys.training.distributed.rank_bytes
+            optimizer_bytes=optimizer_state_bytes(opts, module.table_parameters()) if self.sharded is None else None,
         )
 
 
@@ -259,14 +342,17 @@ class _LoopState:
     samples: int = 0
     step_times: list[float] = field(default_factory=list)
 
-    def end_epoch(self, val: dict[str, float], model: nn.Module, cfg: TrainerConfig) -> None:
+    def end_epoch(
+        self, val: dict[str, float], model: nn.Module, cfg: TrainerConfig, snapshot: Callable[[nn.Module], Any]
+    ) -> None:
         self.epoch += 1
         self.batch = 0
         self.history.append(val)
         auc = val["auc"]
-        if auc > self.best_auc + cfg.min_delta or self.best_state is None:
+        if auc > self.best_auc + cfg.min_delta or self.best_epoch == 0:
             self.best_auc, self.best_epoch, self.best_val = auc, self.epoch, val
-            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            # a copy is needed only if a later epoch may be worse: none after the last one
+            self.best_state = snapshot(model) if self.epoch < cfg.epochs else None
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1

@@ -44,3 +44,23 @@ def test_unregistered_config_and_unknown_name_are_clear():
 def test_empty_tables_are_refused():
     with pytest.raises(ValueError, match="at least one"):
         compress([], NoCompression())
+
+
+def test_fbgemm_cpu_build_refuses_cuda_paths_in_one_line():
+    """With fbgemm-gpu-cpu, what needs FBGEMM's CUDA kernels is refused at build, before
+    any tensor is made on the GPU (none is needed to check: the device is only named)."""
+    import fbgemm_gpu
+    import torch
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from compression import Budget, MethodConfigError, Quantization, compress
+    from compression.methods.hashing import HashingConfig
+    from compression.methods.managed_collision import ManagedCollisionConfig
+
+    if getattr(fbgemm_gpu, "__variant__", "") != "cpu":
+        pytest.skip("fbgemm-gpu here is a CUDA build")
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=1000, feature_names=["f"])]
+    with pytest.raises(MethodConfigError, match=r"managed_collision on CUDA needs FBGEMM's CUDA kernels.*make setup DEVICE=cuda"):
+        compress(tables, ManagedCollisionConfig(budget=Budget(ratio=2)), device=torch.device("cuda"))
+    with pytest.raises(MethodConfigError, match="hashing with int8 tables on CUDA"):
+        compress(tables, HashingConfig(budget=Budget(ratio=2), quantization=Quantization("int8")), device="cuda")

@@ -1,0 +1,111 @@
+"""Pre-flight memory check: refuse a config whose tables cannot fit before allocating them.
+
+The method's module is built with its TorchRec tables on the ``meta`` device (no
+memory), so the estimate is the method's own sizing, counted as ``memory_report``
+counts the real module: the bytes of its tables (an uncompressed config: every row
+in fp32; a budget: what the method sized for it) plus row-wise Adagrad's state of
+4 bytes per physical row. A method that cannot be built without its tables (OptEmbed
+computes row norms at build) is estimated at the uncompressed size its supernet holds.
+
+Example::
+
+    need = training_bytes(tables, NoCompression())
+    check_fits(need, available_bytes(torch.device("cpu")), "none")   # raises if too large
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psutil
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from compression.api import CompressionConfig, compress
+from compression.budget import BudgetError
+from compression.memory import memory_report, uncompressed_bytes
+
+# the tables may use this share of what is free; the rest is for the model, data, activations
+HEADROOM = 0.9
+ROWWISE_STATE_BYTES = 4  # row-wise Adagrad: one fp32 accumulator per row
+
+
+class MemoryPreflightError(BudgetError):
+    """A config whose tables and optimizer state cannot fit in the memory available."""
+
+
+@dataclass(frozen=True)
+class TrainingBytes:
+    """Bytes a config's tables need for training: the rows and their optimizer state."""
+
+    tables: int
+    optimizer: int
+    # the same for the uncompressed tables (what a budget ratio divides)
+    uncompressed: int
+
+    @property
+    def total(self) -> int:
+        return self.tables + self.optimizer
+
+
+def training_bytes(tables: Sequence[EmbeddingBagConfig], config: CompressionConfig, seed: int = 0) -> TrainingBytes:
+    """What ``config`` needs for ``tables``, from the method's sizing, allocating no table.
+
+    A budget the method cannot reach raises its ``BudgetError`` here already.
+    """
+    full = uncompressed_bytes(tables) + ROWWISE_STATE_BYTES * sum(t.num_embeddings for t in tables)
+    try:
+        module = compress(tables, config, seed=seed, table_device="meta")
+    except (BudgetError, ValueError):  # the method's own refusal, said now
+        raise
+    except Exception:  # built from its tables' values (OptEmbed): the full tables it trains
+        return TrainingBytes(uncompressed_bytes(tables), full - uncompressed_bytes(tables), full)
+    rows = sum(p.shape[0] for p in module.table_parameters())
+    return TrainingBytes(memory_report(module).bytes, ROWWISE_STATE_BYTES * rows, full)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Bytes free where the tables live: the GPU's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(psutil.virtual_memory().available)
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def fitting_ratio(need: TrainingBytes, available: int) -> float:
+    """The smallest round budget ratio (1, 2, 5, 10, 20 ...) at which ``need`` would fit,
+    taking the bytes to shrink with the ratio (tables and their rows alike)."""
+    ratio = need.uncompressed / (HEADROOM * available)
+    step = 10 ** math.floor(math.log10(max(ratio, 1.0)))
+    return next(m * step for m in (1, 2, 5, 10) if m * step >= ratio)
+
+
+def check_fits(need: TrainingBytes, available: int, what: str, where: str = "") -> None:
+    """Raise ``MemoryPreflightError`` with one line when ``need`` does not fit ``available``.
+
+    ``what`` names the config (e.g. ``none``, ``hashing 100x``); ``where`` the memory
+    (e.g. ``on this host for 2 ranks``).
+    """
+    if need.total <= HEADROOM * available:
+        return
+    ratio = fitting_ratio(need, available)
+    raise MemoryPreflightError(
+        f"{what}: needs {gb(need.total)} for tables + optimizer state, {gb(available)} available"
+        f"{' ' + where if where else ''}; a budget of {ratio:g}x or more would fit"
+    )
+
+
+__all__ = [
+    "HEADROOM",
+    "MemoryPreflightError",
+    "TrainingBytes",
+    "available_bytes",
+    "check_fits",
+    "fitting_ratio",
+    "training_bytes",
+]

@@ -1,0 +1,160 @@
+"""What an experiment job does differently when it shards (``torchrun`` or ``distributed.mode=on``).
+
+``run_job`` stays one pipeline; with a ``ShardedJob`` it builds the compressed module
+with its tables on the ``meta`` device (no rank ever holds a whole table), plans with
+TorchRec's planner, checks the plan's per-rank estimate against the memory of each
+host before DMP allocates anything, wraps the model, counts what every rank holds,
+and has rank 0 alone log to MLflow: the plan as text, a per-rank table (bytes held,
+planner estimate) as markdown and CSV artifacts, and the figures as params/metrics.
+
+Example::
+
+    job = ShardedJob.start(cfg, trainer_cfg)      # None: an ordinary single-process job
+    model = job.wrap(model, module, trainer, rebuild, "hashing 10x")
+    if job.main: job.log()                         # inside rank 0's MLflow run
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Callable
+from typing import Any
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from compression.base import CompressedEmbeddingBagCollection
+from compression.memory import MemoryReport, memory_report
+from compression.preflight import TrainingBytes, available_bytes, check_fits
+from recsys.training import distributed as D
+
+
+class ShardedJob:
+    """One job's sharding: runtime, plan, what each rank holds."""
+
+    def __init__(self, runtime: D.Runtime, cfg: D.DistributedConfig) -> None:
+        self.runtime = runtime
+        self.cfg = cfg
+        self.sharded: D.Sharded | None = None
+        self.whole: MemoryReport | None = None
+        self.ranks: list[dict[str, int]] = []
+
+    @classmethod
+    def start(cls, cfg: DictConfig, trainer_cfg: Any) -> ShardedJob | None:
+        """The job's sharding, or None when it runs as one ordinary process."""
+        dist_cfg: D.DistributedConfig = OmegaConf.to_object(cfg.distributed)  # type: ignore[assignment]
+        if not D.wanted(dist_cfg):
+            return None
+        return cls(D.start(dist_cfg, trainer_cfg.device), dist_cfg)
+
+    @property
+    def main(self) -> bool:
+        return self.runtime.is_main
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """``BatchLoader(shard=...)``: this rank's part of every batch."""
+        return (self.runtime.rank, self.runtime.world_size)
+
+    def broadcast(self, value: Any) -> Any:
+        return self.runtime.broadcast(value)
+
+    def refuse_unsupported(self, module: CompressedEmbeddingBagCollection, method: str) -> None:
+        """Methods whose own stages read or rebuild whole tables cannot train sharded."""
+        staged = [s.name for s in module.stages() if s.run is not None]
+        if staged:
+            raise D.DistributedError(
+                f"{method}'s schedule ({', '.join(staged)}) reads and rebuilds whole tables between "
+                "stages, which sharded tables are not; run it in one process (distributed.mode=off)"
+            )
+
+    def wrap(
+        self,
+        model: nn.Module,
+        module: CompressedEmbeddingBagCollection,
+        trainer: Any,
+        rebuild: Callable[[], nn.Module],
+        label: str,
+    ) -> nn.Module:
+        """Plan, check memory, wrap ``model`` in DMP; the trainer runs the wrapped model."""
+        whole = self.whole = memory_report(module)  # the whole module (tables on meta: counted, not held)
+        runtime = self.runtime
+
+        def check(plan: D.Plan) -> None:
+            # every rank checks its own host: the estimates of the ranks that share it
+            host = runtime.rank // runtime.local_world_size
+            need = sum(b for r, b in enumerate(plan.estimate) if r // runtime.local_world_size == host)
+            verdict = None
+            try:
+                check_fits(TrainingBytes(need, 0, whole.uncompressed_bytes), available_bytes(runtime.device),
+                           label, f"on host {host} for {runtime.local_world_size} rank(s) (planner's estimate)")  # fmt: skip
+            except Exception as e:  # noqa: BLE001  (told to every rank below)
+                verdict = e
+            failed = [v for v in runtime.all_gather(verdict) if v is not None]
+            if failed:
+                raise failed[0]
+
+        self.sharded = D.shard(
+            model, module, runtime, self.cfg, trainer.cfg.sparse_lr, batch_size=trainer.cfg.batch_size, check=check
+        )
+        trainer.sharded, trainer.rebuild = self.sharded, rebuild
+        prefix = next(n for n, m in self.sharded.dmp.module.named_modules() if m is module)
+        if prefix.startswith("module."):  # DDP's wrapper name
+            prefix = prefix[len("module."):]
+        mine = D.rank_bytes(self.sharded, module, prefix)
+        mine["replicated_optimizer_bytes"] = 4 * sum(
+            p.shape[0] for n, p in self.sharded.dmp.named_parameters() if n in self.sharded.replicated_tables
+        )  # row-wise Adagrad's state of the replicated tables, allocated at their first step
+        self.ranks = runtime.all_gather(mine)
+        return self.sharded.dmp
+
+    def log(self) -> dict[str, float]:
+        """Rank 0: the plan, per-rank bytes and estimates to the active MLflow run; the metrics."""
+        assert self.sharded is not None
+        plan = self.sharded.plan
+        mlflow.log_text(plan.text(), "sharding/plan.txt")
+        mlflow.log_params({
+            "sharding.world_size": self.runtime.world_size,
+            "sharding.process_group_backend": self.runtime.backend,
+            **{f"sharding.table.{t}": s for t, s in plan.sharding_types().items()},
+        })  # fmt: skip
+        rows = self.table()
+        mlflow.log_text(_markdown(rows), "sharding/ranks.md")
+        mlflow.log_text(_csv(rows), "sharding/ranks.csv")
+        metrics: dict[str, float] = {}
+        for row in rows:
+            r = row["rank"]
+            for k, v in row.items():
+                if k != "rank":
+                    metrics[f"rank{r}.{k}"] = float(v)
+        metrics["max_rank_bytes"] = float(max(row["total_bytes"] for row in rows))
+        return metrics
+
+    def table(self) -> list[dict[str, int]]:
+        """One row per rank: bytes held (tables, other, optimizer) and the planner's estimate."""
+        assert self.sharded is not None
+        return [{"rank": r, **b, "planner_estimate_bytes": est}
+                for r, (b, est) in enumerate(zip(self.ranks, self.sharded.plan.estimate))]  # fmt: skip
+
+
+def _markdown(rows: list[dict[str, int]]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(f"{row[k]:,}" if k != "rank" else str(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict[str, int]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 otherwise), before any process group exists."""
+    return int(os.environ.get("RANK", "0"))

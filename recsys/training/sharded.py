@@ -1,0 +1,117 @@
+"""The training loop's sharded steps: loss over the global batch, optimizers, gathered
+predictions, and a rank-0 copy of the trained model for post-training stages.
+
+The trainer calls these when it runs a ``DistributedModelParallel`` model
+(``recsys.training.distributed``); one process is the same code with world size 1.
+Each rank's batch is its part of the global batch, padded with empty samples
+(label ``PAD_LABEL``) to the same size on every rank (``BatchLoader(shard=...)``).
+
+Example::
+
+    loss, value, n = global_loss(logits, batch.labels)   # value: the global batch's mean
+    loss.backward(); opts.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from recsys.data.loader import PAD_LABEL, BatchLoader
+from recsys.training.distributed import Sharded
+from recsys.training.optim import Optimizers
+
+
+def global_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """This rank's share of the global batch's mean BCE, that mean, and the batch's size.
+
+    The share is the sum over this rank's real samples over the global sample count,
+    so the shares' gradients add up (tables: TorchRec's backward all-to-all; dense:
+    the summing DDP hook) to the gradient of the whole batch's mean.
+    """
+    real = labels != PAD_LABEL
+    count = real.sum().to(torch.float64).reshape(1)
+    dist.all_reduce(count)
+    per = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0), reduction="none")
+    loss = (per * real).sum() / count.to(per.dtype)
+    value = loss.detach().clone().reshape(1)
+    dist.all_reduce(value)
+    return loss, float(value), int(count)
+
+
+def build_optimizers(sharded: Sharded, module: nn.Module, cfg: Any) -> Optimizers:
+    """The fused row-wise Adagrad of the sharded tables (a no-op step: it ran in the
+    backward), row-wise Adagrad for replicated tables, Adam for the dense rest."""
+    named: dict[str, torch.optim.Optimizer] = {"sparse": sharded.dmp.fused_optimizer}
+    extra: list[torch.optim.Optimizer] = list(getattr(module, "extra_optimizers", lambda: [])())
+    taken = {id(p) for opt in extra for g in opt.param_groups for p in g["params"]}
+    rest = [(n, p) for n, p in in_backward_optimizer_filter(sharded.dmp.named_parameters())
+            if p.requires_grad and id(p) not in taken]  # fmt: skip
+    replicated = [p for n, p in rest if n in sharded.replicated_tables]
+    dense = [p for n, p in rest if n not in sharded.replicated_tables]
+    if replicated:
+        named["sparse_replicated"] = RowWiseAdagrad(replicated, lr=cfg.sparse_lr)
+    if dense:
+        named["dense"] = torch.optim.Adam(dense, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
+    for i, opt in enumerate(extra):
+        named[f"extra{i}"] = opt
+    return Optimizers(named)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: BatchLoader, device: torch.device, max_batches: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every real sample of the split, gathered from all ranks
+    (every rank gets them all: early stopping decides the same everywhere)."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for i, batch in enumerate(loader.epoch(0)):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = batch.to(device)
+            out = model(batch.dense_features, batch.sparse_features).reshape(-1).float()
+            real = batch.labels != PAD_LABEL
+            logits.append(out[real].cpu())
+            labels.append(batch.labels[real].cpu())
+    finally:
+        model.train(was_training)
+    mine = (torch.cat(logits), torch.cat(labels)) if logits else (torch.zeros(0), torch.zeros(0))
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    out_logits = torch.cat([p[0] for p in parts])
+    if not len(out_logits):
+        raise ValueError(f"split '{loader.split}' of {loader.path} has no rows to evaluate")
+    return out_logits, torch.cat([p[1] for p in parts])
+
+
+def unshard(sharded: Sharded, rebuild: Callable[[], nn.Module]) -> nn.Module | None:
+    """The trained model as one unsharded module on rank 0 (None on the others).
+
+    ``rebuild()`` makes the model with real, unsharded tables; every sharded tensor
+    is gathered into it (a collective: every rank calls this). For stages that need
+    whole tables after training (post-training quantization) and their evaluation.
+    """
+    rank = dist.get_rank()
+    model = rebuild() if rank == 0 else None
+    target = model.state_dict() if model is not None else {}
+    for key, value in sharded.dmp.state_dict().items():
+        if hasattr(value, "gather"):  # a ShardedTensor: a collective
+            out = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=out)
+            if model is not None:
+                target[key] = out
+        elif model is not None and key in target:
+            target[key] = value
+    if model is not None:
+        model.load_state_dict(target)
+    return model

@@ -1,0 +1,211 @@
+"""Sharded (2 gloo processes, TorchRec DMP) equals unsharded, for every registered method.
+
+One ``torch.multiprocessing`` spawn runs every method in turn: the module is built
+unsharded, copied, the copy wrapped by DMP (plan under the method's constraints) and
+the unsharded weights loaded after wrapping; then the sharded forward and one
+training step (fused row-wise Adagrad for sharded tables, the same optimizer
+unfused for the reference) must equal the unsharded module's on the whole batch.
+The global batch is odd, so one rank's part is padded with an empty sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+import compression
+from compression import Budget, compress
+from compression.methods.double_hashing import DoubleHashingConfig
+from compression.methods.frequency_hybrid import FrequencyHybridConfig
+from compression.methods.hashing import HashingConfig
+from compression.methods.managed_collision import ManagedCollisionConfig
+from compression.methods.mixed_dim import MixedDimConfig
+from compression.methods.none import NoCompression
+from compression.methods.optembed import OptEmbedConfig
+from compression.methods.qr import QRConfig
+from compression.methods.unified_embedding import UnifiedEmbeddingConfig
+from recsys.data.loader import pad_batch
+from recsys.training import distributed as D
+from recsys.training.sharded import build_optimizers, global_loss
+
+WORLD = 2
+BATCH = 15  # odd: rank 1's part is padded
+DIM = 8
+TOL = 2e-5
+TABLES = [
+    EmbeddingBagConfig(name="t_big", embedding_dim=DIM, num_embeddings=4000, feature_names=["big"]),
+    EmbeddingBagConfig(name="t_mid", embedding_dim=DIM, num_embeddings=600, feature_names=["mid"]),
+    EmbeddingBagConfig(name="t_tags", embedding_dim=DIM, num_embeddings=300, feature_names=["tags"]),
+]
+COUNTS = {f: (10_000 // np.arange(1, t.num_embeddings + 1)) for t in TABLES for f in t.feature_names}
+# one config per registered method (a new method must be added here: the test checks it)
+CONFIGS = {
+    "none": NoCompression(),
+    "hashing": HashingConfig(budget=Budget(ratio=8)),
+    "double_hashing": DoubleHashingConfig(budget=Budget(ratio=8)),
+    "qr": QRConfig(budget=Budget(ratio=8)),
+    "qr_add": QRConfig(budget=Budget(ratio=8), combine="add"),
+    "frequency_hybrid": FrequencyHybridConfig(budget=Budget(ratio=8)),
+    "managed_collision": ManagedCollisionConfig(budget=Budget(ratio=2)),
+    "mixed_dim": MixedDimConfig(budget=Budget(ratio=3)),
+    "unified_embedding": UnifiedEmbeddingConfig(budget=Budget(ratio=8), chunk_dim=4, num_tables=2),
+    "optembed": OptEmbedConfig(),
+}
+# mixed_dim's dims here are not all multiples of 4: those tables are replicated
+# (data-parallel), the others sharded; qr_add pools before combining (one bag per sample)
+# methods TorchRec cannot shard on the CPU, with the reason the run is refused with
+REFUSED_ON_CPU = {"managed_collision": "fbgemm::reset_weight_momentum, which FBGEMM implements for CUDA only"}
+
+
+class Tiny(nn.Module):
+    """Dense features and pooled embeddings into one linear layer: a model with both
+    kinds of parameters, called as the trainer calls models."""
+
+    def __init__(self, ebc: nn.Module, n_dense: int = 2) -> None:
+        super().__init__()
+        self.ebc = ebc
+        width = sum(c.embedding_dim * len(c.feature_names) for c in ebc.embedding_bag_configs())
+        self.head = nn.Linear(n_dense + width, 1)
+
+    def forward(self, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return self.head(torch.cat([dense, self.ebc(kjt).values()], dim=1))
+
+
+def make_batch(rows: list[int], seed: int = 0) -> Batch:
+    """Rows ``rows`` of one fixed global batch (multi-hot tags, empty bags included)."""
+    g = torch.Generator().manual_seed(seed)
+    big = torch.randint(0, 4000, (BATCH,), generator=g)
+    mid = torch.randint(0, 600, (BATCH,), generator=g)
+    tag_len = torch.randint(0, 4, (BATCH,), generator=g)
+    tags = torch.randint(0, 300, (int(tag_len.sum()),), generator=g)
+    dense = torch.randn(BATCH, 2, generator=g)
+    labels = torch.randint(0, 2, (BATCH,), generator=g).float()
+    off = torch.cat([torch.zeros(1, dtype=torch.long), tag_len.cumsum(0)])
+    idx = torch.tensor(rows, dtype=torch.long)
+    kjt = KeyedJaggedTensor(
+        keys=["big", "mid", "tags"],
+        values=torch.cat([big[idx], mid[idx]] + [tags[off[r] : off[r + 1]] for r in rows]),
+        lengths=torch.cat([torch.ones(2 * len(rows), dtype=torch.int32), tag_len[idx].int()]),
+    )
+    return Batch(dense_features=dense[idx], sparse_features=kjt, labels=labels[idx])
+
+
+def _compare(rank: int, runtime: D.Runtime, name: str) -> dict[str, float]:
+    module = compress(TABLES, CONFIGS[name], counts=COUNTS, seed=0)
+    torch.manual_seed(1)
+    ref = Tiny(module)
+    model = copy.deepcopy(ref)
+    state = copy.deepcopy(ref.state_dict())
+    cfg = SimpleNamespace(sparse_lr=0.1, dense_lr=0.01, weight_decay=0.0)
+    sharded = D.shard(model, model.ebc, runtime, D.DistributedConfig(), sparse_lr=cfg.sparse_lr, state=state)
+    size = -(-BATCH // WORLD)
+    rows = list(range(rank * size, min(BATCH, (rank + 1) * size)))
+    whole, part = make_batch(list(range(BATCH))), pad_batch(make_batch(rows), size - len(rows))
+    dmp = sharded.dmp
+    out: dict[str, float] = {"plan": sharded.plan.sharding_types()}  # type: ignore[dict-item]
+
+    def diff() -> float:
+        ref.eval(), dmp.eval()
+        with torch.no_grad():
+            a = dmp(part.dense_features, part.sparse_features).reshape(-1)[: len(rows)]
+            b = ref(whole.dense_features, whole.sparse_features).reshape(-1)[rows]
+        ref.train(), dmp.train()
+        return float((a - b).abs().max())
+
+    out["forward"] = diff()
+    with torch.no_grad():
+        before = ref(whole.dense_features, whole.sparse_features)
+    if name == "optembed":  # the supernet samples dims at random per sample: step the fixed mode
+        for m in (module, model.ebc):
+            m.mode = "fixed"
+    # the reference: one process, the whole batch, row-wise Adagrad (unfused) + Adam
+    tables = {id(p) for p in ref.ebc.table_parameters()}
+    opts = [
+        RowWiseAdagrad(ref.ebc.table_parameters(), lr=cfg.sparse_lr),
+        torch.optim.Adam([p for p in ref.parameters() if id(p) not in tables], lr=cfg.dense_lr),
+    ]
+    loss = F.binary_cross_entropy_with_logits(ref(whole.dense_features, whole.sparse_features).reshape(-1), whole.labels)
+    loss.backward()
+    for o in opts:
+        o.step()
+    sopts = build_optimizers(sharded, model.ebc, cfg)
+    logits = dmp(part.dense_features, part.sparse_features).reshape(-1)
+    sloss, value, count = global_loss(logits, part.labels)
+    out["count"] = count
+    sloss.backward()
+    sopts.step()
+    out["loss"] = abs(value - float(loss.detach()))
+    out["step"] = diff()
+    with torch.no_grad():  # how far one step moved the logits: the scale of the step's error
+        out["moved"] = float((ref(whole.dense_features, whole.sparse_features) - before).abs().max())
+    out["bytes"] = D.rank_bytes(sharded, model.ebc, "ebc")  # type: ignore[assignment]
+    return out
+
+
+def _worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+    torch.set_num_threads(1)
+    runtime = D.Runtime(rank, WORLD, WORLD, torch.device("cpu"), "gloo")
+    results: dict[str, object] = {}
+    for name in names:
+        try:
+            results[name] = _compare(rank, runtime, name)
+        except Exception as e:  # recorded: the test names the method and the reason
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results, default=str))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(_free_port(), str(out), sorted(CONFIGS)), nprocs=WORLD)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def test_every_registered_method_has_a_config():
+    assert set(compression.registered_methods()) <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - set(REFUSED_ON_CPU)))
+def test_sharded_equals_unsharded(results, name):
+    for rank, res in enumerate(results):
+        r = res[name]
+        assert "error" not in r, f"{name} on rank {rank}: {r.get('error')}"
+        assert r["forward"] < TOL, (name, rank, r)
+        assert r["loss"] < TOL, (name, rank, r)
+        # one row-wise Adagrad step moves logits by ~lr; fused and unfused agree to float error
+        assert r["step"] < TOL, (name, rank, r)
+        assert r["moved"] > 100 * TOL, (name, rank, r)  # the step did change the model
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_ON_CPU))
+def test_methods_torchrec_cannot_shard_on_cpu_are_refused_clearly(results, name):
+    for res in results:
+        error = res[name].get("error", "")
+        assert error.startswith("DistributedError: ") and REFUSED_ON_CPU[name] in error, res[name]
