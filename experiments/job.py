@@ -177,7 +177,10 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
 
     torch.manual_seed(cfg.seed)
     reset_peak_rss()  # this job's peak, not the sweep's so far
-    ds = dataset_cfg.prepare(Path(cfg.cache_dir))
+    if job is None:
+        ds = dataset_cfg.prepare(Path(cfg.cache_dir))
+    else:  # rank 0 builds the cache, the others open it
+        ds = job.prepared(lambda: dataset_cfg.prepare(Path(cfg.cache_dir)))
     schema = ds.schema
     trainer = Trainer(trainer_cfg, callbacks=[MLflowCallback()], checkpoint_dir=None)
     tables = embedding_tables(schema, model_cfg.embedding_dim)

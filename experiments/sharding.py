@@ -62,6 +62,21 @@ class ShardedJob:
     def broadcast(self, value: Any) -> Any:
         return self.runtime.broadcast(value)
 
+    def prepared(self, prepare: Callable[[], Any]) -> Any:
+        """``prepare()`` (a dataset's cache) on rank 0 first, then on the others, which
+        then open what rank 0 built; a failure on rank 0 fails every rank alike."""
+        error: BaseException | None = None
+        out = None
+        if self.main:
+            try:
+                out = prepare()
+            except Exception as e:  # noqa: BLE001  (raised on every rank below)
+                error = e
+        error = self.broadcast(error)
+        if error is not None:
+            raise error
+        return out if self.main else prepare()
+
     def refuse_unsupported(self, module: CompressedEmbeddingBagCollection, method: str) -> None:
         """Methods whose own stages read or rebuild whole tables cannot train sharded."""
         staged = [s.name for s in module.stages() if s.run is not None]
