@@ -82,6 +82,9 @@ class Config:
     report_dir: str = "${project_root:}/reports"
     # None: <hydra output dir>/checkpoints; point it at an old run's directory to resume
     checkpoint_dir: Optional[str] = None
+    # after training: the model as a torch.export program (model.pt2), reloaded and checked
+    # against the in-memory model on a test batch, logged to the run with its size on disk
+    export: bool = False
     # sharded training (torchrun; or mode=on in one process): recsys.training.distributed
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 

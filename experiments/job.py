@@ -35,6 +35,7 @@ from experiments.tracking import (
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
 from recsys.training import Trainer
+from recsys.training.distributed import DistributedError
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
@@ -102,7 +103,7 @@ def job_key(cfg: DictConfig, comp: Any) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     # distributed: how a job is run, not what it computes (one step is the same update)
-    for k in ("mlflow", "checkpoint_dir", "budget", "budget_scope", "cache_dir", "distributed"):
+    for k in ("mlflow", "checkpoint_dir", "budget", "budget_scope", "cache_dir", "distributed", "export"):
         container.pop(k, None)
     container["compression"] = {"type": type(comp).__name__, **_as_plain(comp)}
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -223,6 +224,8 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
     n_params = sum(p.numel() for p in model.parameters())
     if job is not None:
         job.refuse_unsupported(module, type(comp_cfg).method)
+        if cfg.export:
+            raise DistributedError("export=true needs the model unsharded: run the job in one process")
 
         def rebuild() -> torch.nn.Module:  # the model unsharded, for post-training stages on rank 0
             whole = compress(tables, comp_cfg, counts=_LazyCounts(ds), device=trainer.device, seed=cfg.seed)
@@ -293,6 +296,10 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
                 metrics["step_time_ms"] = result.fit.step_time_ms
                 if result.fit.optimizer_bytes is not None:
                     metrics["embedding_optimizer_bytes"] = float(result.fit.optimizer_bytes)
+            exported = _export(model, loaders["test"], output_dir) if cfg.export else None
+            if exported is not None:
+                metrics["export_bytes"] = float(exported[0].bytes_on_disk)
+                metrics["export_max_abs_diff"] = exported[1]
             summary = {
                 "run_id": run.info.run_id,
                 "run_name": run_name,
@@ -311,12 +318,30 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
             _write_json_atomic(summary, output_dir / "summary.json")
             mlflow.log_metrics({k: v for k, v in metrics.items() if v == v and abs(v) != float("inf")})
             mlflow.log_artifact(str(output_dir / "summary.json"))
+            if exported is not None:
+                mlflow.log_artifact(str(exported[0].path), "model")
             for name, fig in module.figures().items():
                 mlflow.log_figure(fig, f"figures/{name}")
             mlflow.set_tag("embcomp.status", "complete")
     if unreachable is not None:
         raise JobSkipped(unreachable)
     return summary
+
+
+def _export(model: torch.nn.Module, test: BatchLoader, output_dir: Path) -> tuple[Any, float]:
+    """Export ``model`` to ``output_dir/model.pt2``, reload it, and compare logits on the
+    first test batch: (the export's result, the largest absolute logit difference)."""
+    from compression.export import export_model, inputs, load_exported
+
+    batch = next(iter(test.epoch(0)))
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    result = export_model(model, batch, output_dir / "model.pt2")
+    with torch.no_grad():
+        model.eval()
+        want = model(batch.dense_features, batch.sparse_features).reshape(-1)
+        got = load_exported(result.path)(*inputs(batch)).reshape(-1)
+    return result, float((want - got).abs().max())
 
 
 class _LazyCounts(dict):

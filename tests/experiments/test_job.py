@@ -95,3 +95,20 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_1(tmp_path):
     assert len(errors) == 1 and "no/such/file.txt" in errors[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.slow  # torch.export traces the whole model: ~1 min; the export itself is in tests/compression
+def test_export_writes_a_reloadable_program_logged_with_its_size(compose_cfg, tmp_path):
+    """export=true: QR at 10x then int4 tables, exported by torch.export, reloaded, same logits."""
+    cfg = compose_cfg(smoke_overrides(
+        tmp_path, "dataset=criteo_sample", "model=dlrm", "compression=qr", "budget=10x",
+        "+compression.quantization.precision=int4", "export=true",
+    ))  # fmt: skip
+    summary = run_job(cfg, tmp_path / "out")
+    m = summary["metrics"]
+    path = tmp_path / "out" / "model.pt2"
+    assert m["export_bytes"] == path.stat().st_size > 0
+    assert m["export_max_abs_diff"] < 1e-5
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    assert [a.path for a in client.list_artifacts(summary["run_id"], "model")] == ["model/model.pt2"]
