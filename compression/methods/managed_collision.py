@@ -52,7 +52,13 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.api import BuildContext, CompressionConfig, MethodConfigError, register, require_fbgemm_cuda
+from compression.api import (
+    BuildContext,
+    CompressionConfig,
+    MethodConfigError,
+    register,
+    require_fbgemm_cuda,
+)
 from compression.budget import Budget
 from compression.hashing import UniversalHash
 from compression.idmap import (
