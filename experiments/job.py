@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import mlflow
 import torch
@@ -194,12 +194,7 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
             table_device="meta" if job is not None else None,
         )  # fmt: skip
     except BudgetError as e:
-        if not in_sweep:
-            raise
-        if main:
-            with mlflow.start_run(run_name=run_name, tags={**tags, "embcomp.status": "unreachable"}, parent_run_id=parent_run_id):
-                mlflow.set_tag("embcomp.reason", str(e)[:5000])
-        raise JobSkipped(str(e)) from None
+        _out_of_reach(e, in_sweep, main, run_name, tags, parent_run_id)
     chosen = module.describe()
     model = model_cfg.build(module, len(schema.dense))
     loaders = {
@@ -231,7 +226,10 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
             whole = compress(tables, comp_cfg, counts=_LazyCounts(ds), device=trainer.device, seed=cfg.seed)
             return model_cfg.build(whole, len(schema.dense))
 
-        model = job.wrap(model, module, trainer, rebuild, label)
+        try:  # the memory pre-flight against the plan's per-rank estimate
+            model = job.wrap(model, module, trainer, rebuild, label)
+        except BudgetError as e:
+            _out_of_reach(e, in_sweep, main, run_name, tags, parent_run_id)
         if not main:  # the other ranks train and evaluate; rank 0 records
             trainer.callbacks = []
             trainer.run(model, module, loaders["train"], loaders["val"], loaders["test"])
@@ -326,6 +324,19 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
     if unreachable is not None:
         raise JobSkipped(unreachable)
     return summary
+
+
+def _out_of_reach(
+    e: BudgetError, in_sweep: bool, main: bool, run_name: str, tags: dict[str, str], parent_run_id: str | None
+) -> NoReturn:
+    """A budget (or memory) the job cannot meet: raised alone; in a sweep, recorded as an
+    ``unreachable`` run with the reason (rank 0) and skipped, so the sweep goes on."""
+    if not in_sweep:
+        raise e
+    if main:
+        with mlflow.start_run(run_name=run_name, tags={**tags, "embcomp.status": "unreachable"}, parent_run_id=parent_run_id):
+            mlflow.set_tag("embcomp.reason", str(e)[:5000])
+    raise JobSkipped(str(e)) from None
 
 
 def _export(model: torch.nn.Module, test: BatchLoader, output_dir: Path) -> tuple[Any, float]:

@@ -96,3 +96,16 @@ def test_check_fits_names_need_available_and_a_budget_that_fits():
     )
     ratio = fitting_ratio(need, 20 * 10**9)
     assert need.uncompressed / ratio <= 0.9 * 20 * 10**9 < need.uncompressed / (ratio / 2)
+
+
+def test_in_a_sweep_the_refused_config_is_recorded_and_the_sweep_goes_on(tmp_path):
+    r = run_cli("--multirun", *smoke_overrides(tmp_path, *ONE_TB, "distributed.mode=on"),
+                "compression=none,hashing", "budget=1000x", f"hydra.sweep.dir={tmp_path}/sweep")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = {x.data.tags.get("label"): x for x in mlflow.search_runs(experiment_names=["test"], output_format="list")}
+    refused = runs["none"].data.tags
+    assert refused["embcomp.status"] == "unreachable"
+    assert refused["embcomp.reason"].startswith("none: needs 105.4 GB for tables + optimizer state")
+    assert runs["hashing"].data.tags["embcomp.status"] == "complete"
+    assert runs["hashing"].data.metrics["compression_ratio"] == pytest.approx(1000, rel=0.05)
