@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 from torch import nn
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -105,12 +107,16 @@ def unshard(sharded: Sharded, rebuild: Callable[[], nn.Module]) -> nn.Module | N
     model = rebuild() if rank == 0 else None
     target = model.state_dict() if model is not None else {}
     for key, value in sharded.dmp.state_dict().items():
-        if hasattr(value, "gather"):  # a ShardedTensor: a collective
+        if isinstance(value, ShardedTensor):  # a collective: every rank sends its shards
             out = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
             value.gather(dst=0, out=out)
             if model is not None:
                 target[key] = out
-        elif model is not None and key in target:
+        elif isinstance(value, DTensor):  # a collective too
+            full = value.full_tensor()
+            if model is not None:
+                target[key] = full
+        elif model is not None and key in target:  # replicated: every rank holds it whole
             target[key] = value
     if model is not None:
         model.load_state_dict(target)

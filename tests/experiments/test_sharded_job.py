@@ -109,3 +109,16 @@ def test_in_a_sweep_the_refused_config_is_recorded_and_the_sweep_goes_on(tmp_pat
     assert refused["embcomp.reason"].startswith("none: needs 105.4 GB for tables + optimizer state")
     assert runs["hashing"].data.tags["embcomp.status"] == "complete"
     assert runs["hashing"].data.metrics["compression_ratio"] == pytest.approx(1000, rel=0.05)
+
+
+def test_post_training_int4_after_sharded_training_gathers_the_tables(tmp_path):
+    """distributed.mode=on (one process, fused tables): the quantize stage runs on the
+    model gathered unsharded, and the run ends with int4 tables and their bytes."""
+    r = run_cli(*smoke_overrides(tmp_path, "dataset=criteo_sample", "model=dlrm", "compression=hashing_int4",
+                                 "budget=10x", "distributed.mode=on"), f"hydra.run.dir={tmp_path}/out")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    m = summary["metrics"]
+    assert m["test_auc"] > 0.55
+    assert m["quantize.embedding_bytes_before"] > 4 * m["embedding_bytes"]  # fp32 -> int4 (+ scale/bias)
+    assert m["compression_ratio"] > 40
