@@ -16,9 +16,10 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import psutil
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -50,14 +51,20 @@ class TrainingBytes:
         return self.tables + self.optimizer
 
 
-def training_bytes(tables: Sequence[EmbeddingBagConfig], config: CompressionConfig, seed: int = 0) -> TrainingBytes:
+def training_bytes(
+    tables: Sequence[EmbeddingBagConfig],
+    config: CompressionConfig,
+    seed: int = 0,
+    counts: Mapping[str, np.ndarray] | None = None,
+) -> TrainingBytes:
     """What ``config`` needs for ``tables``, from the method's sizing, allocating no table.
 
-    A budget the method cannot reach raises its ``BudgetError`` here already.
+    ``counts``: the per-feature id counts frequency-aware methods size from (as for
+    ``compress``). A budget the method cannot reach raises its ``BudgetError`` here already.
     """
     full = uncompressed_bytes(tables) + ROWWISE_STATE_BYTES * sum(t.num_embeddings for t in tables)
     try:
-        module = compress(tables, config, seed=seed, table_device="meta")
+        module = compress(tables, config, counts=counts, seed=seed, table_device="meta")
     except (BudgetError, ValueError):  # the method's own refusal, said now
         raise
     except Exception:  # built from its tables' values (OptEmbed): the full tables it trains

@@ -188,7 +188,7 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
     label = f"{tags['label']}" + (f" {tags['budget']}" if tags["budget"] != "none" else "")
     try:
         if job is None:  # before any table exists (sharded: against the plan, in job.wrap)
-            check_fits(training_bytes(tables, comp_cfg, cfg.seed), available_bytes(trainer.device), label)
+            check_fits(training_bytes(tables, comp_cfg, cfg.seed, _LazyCounts(ds)), available_bytes(trainer.device), label)
         module: CompressedEmbeddingBagCollection = compress(
             tables, comp_cfg, counts=_LazyCounts(ds), device=trainer.device, seed=cfg.seed,
             table_device="meta" if job is not None else None,

@@ -112,3 +112,12 @@ def test_export_writes_a_reloadable_program_logged_with_its_size(compose_cfg, tm
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.MlflowClient()
     assert [a.path for a in client.list_artifacts(summary["run_id"], "model")] == ["model/model.pt2"]
+
+
+@pytest.mark.parametrize("method", ["frequency_hybrid", "mixed_dim"])
+def test_methods_sized_from_id_counts_run_as_jobs(compose_cfg, tmp_path, method):
+    """They read the dataset's counts in the memory pre-flight and in the build alike."""
+    cfg = compose_cfg(smoke_overrides(tmp_path, "dataset=criteo_sample", "model=dcnv2", f"compression={method}",
+                                      "budget=10x", "trainer.max_steps_per_epoch=3"))  # fmt: skip
+    summary = run_job(cfg, tmp_path / "out")
+    assert summary["metrics"]["compression_ratio"] == pytest.approx(10, rel=0.05)
