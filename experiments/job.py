@@ -256,9 +256,13 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
         sharding_metrics = job.log() if job is not None else {}
         try:
             result = trainer.run(model, module, loaders["train"], loaders["val"], loaders["test"])
-        except BudgetError as e:  # a budget found out of reach in a later stage (OptEmbed's search)
-            if not parent_run_id:
+        except BaseException as e:
+            # a stage's nested run is still the active one: end it, so what follows (and the
+            # `with` above) lands on the job's run
+            _close_nested(run.info.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            if not isinstance(e, BudgetError) or not parent_run_id:
                 raise
+            # a budget found out of reach in a later stage (OptEmbed's search)
             mlflow.set_tags({"embcomp.status": "unreachable", "embcomp.reason": str(e)[:5000]})
             unreachable: str | None = str(e)
         else:
@@ -324,6 +328,12 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
     if unreachable is not None:
         raise JobSkipped(unreachable)
     return summary
+
+
+def _close_nested(run_id: str, status: str) -> None:
+    """End every active MLflow run nested inside ``run_id`` with ``status``."""
+    while (active := mlflow.active_run()) is not None and active.info.run_id != run_id:
+        mlflow.end_run(status)
 
 
 def _out_of_reach(

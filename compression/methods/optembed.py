@@ -239,15 +239,31 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
             self.search_space(), self.full_dims, fitness, self.candidate_bytes, self.target_bytes(),
             self.config, self.seed, log,
         )
-        if not any(best):
-            keep_one = min(self.candidate_bytes([1 if j == i else 0 for j in range(len(best))]) for i in range(len(best)))
-            raise BudgetError(
-                f"optembed cannot reach the budget of {self.target_bytes()} bytes with any field kept: "
-                f"the smallest architecture that keeps one field holds {keep_one} bytes"
-            )
+        if not any(best):  # every field dropped: try the best single field that fits instead
+            best, best_auc = self._best_single_field(fitness)
         self.unit_dims.copy_(torch.tensor(best, dtype=torch.int64))
         return {"search_best_val_auc": best_auc, "search_bytes": float(self.candidate_bytes(best)),
                 **{f"dim.{u}": float(d) for u, d in zip(self.units, best)}}
+
+    def _best_single_field(self, fitness: Any) -> tuple[tuple[int, ...], float]:
+        """Under a budget so small that the search dropped every field: each field alone at
+        the largest dim that fits, the fittest of them; a ``BudgetError`` if none fits."""
+        n, target = len(self.units), self.target_bytes()
+        alone = []
+        for i in range(n):
+            fits = [d for d in range(1, self.full_dims[i] + 1)
+                    if target is None or self.candidate_bytes([d if j == i else 0 for j in range(n)]) <= target]  # fmt: skip
+            if fits:
+                alone.append(tuple(fits[-1] if j == i else 0 for j in range(n)))
+        if not alone:
+            smallest = min(self.candidate_bytes([1 if j == i else 0 for j in range(n)]) for i in range(n))
+            raise BudgetError(
+                f"optembed cannot reach the budget of {target} bytes with any field kept: the smallest "
+                f"architecture that keeps one field (at dim 1) holds {smallest} bytes"
+            )
+        scored = [(fitness(c), c) for c in alone]
+        auc, arch = max(scored, key=lambda x: (x[0], self.candidate_bytes(list(x[1]))))
+        return arch, auc
 
     def _run_retrain(self, ctx: Any) -> dict[str, float]:
         self.mode = "fixed"

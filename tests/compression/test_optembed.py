@@ -183,3 +183,21 @@ def test_schedule_resumes_across_stages_after_an_interruption(tiny_dataset, tmp_
     resumed = Trainer(cfg, checkpoint_dir=tmp_path).run(model, module, *loaders)
     assert resumed.test == ref.test
     assert resumed.stages["search"] == ref.stages["search"]
+
+
+def test_a_budget_below_every_pair_of_fields_keeps_the_fittest_single_field():
+    """When the search can only fit one field, the result keeps the fittest field alone at the
+    largest dim that fits (not an empty model); below any single field it refuses clearly."""
+    module = compress(TABLES, OptEmbedConfig(budget=Budget(bytes=1)), seed=0)
+    n = len(module.units)
+    one = [module.candidate_bytes([1 if j == i else 0 for j in range(n)]) for i in range(n)]
+    target = max(one) + 4 * 3  # any field fits alone at a small dim; two fields at dim 1 do not
+    assert module.candidate_bytes([1] * n) > target
+    module.config.budget = Budget(bytes=target)
+    arch, auc = module._best_single_field(lambda dims: float(dims[1] > 0) + 0.01 * sum(dims))
+    assert sum(d > 0 for d in arch) == 1 and arch[1] > 0  # the fitter field
+    assert module.candidate_bytes(list(arch)) <= target
+    assert module.candidate_bytes([arch[0], arch[1] + 1]) > target  # the largest dim that fits
+    module.config.budget = Budget(bytes=min(one) - 1)
+    with pytest.raises(BudgetError, match=r"smallest architecture that keeps one field \(at dim 1\) holds"):
+        module._best_single_field(lambda dims: 0.5)
