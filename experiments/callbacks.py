@@ -7,6 +7,8 @@ sweep into the same directory reuses its parent.
 
 from __future__ import annotations
 
+import atexit
+
 import logging
 import sys
 from pathlib import Path
@@ -59,6 +61,13 @@ class MLflowSweepCallback(Callback):
         )
         self._parent = run.info.run_id
         path.write_text(self._parent)
+        # a sweep that dies (a job's uncaught error ends the process) never reaches
+        # on_multirun_end: its parent run must not stay RUNNING for ever
+        atexit.register(self._abandoned, self._parent)
+
+    def _abandoned(self, parent: str) -> None:
+        if self._parent == parent:  # not closed by on_multirun_end
+            mlflow.MlflowClient().set_terminated(parent, RunStatus.to_string(RunStatus.FAILED))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._parent is None:
@@ -76,3 +85,4 @@ class MLflowSweepCallback(Callback):
                     print(f"report: {out.directory}/table.md, {out.directory}/table.csv, {out.directory}/pareto.png")
         finally:
             client.set_terminated(self._parent, RunStatus.to_string(RunStatus.FINISHED))
+            self._parent = None

@@ -130,3 +130,12 @@ def test_a_budget_found_out_of_reach_in_a_later_stage_is_recorded_on_the_job_run
     assert "smallest architecture that keeps one field" in job.data.tags["embcomp.reason"]
     stages = {x.info.run_name: x.info.status for x in runs if x.data.tags.get("mlflow.parentRunId") == job.info.run_id}
     assert stages == {"supernet": "FINISHED", "search": "FAILED"}
+
+
+def test_a_sweep_that_dies_leaves_its_parent_run_failed_not_running(tmp_path):
+    r = run_cli("--multirun", *smoke_overrides(tmp_path, "dataset=criteo_sample"), "trainer.batch_size=0",
+                f"hydra.sweep.dir={tmp_path}/sweep")  # fmt: skip
+    assert r.returncode != 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    parents = mlflow.search_runs(experiment_names=["test"], filter_string="tags.`embcomp.kind` = 'sweep'", output_format="list")
+    assert [p.info.status for p in parents] == ["FAILED"]
