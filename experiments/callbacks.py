@@ -8,7 +8,6 @@ sweep into the same directory reuses its parent.
 from __future__ import annotations
 
 import atexit
-
 import logging
 import sys
 from pathlib import Path
