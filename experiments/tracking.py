@@ -57,6 +57,9 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
         )
 
 
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def use_experiment(uri: str, name: str) -> str:
     """Point MLflow at ``uri`` and experiment ``name`` (created if missing); its id.
 
@@ -72,7 +75,9 @@ def use_experiment(uri: str, name: str) -> str:
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):]).resolve()
         location = (db.parent / "mlartifacts").as_uri()
-    exp_id = mlflow.create_experiment(name, artifact_location=location)
+    # the MLflow UI opens a "custom model development" experiment on its training-runs view
+    # (charts, compare) rather than the GenAI traces overview
+    exp_id = mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

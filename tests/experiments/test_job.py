@@ -21,6 +21,8 @@ def test_job_is_recorded_in_mlflow(compose_cfg, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
+    # the UI opens it on its training-runs view, not the GenAI overview
+    assert mlflow.get_experiment_by_name("test").tags["mlflow.experimentKind"] == "custom_model_development"
     m = run.data.metrics
     assert 0.5 < m["test_auc"] <= 1.0
     assert m["test_logloss"] > 0
