@@ -8,6 +8,8 @@ STAMP := $(VENV)/.setup-$(DEVICE)
 # Where a CPU build of torch comes from when the configured pip sources lack it.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
+# pytest-xdist workers of make test (each runs torch on one thread)
+TEST_WORKERS ?= auto
 EXP ?= comparison
 # processes of a sharded run (make experiment-distributed), and torchrun's rendezvous flags
 NPROC ?= 2
@@ -46,7 +48,7 @@ endif
 setup: $(STAMP) ## build .venv with the pinned stack (DEVICE=cpu|cuda)
 
 test: $(STAMP) ## run the test suite (what CI runs)
-	$(PY) -m pytest -q -m "not slow and not gpu" $(ARGS)
+	$(PY) -m pytest -q -m "not slow and not gpu" -n $(TEST_WORKERS) $(ARGS)
 
 test-all: $(STAMP) ## run every test, slow ones included
 	$(PY) -m pytest -q $(ARGS)

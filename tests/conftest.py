@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs one worker per core: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the processes tests start, too
+    import torch
+
+    torch.set_num_threads(1)
 
 import numpy as np
 import polars as pl
