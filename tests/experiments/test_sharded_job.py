@@ -65,8 +65,7 @@ def test_torchrun_two_processes_shard_and_log_per_rank_bytes(tmp_path):
     assert artifacts == {"sharding/plan.txt", "sharding/ranks.md", "sharding/ranks.csv"}
 
 
-# distributed.mode=on (the planner's estimate) is refused the same way: see the sweep test below
-@pytest.mark.parametrize("mode", ["auto"])
+@pytest.mark.parametrize("mode", ["auto", "on"])
 def test_uncompressed_criteo_1tb_config_is_refused_in_one_line(tmp_path, mode):
     r = run_cli(*smoke_overrides(tmp_path, *ONE_TB, "compression=none", f"distributed.mode={mode}"),
                 f"hydra.run.dir={tmp_path}/out")  # fmt: skip

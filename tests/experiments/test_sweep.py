@@ -13,7 +13,6 @@ import urllib.request
 
 import mlflow
 import pandas as pd
-import pytest
 
 from tests.experiments.conftest import REPO, run_cli, smoke_overrides
 
@@ -115,7 +114,6 @@ def test_optuna_sweeper_searches_method_and_budget(tmp_path):
     assert len(trials) == 2  # each trial is an MLflow run (finished or recorded unreachable)
 
 
-@pytest.mark.slow  # an OptEmbed supernet, search and the sweep around them: about a minute
 def test_a_budget_found_out_of_reach_in_a_later_stage_is_recorded_on_the_job_run(tmp_path):
     """OptEmbed learns which rows it keeps before its search sizes the tables: a budget no
     field fits is found there. The job's run (not the stage's nested run) says so."""
