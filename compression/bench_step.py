@@ -55,17 +55,20 @@ def counts(tabs: list[EmbeddingBagConfig]) -> dict[str, np.ndarray]:
     return {t.feature_names[0]: (1e6 / np.arange(1, t.num_embeddings + 1)).astype(np.int64) for t in tabs}
 
 
-def batches(tabs: list[EmbeddingBagConfig], n: int, seed: int = 0) -> list[tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]]:
+def batches(
+    tabs: list[EmbeddingBagConfig], n: int, seed: int = 0, batch: int = BATCH
+) -> list[tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]]:
+    """``n`` batches of (13 dense features, power-law single-hot ids over ``tabs``, labels [batch, 1])."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        ids = [np.minimum(rng.zipf(1.2, BATCH) - 1, t.num_embeddings - 1) for t in tabs]
+        ids = [np.minimum(rng.zipf(1.2, batch) - 1, t.num_embeddings - 1) for t in tabs]
         kjt = KeyedJaggedTensor(
             keys=[t.feature_names[0] for t in tabs],
             values=torch.from_numpy(np.concatenate(ids)),
-            lengths=torch.ones(BATCH * len(tabs), dtype=torch.int32),
+            lengths=torch.ones(batch * len(tabs), dtype=torch.int32),
         )
-        out.append((torch.randn(BATCH, 13), kjt, torch.randint(0, 2, (BATCH, 1)).float()))
+        out.append((torch.randn(batch, 13), kjt, torch.randint(0, 2, (batch, 1)).float()))
     return out
 
 

@@ -33,14 +33,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import compression
 from compression import Budget, compress
-from compression.bench_step import counts, tables
+from compression.bench_step import batches, counts, tables
 from recsys.models import DLRMConfig
 from recsys.training.optim import build_optimizers
 
@@ -87,18 +86,8 @@ def stack() -> dict[str, Any]:
 
 
 def synthetic(tabs: list[EmbeddingBagConfig], batch: int, n: int, seed: int = 0) -> list[tuple[Any, ...]]:
-    """Power-law single-hot ids over ``tabs`` (CPU tensors)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        ids = [np.minimum(rng.zipf(1.2, batch) - 1, t.num_embeddings - 1) for t in tabs]
-        kjt = KeyedJaggedTensor(
-            keys=[t.feature_names[0] for t in tabs],
-            values=torch.from_numpy(np.concatenate(ids)),
-            lengths=torch.ones(batch * len(tabs), dtype=torch.int32),
-        )
-        out.append((torch.randn(batch, N_DENSE), kjt, torch.randint(0, 2, (batch,)).float()))
-    return out
+    """bench_step's power-law batches over ``tabs`` (CPU tensors), labels flat."""
+    return [(dense, kjt, labels.reshape(-1)) for dense, kjt, labels in batches(tabs, n, seed, batch)]
 
 
 def kjt_probe(device: torch.device) -> dict[str, dict[str, Any]]:

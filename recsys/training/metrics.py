@@ -7,14 +7,22 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 
-from recsys.data.loader import BatchLoader
+from recsys.data.loader import PAD_LABEL, BatchLoader
 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: BatchLoader, device: torch.device, max_batches: int | None = None
+    model: nn.Module,
+    loader: BatchLoader,
+    device: torch.device,
+    max_batches: int | None = None,
+    empty_ok: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of every row of ``loader`` (or its first ``max_batches``), on the CPU."""
+    """Logits and labels of every row of ``loader`` (or its first ``max_batches``), on the CPU.
+
+    Padding rows (label ``PAD_LABEL``, a sharded loader's filler) are left out. ``empty_ok``:
+    a split with no rows gives empty tensors instead of an error (a rank's share may be empty).
+    """
     was_training = model.training
     model.eval()
     logits, labels = [], []
@@ -23,11 +31,15 @@ def predict(
             if max_batches is not None and i >= max_batches:
                 break
             batch = batch.to(device)
-            logits.append(model(batch.dense_features, batch.sparse_features).reshape(-1).float().cpu())
-            labels.append(batch.labels.cpu())
+            out = model(batch.dense_features, batch.sparse_features).reshape(-1).float()
+            real = batch.labels != PAD_LABEL
+            logits.append(out[real].cpu())
+            labels.append(batch.labels[real].cpu())
     finally:
         model.train(was_training)
     if not logits:
+        if empty_ok:
+            return torch.zeros(0), torch.zeros(0)
         raise ValueError(f"split '{loader.split}' of {loader.path} has no rows to evaluate")
     return torch.cat(logits), torch.cat(labels)
 

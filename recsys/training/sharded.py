@@ -28,6 +28,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from recsys.data.loader import PAD_LABEL, BatchLoader
 from recsys.training.distributed import Sharded
+from recsys.training.metrics import predict as local_predict
 from recsys.training.optim import Optimizers
 
 
@@ -73,21 +74,7 @@ def predict(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of every real sample of the split, gathered from all ranks
     (every rank gets them all: early stopping decides the same everywhere)."""
-    was_training = model.training
-    model.eval()
-    logits, labels = [], []
-    try:
-        for i, batch in enumerate(loader.epoch(0)):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = batch.to(device)
-            out = model(batch.dense_features, batch.sparse_features).reshape(-1).float()
-            real = batch.labels != PAD_LABEL
-            logits.append(out[real].cpu())
-            labels.append(batch.labels[real].cpu())
-    finally:
-        model.train(was_training)
-    mine = (torch.cat(logits), torch.cat(labels)) if logits else (torch.zeros(0), torch.zeros(0))
+    mine = local_predict(model, loader, device, max_batches, empty_ok=True)
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     out_logits = torch.cat([p[0] for p in parts])
