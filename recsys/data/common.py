@@ -7,10 +7,13 @@ Python's ``hash()``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import polars as pl
 
 from recsys.data.schema import COUNTS_FILE, SCHEMA_FILE, DataError, DatasetSchema, ProcessedDataset
@@ -87,18 +91,95 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Rows per Parquet row group of processed splits: what a streaming BatchLoader shuffles within.
+ROW_GROUP_ROWS = 1_000_000
+# Inside a build directory: held (flock) by the building process for as long as it runs.
+BUILD_LOCK = ".build.lock"
+_TMP_NAME = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _host() -> str:
+    """This machine's name as it appears in build directory names (``-`` is the separator)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "localhost"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_builds(root: Path) -> list[Path]:
+    """Remove the ``*.tmp-*`` build directories under ``root`` whose builder is dead.
+
+    A build killed with -9 cannot clean up after itself. One is removed only when all of
+    these hold: its name carries this host and a pid that is not running here, and its
+    lock file can be locked, i.e. no process holds it (the kernel drops a dead process's
+    ``flock``, whatever killed it). So a build running in another container or on another
+    host that shares the directory, or a directory of older code without a lock file, is
+    never touched. Returns the directories removed.
+
+    Example::
+
+        remove_stale_builds(Path("data/cache"))   # [] when no build was killed
+    """
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for path in root.glob("*.tmp-*"):
+        m = _TMP_NAME.search(path.name)
+        if m is None or m["host"] != _host() or _pid_alive(int(m["pid"])) or not path.is_dir():
+            continue
+        try:
+            fd = os.open(path / BUILD_LOCK, os.O_RDWR)
+        except OSError:
+            continue  # no lock file: not ours to judge
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # held: its builder is alive after all
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _hold_build_lock(tmp: Path) -> int:
+    """Create and lock ``tmp/BUILD_LOCK``; returns its descriptor (closing it unlocks).
+
+    The file is locked under another name and renamed, so no cleaner can ever see the
+    lock file unlocked while its builder is alive.
+    """
+    partial = tmp / f"{BUILD_LOCK}.new"
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.replace(partial, tmp / BUILD_LOCK)
+    return fd
+
+
 @contextmanager
 def atomic_directory(final: Path):
     """Yield a temporary sibling directory that becomes ``final`` only on success.
 
     An interrupted or failing build leaves no ``final`` behind, so a later run never
-    trusts a half-written cache; leftovers are named ``*.tmp-*`` and ignored.
+    trusts a half-written cache; leftovers are named ``*.tmp-*`` and ignored, and those
+    of killed builds are removed by the next build (``remove_stale_builds``).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_builds(final.parent)
+    tmp = final.parent / f"{final.name}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    fd = _hold_build_lock(tmp)
     try:
         yield tmp
+        os.unlink(tmp / BUILD_LOCK)  # still locked through fd until the rename is done
         if final.exists():  # another process finished the same build first
             shutil.rmtree(tmp)
         else:
@@ -106,6 +187,8 @@ def atomic_directory(final: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)
 
 
 def cached_dataset(
@@ -175,3 +258,59 @@ def vocab_from_counts(counts: pl.DataFrame, min_count: int) -> pl.DataFrame:
         .sort(["count", "value"], descending=[True, False])
     )
     return kept.with_columns(pl.int_range(1, kept.height + 1, dtype=pl.Int64).alias("id"))
+
+
+class IdLookup:
+    """Maps raw int64 values (or lists of them) to vocabulary ids, 0 when absent or null.
+
+    A pandas ``Index`` is used only as a hash table built once per field: polars has no
+    streaming-friendly int value->id lookup that is as fast (26 left joins that keep row
+    order were about 4x slower, ``replace_strict`` materialised the whole split). String
+    values use ``string_ids`` instead, which is native polars and as fast.
+
+    Example::
+
+        lookup = IdLookup(vocab)              # columns value (int64), id
+        pl.col("C1").map_batches(lookup, return_dtype=pl.Int64, is_elementwise=True)
+    """
+
+    def __init__(self, vocab: pl.DataFrame) -> None:
+        self._index = pd.Index(vocab["value"].to_numpy())
+        # position -1 (absent) picks the trailing 0
+        self._ids = np.append(vocab["id"].to_numpy().astype(np.int64), np.int64(0))
+
+    def ids(self, values: pl.Series) -> np.ndarray:
+        """Ids of a flat int64 Series (nulls -> 0)."""
+        ids = self._ids[self._index.get_indexer(values.fill_null(0).to_numpy())]
+        if values.null_count():
+            ids[values.is_null().to_numpy()] = 0
+        return ids
+
+    def __call__(self, s: pl.Series) -> pl.Series:
+        if not isinstance(s.dtype, pl.List):
+            return pl.Series(s.name, self.ids(s), dtype=pl.Int64)
+        # lists: look up the flat values once, keep each row's offsets
+        import pyarrow as pa
+
+        arr = s.to_arrow()
+        offsets = arr.offsets.to_numpy()
+        flat = pl.from_arrow(arr.flatten())
+        assert isinstance(flat, pl.Series)
+        out = pa.LargeListArray.from_arrays(
+            pa.array(offsets - offsets[0], type=pa.int64()), pa.array(self.ids(flat), type=pa.int64())
+        )
+        return pl.Series(s.name, out, dtype=pl.List(pl.Int64))
+
+
+def string_ids(expr: pl.Expr, vocab: pl.DataFrame) -> pl.Expr:
+    """Vocabulary ids of a String expression (null, rare and unseen -> 0), native polars.
+
+    An ``Enum`` whose categories are the vocabulary in id order makes the category code
+    ``id - 1``; values outside it cast to null. Elementwise, so it streams.
+
+    Example::
+
+        train.select(string_ids(pl.col("country"), vocab))
+    """
+    categories = pl.Enum(vocab.sort("id")["value"].cast(pl.String))
+    return (expr.cast(categories, strict=False).to_physical().cast(pl.Int64) + 1).fill_null(0)

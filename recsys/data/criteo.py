@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-import pandas as pd
 import polars as pl
 
 from recsys.data.base import DatasetConfig
 from recsys.data.common import (
+    ROW_GROUP_ROWS,
+    IdLookup,
     assign_splits,
     cached_dataset,
     file_fingerprint,
@@ -49,6 +49,7 @@ from recsys.data.common import (
     vocab_from_counts,
     write_counts,
 )
+from recsys.data.files import require_file, text_read_error
 from recsys.data.schema import (
     COUNTS_FILE,
     SPLITS,
@@ -66,8 +67,6 @@ COLUMNS = ["label", *DENSE, *SPARSE]
 TAB = "\t"
 # Sources up to this size also get a sha256 in schema.source (hashing 11 GB is slow).
 SHA256_MAX_BYTES = 256 << 20
-# Rows per Parquet row group of the outputs: what a streaming BatchLoader shuffles within.
-ROW_GROUP_ROWS = 1_000_000
 
 
 @dataclass
@@ -92,9 +91,7 @@ class CriteoConfig(DatasetConfig):
     max_rows: Optional[int] = None
 
     def prepare(self, cache_root: Path) -> ProcessedDataset:
-        path = Path(self.path)
-        if not path.is_file():
-            raise DataError(f"{path}: no such file (expected a Criteo TSV file)")
+        path = require_file(Path(self.path), "a Criteo TSV file")
         key = {
             "format": "criteo-tsv",
             "code_version": CODE_VERSION,
@@ -208,24 +205,6 @@ def _diagnose(path: Path, lines: pl.LazyFrame, row: int) -> DataError:
     raise AssertionError(f"{where}: flagged bad but no check fails")  # pragma: no cover
 
 
-class IdLookup:
-    """Maps raw int64 values to vocabulary ids (0 when absent), batch by batch.
-
-    A pandas ``Index`` is used only as a hash table built once per field: polars has no
-    streaming-friendly value->id lookup that is as fast (26 left joins that keep row
-    order were about 4x slower, ``replace_strict`` materialised the whole split).
-    """
-
-    def __init__(self, vocab: pl.DataFrame) -> None:
-        self._index = pd.Index(vocab["value"].to_numpy())
-        # position -1 (absent) picks the trailing 0
-        self._ids = np.append(vocab["id"].to_numpy().astype(np.int64), np.int64(0))
-
-    def __call__(self, s: pl.Series) -> pl.Series:
-        raw = s.fill_null(-1).to_numpy()  # valid values are >= 0, so -1 is never in a vocab
-        return pl.Series(s.name, self._ids[self._index.get_indexer(raw)], dtype=pl.Int64)
-
-
 def preprocess_criteo(
     path: Path,
     out_dir: Path,
@@ -247,8 +226,7 @@ def preprocess_criteo(
     """
     path = Path(path)
     split = list(split) if split is not None else [0.8, 0.1, 0.1]
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (expected a Criteo TSV file)")
+    require_file(path, "a Criteo TSV file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file, no rows")
     lines = scan_lines(path, n_rows=max_rows)
@@ -267,8 +245,8 @@ def preprocess_criteo(
             ],
             engine="streaming",
         )
-    except pl.exceptions.ComputeError as e:
-        raise DataError(f"{path}: cannot be read as lines of text ({e})") from None
+    except pl.exceptions.PolarsError as e:  # a NUL byte splits a line: polars' text has no line
+        raise text_read_error(path, e, "Criteo TSV text") from None
     every = pl.scan_parquet(list(tmp.values()))
     first_bad, n_rows = every.select(
         pl.col("row").filter(pl.col("_bad")).min(), pl.len()

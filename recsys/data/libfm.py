@@ -40,6 +40,7 @@ from recsys.data.common import (
     scan_lines,
     write_counts,
 )
+from recsys.data.files import require_file, text_read_error
 from recsys.data.schema import (
     COUNTS_FILE,
     SPLITS,
@@ -109,8 +110,7 @@ class LibFMConfig(DatasetConfig):
         else:
             raise ValueError("libFM config: give either path, or all of train_path, val_path, test_path")
         for p in files.values():
-            if not p.is_file():
-                raise DataError(f"{p}: no such file (expected a libFM file)")
+            require_file(p, "a libFM file")
         return files
 
     def prepare(self, cache_root: Path) -> ProcessedDataset:
@@ -148,7 +148,10 @@ def _read_file(path: Path, fields: list[LibFMField]) -> tuple[pl.DataFrame, pl.D
     """Parse one file: rows (``row``, ``label``) and tokens (``row``, ``pos``, ``field``, ``raw``)."""
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file, no rows")
-    lines = scan_lines(path).collect()
+    try:
+        lines = scan_lines(path).collect()
+    except pl.exceptions.PolarsError as e:  # a NUL byte: polars' text has no line number
+        raise text_read_error(path, e, "libFM text") from None
     words = lines.select(
         pl.col("row").cast(pl.Int64),
         pl.col("line").str.replace_all(r"\s+", " ").str.strip_chars(" ").str.split(" ").alias("w"),
