@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from recsys.data.common import BUILD_LOCK, _host, atomic_directory, remove_stale
 from recsys.data.criteo import CriteoConfig
 from recsys.data.libfm import LibFMConfig
 from recsys.data.schema import DataError
+from recsys.data.tabular import TabularConfig
 from tests.conftest import CRITEO_SAMPLE
 from tests.data.conftest import leftovers
 
@@ -131,3 +133,15 @@ def test_unknown_leftovers_are_left_alone(tmp_path):
     assert old.is_dir() and no_lock.is_dir() and other_host.is_dir()
     (no_lock / BUILD_LOCK).touch()  # this host, dead pid, lock free: stale
     assert remove_stale_builds(tmp_path) == [no_lock]
+
+
+def test_tabular_build_killed_then_rebuilt(tmp_path):
+    """A tabular build killed mid-way leaves its directory; the next prepare removes it."""
+    cache = tmp_path / "cache"
+    proc, tmp = _builder(cache / "tabular-0005")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    data = tmp_path / "t.csv"
+    data.write_text("label,u\n" + "".join(f"{i % 2},{i % 5}\n" for i in range(60)))
+    ds = TabularConfig(path=str(data), categorical=["u"]).prepare(cache)
+    assert leftovers(cache) == [ds.root.name]
