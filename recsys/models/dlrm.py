@@ -7,7 +7,6 @@ gives per-feature dims must be paired with DCNv2 or DeepFM instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from torch import nn
 from torchrec.models.dlrm import DLRM
@@ -21,11 +20,12 @@ class DLRMConfig(ModelConfig):
     """Bottom MLP ``dense_arch`` (a final layer of ``embedding_dim`` is appended) and
     top MLP ``over_arch`` (a final layer of 1 is appended)."""
 
-    # DLRM's dot interaction needs one output dim for every feature
-    needs_uniform_dims: ClassVar[bool] = True
     name: str = "dlrm"
     dense_arch: list[int] = field(default_factory=lambda: [64])
     over_arch: list[int] = field(default_factory=lambda: [128, 64])
+
+    def needs_uniform_dims(self) -> bool:
+        return True  # the dot interaction pairs every feature's embedding with every other's
 
     def build(self, embedding_module: EmbeddingBagCollectionInterface, dense_in_features: int) -> nn.Module:
         dims = {d for _, d in feature_dims(embedding_module)}
