@@ -136,10 +136,10 @@ def inner_table(
     dim: int | None = None,
     features: list[str] | None = None,
 ) -> EmbeddingBagConfig:
-    """A physical table behind the transform: the source's pooling, new sizes.
+    """A physical table behind the transform: the source's pooling and ``init_fn``, new sizes.
 
-    Its ``init_fn`` is TorchRec's default for the new row count (uniform in
-    ``±sqrt(1/rows)``), not the source table's.
+    A source table without an ``init_fn`` gives TorchRec's default for the new row
+    count (uniform in ``±sqrt(1/rows)``).
     """
     return EmbeddingBagConfig(
         name=name or source.name,
@@ -147,6 +147,7 @@ def inner_table(
         num_embeddings=rows or source.num_embeddings,
         feature_names=list(features if features is not None else source.feature_names),
         pooling=source.pooling,
+        init_fn=source.init_fn,
     )
 
 

@@ -125,6 +125,31 @@ def memory_report(module: nn.Module, source_tables: Sequence[EmbeddingBagConfig]
     )
 
 
+# fp32 optimizer state an embedding optimizer keeps: (bytes per row, bytes per element)
+OPTIMIZER_STATE_BYTES: dict[str, tuple[int, int]] = {
+    "rowwise_adagrad": (FP32_BYTES, 0),  # one accumulator per row
+    "adagrad": (0, FP32_BYTES),  # one accumulator per element
+    "adam": (0, 2 * FP32_BYTES),  # two moments per element
+    "sgd": (0, 0),
+}
+
+
+def planned_optimizer_bytes(optimizer: str, shapes: Iterable[tuple[int, ...]]) -> int:
+    """Optimizer state ``optimizer`` will allocate for tables of these shapes (rows, dim)."""
+    try:
+        per_row, per_elem = OPTIMIZER_STATE_BYTES[optimizer]
+    except KeyError:
+        raise ValueError(f"unknown embedding optimizer '{optimizer}'; known: {', '.join(OPTIMIZER_STATE_BYTES)}") from None
+    total = 0
+    for shape in shapes:
+        rows = shape[0] if shape else 1
+        elems = 1
+        for n in shape:
+            elems *= n
+        total += per_row * rows + per_elem * elems
+    return total
+
+
 def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer], params: Iterable[torch.Tensor]) -> int:
     """Bytes of optimizer state held for ``params`` (e.g. Adagrad accumulators)."""
     wanted = {id(p) for p in params}

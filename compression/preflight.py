@@ -3,8 +3,8 @@
 The method's module is built with its TorchRec tables on the ``meta`` device (no
 memory), so the estimate is the method's own sizing, counted as ``memory_report``
 counts the real module: the bytes of its tables (an uncompressed config: every row
-in fp32; a budget: what the method sized for it) plus row-wise Adagrad's state of
-4 bytes per physical row. A method that cannot be built without its tables (OptEmbed
+in fp32; a budget: what the method sized for it) plus the embedding optimizer's
+state (row-wise Adagrad: 4 bytes per physical row; Adam: 8 bytes per element). A method that cannot be built without its tables (OptEmbed
 computes row norms at build) is estimated at the uncompressed size its supernet holds.
 
 Example::
@@ -26,11 +26,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from compression.api import CompressionConfig, compress
 from compression.budget import BudgetError
-from compression.memory import memory_report, uncompressed_bytes
+from compression.memory import memory_report, planned_optimizer_bytes, uncompressed_bytes
 
 # the tables may use this share of what is free; the rest is for the model, data, activations
 HEADROOM = 0.9
-ROWWISE_STATE_BYTES = 4  # row-wise Adagrad: one fp32 accumulator per row
 
 
 class MemoryPreflightError(BudgetError):
@@ -56,21 +55,24 @@ def training_bytes(
     config: CompressionConfig,
     seed: int = 0,
     counts: Mapping[str, np.ndarray] | None = None,
+    optimizer: str = "rowwise_adagrad",
 ) -> TrainingBytes:
     """What ``config`` needs for ``tables``, from the method's sizing, allocating no table.
 
     ``counts``: the per-feature id counts frequency-aware methods size from (as for
-    ``compress``). A budget the method cannot reach raises its ``BudgetError`` here already.
+    ``compress``). ``optimizer``: the embedding optimizer whose state is counted. A
+    budget the method cannot reach raises its ``BudgetError`` here already.
     """
-    full = uncompressed_bytes(tables) + ROWWISE_STATE_BYTES * sum(t.num_embeddings for t in tables)
+    full_state = planned_optimizer_bytes(optimizer, [(t.num_embeddings, t.embedding_dim) for t in tables])
+    full = uncompressed_bytes(tables) + full_state
     try:
         module = compress(tables, config, counts=counts, seed=seed, table_device="meta")
     except (BudgetError, ValueError):  # the method's own refusal, said now
         raise
     except Exception:  # built from its tables' values (OptEmbed): the full tables it trains
         return TrainingBytes(uncompressed_bytes(tables), full - uncompressed_bytes(tables), full)
-    rows = sum(p.shape[0] for p in module.table_parameters())
-    return TrainingBytes(memory_report(module).bytes, ROWWISE_STATE_BYTES * rows, full)
+    state = planned_optimizer_bytes(optimizer, [tuple(p.shape) for p in module.table_parameters()])
+    return TrainingBytes(memory_report(module).bytes, state, full)
 
 
 def available_bytes(device: torch.device) -> int:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from compression.base import CompressedEmbeddingBagCollection
-from compression.memory import MemoryReport, memory_report
+from compression.memory import MemoryReport, memory_report, planned_optimizer_bytes
 from compression.preflight import TrainingBytes, available_bytes, check_fits
 from recsys.training import distributed as D
 
@@ -112,17 +112,20 @@ class ShardedJob:
             if failed:
                 raise failed[0]
 
+        D.check_protocol(trainer.cfg, runtime.device)
         self.sharded = D.shard(
-            model, module, runtime, self.cfg, trainer.cfg.sparse_lr, batch_size=trainer.cfg.batch_size, check=check
-        )
+            model, module, runtime, self.cfg, trainer.cfg.sparse_lr, batch_size=trainer.cfg.batch_size, check=check,
+            sparse_optimizer=trainer.cfg.sparse_optimizer,
+        )  # fmt: skip
         trainer.sharded, trainer.rebuild = self.sharded, rebuild
         prefix = next(n for n, m in self.sharded.dmp.module.named_modules() if m is module)
         if prefix.startswith("module."):  # DDP's wrapper name
             prefix = prefix[len("module."):]
         mine = D.rank_bytes(self.sharded, module, prefix)
-        mine["replicated_optimizer_bytes"] = 4 * sum(
-            p.shape[0] for n, p in self.sharded.dmp.named_parameters() if n in self.sharded.replicated_tables
-        )  # row-wise Adagrad's state of the replicated tables, allocated at their first step
+        mine["replicated_optimizer_bytes"] = planned_optimizer_bytes(
+            trainer.cfg.sparse_optimizer,
+            [tuple(p.shape) for n, p in self.sharded.dmp.named_parameters() if n in self.sharded.replicated_tables],
+        )  # the state of the replicated tables, allocated at their first step
         self.ranks = runtime.all_gather(mine)
         return self.sharded.dmp
 

@@ -134,19 +134,26 @@ class ProcessedDataset:
         return dict(self._counts)
 
 
-def embedding_tables(schema: DatasetSchema, embedding_dim: int) -> list:
+def embedding_tables(schema: DatasetSchema, embedding_dim: int, init_std: float | None = None) -> list:
     """One TorchRec ``EmbeddingBagConfig`` per sparse field: table ``t_<field>``.
 
     Multi-hot fields pool their ids with a sum (TorchRec's default pooling).
+    ``init_std``: rows start as N(0, init_std^2) (FuxiCTR's default is 1e-4); None
+    keeps TorchRec's default, uniform in ``±sqrt(1/rows)``.
     """
+    from functools import partial
+
+    from torch import nn
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+    init_fn = partial(nn.init.normal_, mean=0.0, std=init_std) if init_std is not None else None
     return [
         EmbeddingBagConfig(
             name=f"t_{f.name}",
             embedding_dim=embedding_dim,
             num_embeddings=f.cardinality,
             feature_names=[f.name],
+            init_fn=init_fn,
         )
         for f in schema.sparse
     ]

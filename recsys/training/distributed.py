@@ -360,6 +360,38 @@ class Sharded:
     world_size: int
 
 
+# the optimizers FBGEMM fuses into the sharded tables' backward, by trainer.sparse_optimizer
+FUSED_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    # FBGEMM's default eps (1e-8) is not TorchRec's RowWiseAdagrad's (1e-10): pass it
+    "rowwise_adagrad": (RowWiseAdagrad, {"eps": ROWWISE_EPS}),
+    "adagrad": (torch.optim.Adagrad, {}),
+    "sgd": (torch.optim.SGD, {}),
+    "adam": (torch.optim.Adam, {}),
+}
+
+
+def check_protocol(trainer_cfg: Any, device: torch.device) -> None:
+    """Refuse, in one line, a training protocol the fused sharded tables cannot follow."""
+    name = trainer_cfg.sparse_optimizer
+    if name not in FUSED_OPTIMIZERS:
+        raise DistributedError(f"trainer.sparse_optimizer '{name}' has no fused sharded form; use one of {sorted(FUSED_OPTIMIZERS)}")
+    if name == "adam" and device.type != "cuda":
+        raise DistributedError(
+            "trainer.sparse_optimizer=adam: FBGEMM's fused Adam runs on CUDA only; sharded on the CPU use "
+            "rowwise_adagrad, adagrad or sgd (or train in one process: distributed.mode=off)"
+        )
+    if trainer_cfg.embedding_l2:
+        raise DistributedError(
+            "trainer.embedding_l2 is applied to the tables' gradients, which FBGEMM's fused sharded tables "
+            "never expose; set trainer.embedding_l2=0 or train in one process (distributed.mode=off)"
+        )
+    if trainer_cfg.clip_grad_norm:
+        raise DistributedError(
+            "trainer.clip_grad_norm needs every gradient, and FBGEMM's fused sharded tables apply theirs in "
+            "the backward; set trainer.clip_grad_norm=null or train in one process (distributed.mode=off)"
+        )
+
+
 def shard(
     model: nn.Module,
     module: nn.Module,
@@ -369,8 +401,9 @@ def shard(
     batch_size: int = 512,
     state: Mapping[str, Any] | None = None,
     check: Callable[[Plan], None] | None = None,
+    sparse_optimizer: str = "rowwise_adagrad",
 ) -> Sharded:
-    """Plan, then wrap ``model`` in DMP; its tables train by fused row-wise Adagrad.
+    """Plan, then wrap ``model`` in DMP; its tables train by the fused ``sparse_optimizer``.
 
     ``module`` is the compressed module inside ``model`` (its constraints apply).
     Sharding does not copy weights: a module built with real tables passes
@@ -380,8 +413,8 @@ def shard(
     """
     check_shardable(model, runtime)
     tables = [p for p in module.table_parameters() if p.requires_grad]  # type: ignore[operator]
-    # FBGEMM's default eps (1e-8) is not TorchRec's RowWiseAdagrad's (1e-10): pass it
-    _apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": sparse_lr, "eps": ROWWISE_EPS})
+    opt_cls, kwargs = FUSED_OPTIMIZERS[sparse_optimizer]
+    _apply_optimizer_in_backward(opt_cls, tables, {"lr": sparse_lr, **kwargs})
     constraints = table_constraints(model, module, cfg.constraints)
     per_rank_batch = cfg.plan_batch_size or max(1, batch_size // runtime.world_size)
     plan = make_plan(model, runtime, constraints, per_rank_batch)

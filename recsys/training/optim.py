@@ -1,20 +1,51 @@
-"""Optimizers: row-wise Adagrad (TorchRec's) for embedding rows, Adam for the rest.
+"""Optimizers and the embedding-side protocol: which optimizer trains the rows, L2 on
+the tables, gradient clipping, learning rate decay on a validation plateau.
 
-A compressed module may bring optimizers of its own (``extra_optimizers()``, e.g.
-OptEmbed's thresholds on plain SGD); their parameters are left out of Adam.
+The embedding rows (``module.table_parameters()``) get ``sparse_optimizer``:
+
+- ``rowwise_adagrad`` (TorchRec's ``RowWiseAdagrad``, one fp32 accumulator per row:
+  the choice for tables too big for per-element state; sharded, FBGEMM's fused kernel),
+- ``adam`` (every row element has two moments: what FuxiCTR/BARS train with),
+- ``adagrad``, ``sgd``.
+
+Everything else is dense and trains with Adam. A compressed module may bring
+optimizers of its own (``extra_optimizers()``, e.g. OptEmbed's thresholds on plain
+SGD); their parameters are left out of both.
+
+L2 on the embeddings (``embedding_l2 = lambda``) has FuxiCTR's semantics by default
+(``embedding_l2_mode="table"``): the loss gains ``lambda/2 * ||W||^2`` over every
+table, every step, so every row decays every step, looked up or not. It is applied
+as its gradient ``lambda * W`` added to the tables' gradients (the same update as
+putting the term in the loss, without a second pass through the tables).
+``"batch_rows"`` applies it only to the rows the batch touched (the rows with a
+gradient), as fused sparse kernels' weight decay does.
+
+Example::
+
+    opts = build_optimizers(model, module, TrainerConfig(sparse_optimizer="adam"))
+    loss.backward(); add_embedding_l2(module.table_parameters(), 0.05); opts.step()
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adam": torch.optim.Adam,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+L2_MODES = ("table", "batch_rows")
+
 
 class Optimizers:
-    """Several optimizers stepped, zeroed and checkpointed as one."""
+    """Several optimizers stepped, zeroed, decayed and checkpointed as one."""
 
     def __init__(self, named: dict[str, torch.optim.Optimizer]) -> None:
         self.named = named
@@ -26,6 +57,18 @@ class Optimizers:
     def step(self) -> None:
         for opt in self.named.values():
             opt.step()
+
+    def decay_lr(self, factor: float, min_lr: float) -> float:
+        """Multiply every learning rate by ``factor`` (not below ``min_lr``); the largest
+        rate after it. Modules' own optimizers (``extraN``) keep their schedule."""
+        largest = 0.0
+        for name, opt in self.named.items():
+            if name.startswith("extra"):
+                continue
+            for group in opt.param_groups:
+                group["lr"] = max(group["lr"] * factor, min_lr)
+                largest = max(largest, group["lr"])
+        return largest
 
     def state_dict(self) -> dict[str, Any]:
         return {k: opt.state_dict() for k, opt in self.named.items()}
@@ -40,8 +83,20 @@ class Optimizers:
         return iter(self.named.values())
 
 
+def sparse_optimizer(params: Sequence[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (a key of ``SPARSE_OPTIMIZERS``) over embedding rows."""
+    try:
+        cls = SPARSE_OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(
+            f"trainer.sparse_optimizer must be one of {', '.join(SPARSE_OPTIMIZERS)}, got '{name}'"
+        ) from None
+    return cls(params, lr=lr)
+
+
 def build_optimizers(model: nn.Module, module: nn.Module, cfg: Any) -> Optimizers:
-    """Row-wise Adagrad over ``module.table_parameters()``, Adam over the rest."""
+    """``cfg.sparse_optimizer`` (default row-wise Adagrad) over ``module.table_parameters()``,
+    Adam over the rest of ``model``, the module's own optimizers beside them."""
     tables = [p for p in module.table_parameters() if p.requires_grad]  # type: ignore[operator]
     extra: list[torch.optim.Optimizer] = list(getattr(module, "extra_optimizers", lambda: [])())
     taken = {id(p) for p in tables}
@@ -50,9 +105,42 @@ def build_optimizers(model: nn.Module, module: nn.Module, cfg: Any) -> Optimizer
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     named: dict[str, torch.optim.Optimizer] = {}
     if tables:
-        named["sparse"] = RowWiseAdagrad(tables, lr=cfg.sparse_lr)
+        named["sparse"] = sparse_optimizer(tables, getattr(cfg, "sparse_optimizer", "rowwise_adagrad"), cfg.sparse_lr)
     if dense:
         named["dense"] = torch.optim.Adam(dense, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
     for i, opt in enumerate(extra):
         named[f"extra{i}"] = opt
     return Optimizers(named)
+
+
+@torch.no_grad()
+def add_embedding_l2(tables: Iterable[torch.Tensor], lam: float, mode: str = "table") -> None:
+    """Add the gradient of ``lam/2 * ||W||^2`` to each table's gradient.
+
+    ``mode="table"``: every row (FuxiCTR's embedding regulariser); ``"batch_rows"``:
+    only rows that already have a gradient this step (the rows the batch looked up).
+    """
+    if mode not in L2_MODES:
+        raise ValueError(f"trainer.embedding_l2_mode must be one of {L2_MODES}, got '{mode}'")
+    if lam == 0:
+        return
+    for w in tables:
+        if not w.requires_grad:
+            continue
+        if w.grad is None:
+            if mode == "table":
+                w.grad = lam * w.detach().clone()
+            continue
+        if w.grad.is_sparse:
+            raise ValueError("embedding L2 needs dense table gradients")
+        if mode == "table":
+            w.grad.add_(w, alpha=lam)
+        else:
+            touched = w.grad.ne(0).any(dim=1, keepdim=True) if w.dim() == 2 else w.grad.ne(0)
+            w.grad.add_(w * touched, alpha=lam)
+
+
+def embedding_l2_value(tables: Iterable[torch.Tensor], lam: float) -> float:
+    """``lam/2 * sum ||W||^2`` over ``tables`` (what the table-mode L2 adds to the loss)."""
+    with torch.no_grad():
+        return float(sum(0.5 * lam * float(w.float().pow(2).sum()) for w in tables))

@@ -24,12 +24,11 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from recsys.data.loader import PAD_LABEL, BatchLoader
 from recsys.training.distributed import Sharded
 from recsys.training.metrics import predict as local_predict
-from recsys.training.optim import Optimizers
+from recsys.training.optim import Optimizers, sparse_optimizer
 
 
 def global_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, int]:
@@ -50,8 +49,8 @@ def global_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 def build_optimizers(sharded: Sharded, module: nn.Module, cfg: Any) -> Optimizers:
-    """The fused row-wise Adagrad of the sharded tables (a no-op step: it ran in the
-    backward), row-wise Adagrad for replicated tables, Adam for the dense rest."""
+    """The fused optimizer of the sharded tables (a no-op step: it ran in the backward),
+    ``cfg.sparse_optimizer`` for replicated tables, Adam for the dense rest."""
     named: dict[str, torch.optim.Optimizer] = {"sparse": sharded.dmp.fused_optimizer}
     extra: list[torch.optim.Optimizer] = list(getattr(module, "extra_optimizers", lambda: [])())
     taken = {id(p) for opt in extra for g in opt.param_groups for p in g["params"]}
@@ -60,7 +59,7 @@ def build_optimizers(sharded: Sharded, module: nn.Module, cfg: Any) -> Optimizer
     replicated = [p for n, p in rest if n in sharded.replicated_tables]
     dense = [p for n, p in rest if n not in sharded.replicated_tables]
     if replicated:
-        named["sparse_replicated"] = RowWiseAdagrad(replicated, lr=cfg.sparse_lr)
+        named["sparse_replicated"] = sparse_optimizer(replicated, getattr(cfg, "sparse_optimizer", "rowwise_adagrad"), cfg.sparse_lr)
     if dense:
         named["dense"] = torch.optim.Adam(dense, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
     for i, opt in enumerate(extra):

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -37,18 +36,34 @@ from recsys.training import checkpoint
 from recsys.training.callbacks import Callback
 from recsys.training.metrics import binary_metrics, evaluate
 from recsys.training.optim import Optimizers, build_optimizers
+from recsys.training.step import TrainStep, local_loss
 
 
 @dataclass
 class TrainerConfig:
-    """How to train. Learning rates: Adam for dense parameters, row-wise Adagrad for tables."""
+    """How to train (``recsys.training.optim`` says what each protocol knob means).
+
+    Dense parameters train with Adam (``dense_lr``, ``weight_decay``); the embedding
+    rows with ``sparse_optimizer`` at ``sparse_lr``, with ``embedding_l2``. After an
+    epoch whose validation AUC does not beat the best by ``min_delta``, every learning
+    rate is multiplied by ``lr_decay`` (BARS: 0.1, not below ``min_lr``); after
+    ``patience`` such epochs in a row training stops, and the best epoch's weights are
+    restored. ``clip_grad_norm`` clips the global gradient norm (BARS: 10).
+    ``trainer=bars`` is the BARS/FuxiCTR protocol.
+    """
 
     epochs: int = 3
     batch_size: int = 512
     eval_batch_size: int = 8192
     dense_lr: float = 1e-3
     sparse_lr: float = 0.05
+    sparse_optimizer: str = "rowwise_adagrad"
     weight_decay: float = 0.0
+    embedding_l2: float = 0.0
+    embedding_l2_mode: str = "table"
+    lr_decay: float = 1.0
+    min_lr: float = 1e-6
+    clip_grad_norm: Optional[float] = None
     patience: int = 1
     min_delta: float = 0.0
     device: str = "auto"
@@ -85,6 +100,10 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     # optimizer state held for the embedding rows (row-wise Adagrad: one float per row)
     optimizer_bytes: int | None = None
+    # wall time of the whole stage, validation included, and training samples per second
+    # of it (how FuxiCTR reports its speed: rows x epochs / fit time)
+    fit_s: float = float("nan")
+    fit_samples_per_s: float = float("nan")
 
 
 @dataclass
@@ -226,8 +245,7 @@ class Trainer:
         """(loss to backpropagate, the batch's mean loss, samples in the batch); sharded:
         this rank's share of the global batch's mean, the global mean and count."""
         if self.sharded is None:
-            loss = F.binary_cross_entropy_with_logits(logits, labels)
-            return loss, float(loss.detach()), len(labels)
+            return local_loss(logits, labels)
         from recsys.training.sharded import global_loss
 
         return global_loss(logits, labels)
@@ -258,24 +276,18 @@ class Trainer:
             state.restore(saved, model, opts)
         steps_per_epoch = len(train)
         show = {"auto": sys.stderr.isatty(), "on": True, "off": False}[cfg.progress]
+        reg_scale = 1.0 / self.sharded.world_size if self.sharded is not None else 1.0
+        step = TrainStep(model, module, opts, cfg, self._loss, reg_scale)
 
         while state.epoch < cfg.epochs and not state.stopped:
+            epoch_start = time.perf_counter()
             bar = tqdm(
                 total=steps_per_epoch, initial=state.batch, disable=not show,
                 desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False,
             )
             for batch in train.epoch(state.epoch, start_batch=state.batch):
                 t0 = time.perf_counter()
-                batch = batch.to(self.device)
-                logits = model(batch.dense_features, batch.sparse_features).reshape(-1)
-                loss, loss_value, n_samples = self._loss(logits, batch.labels)
-                reg = module.regularization()
-                if reg is not None and self.sharded is not None:  # its gradient is summed over ranks
-                    reg = reg / self.sharded.world_size
-                total = loss + reg if reg is not None else loss
-                opts.zero_grad()
-                total.backward()
-                opts.step()
+                loss_value, n_samples = step(batch.to(self.device))
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
@@ -301,7 +313,10 @@ class Trainer:
             state.end_epoch(val_metrics, model, cfg, self._snapshot)
             epoch_metrics = {f"val_{k}": v for k, v in val_metrics.items()}
             epoch_metrics["epoch"] = float(state.epoch)
+            if state.bad_epochs and cfg.lr_decay != 1.0:  # a plateau: every rate x lr_decay
+                epoch_metrics["lr"] = opts.decay_lr(cfg.lr_decay, cfg.min_lr)
             epoch_metrics.update(module.training_metrics())  # e.g. OptEmbed's thresholds
+            state.wall_time += time.perf_counter() - epoch_start
             for cb in self.callbacks:
                 cb.on_epoch_end(state.epoch, epoch_metrics, state.global_step)
             if state_path:
@@ -321,6 +336,8 @@ class Trainer:
             history=state.history,
             # sharded: each rank's share is counted by recsys.training.distributed.rank_bytes
             optimizer_bytes=optimizer_state_bytes(opts, module.table_parameters()) if self.sharded is None else None,
+            fit_s=state.wall_time,
+            fit_samples_per_s=state.samples / state.wall_time if state.wall_time else float("nan"),
         )
 
 
@@ -339,6 +356,7 @@ class _LoopState:
     stopped: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
     train_time: float = 0.0
+    wall_time: float = 0.0
     samples: int = 0
     step_times: list[float] = field(default_factory=list)
 

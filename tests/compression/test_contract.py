@@ -16,7 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 import compression
 from compression import CompressedEmbeddingBagCollection, compress, memory_report
 from compression.base import _tracing
-from recsys.models import DCNv2
+from recsys.models import DCNv2Config, DeepFMConfig, DLRMConfig
 
 DIM = 8
 TABLES = [
@@ -116,12 +116,26 @@ class TestContract:
         assert report.uncompressed_bytes == sum(t.num_embeddings * t.embedding_dim * 4 for t in TABLES)
         assert report.ratio == pytest.approx(report.uncompressed_bytes / report.bytes)
 
-    def test_a_model_takes_it(self, config):
+    @pytest.mark.parametrize("model_cfg", [
+        DCNv2Config(embedding_dim=DIM, deep_layers=[8]),
+        # tables DIM wide: column 0 the first-order weight, an FM dim of DIM - 1
+        DeepFMConfig(embedding_dim=DIM - 1, deep_layers=[8], fm_dim=4),
+        DLRMConfig(embedding_dim=DIM),
+    ], ids=["dcnv2", "deepfm", "dlrm"])  # fmt: skip
+    def test_every_model_takes_it_and_trains_its_tables(self, config, model_cfg):
+        assert model_cfg.table_dim() == DIM
         m = build(config)
-        model = DCNv2(m, dense_in_features=2, deep_layers=[8])
+        m.train()
+        dims = {c.embedding_dim for c in m.embedding_bag_configs()}
+        if model_cfg.needs_uniform_dims() and len(dims) > 1:
+            with pytest.raises(ValueError, match="one embedding dim"):
+                model_cfg.build(m, 2)
+            return
+        model = model_cfg.build(m, 2)
         logits = model(torch.randn(6, 2), make_kjt())
         assert logits.shape == (6, 1)
         logits.sum().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.table_parameters())
 
     def test_not_tracing_in_eager(self, config):
         assert not _tracing()

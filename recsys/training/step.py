@@ -1,0 +1,71 @@
+"""One training step, the same wherever a step is taken (the trainer, step benchmarks).
+
+forward -> task loss (+ the compressed module's own ``regularization()``) -> backward
+-> the embedding L2's gradient -> gradient clipping -> every optimizer's step.
+
+Example::
+
+    step = TrainStep(model, module, build_optimizers(model, module, cfg), cfg)
+    loss_value, n_samples = step(batch)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.datasets.utils import Batch
+
+from recsys.training.optim import Optimizers, add_embedding_l2
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float, int]]
+
+
+def local_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """(mean BCE to backpropagate, its value, samples in the batch)."""
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    return loss, float(loss.detach()), len(labels)
+
+
+class TrainStep:
+    """A callable training step over ``model`` with ``module`` (its compressed embeddings).
+
+    ``cfg`` gives ``embedding_l2``, ``embedding_l2_mode`` and ``clip_grad_norm``;
+    ``loss_fn`` the task loss (a sharded run's: the rank's share of the global batch),
+    ``reg_scale`` what the module's regularisation is multiplied by (sharded: 1 / world
+    size, as its gradient is summed over ranks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        module: Any,
+        opts: Optimizers,
+        cfg: Any,
+        loss_fn: LossFn = local_loss,
+        reg_scale: float = 1.0,
+    ) -> None:
+        self.model, self.module, self.opts, self.cfg = model, module, opts, cfg
+        self.loss_fn, self.reg_scale = loss_fn, reg_scale
+        self.l2 = float(getattr(cfg, "embedding_l2", 0.0) or 0.0)
+        self.l2_mode = getattr(cfg, "embedding_l2_mode", "table")
+        self.clip = getattr(cfg, "clip_grad_norm", None)
+        self.tables = [p for p in module.table_parameters() if p.requires_grad]
+        self.clipped = [p for p in model.parameters() if p.requires_grad] if self.clip else []
+
+    def __call__(self, batch: Batch) -> tuple[float, int]:
+        logits = self.model(batch.dense_features, batch.sparse_features).reshape(-1)
+        loss, value, n = self.loss_fn(logits, batch.labels)
+        reg = self.module.regularization()
+        total = loss if reg is None else loss + reg * self.reg_scale
+        self.opts.zero_grad()
+        total.backward()
+        if self.l2:
+            add_embedding_l2(self.tables, self.l2, self.l2_mode)
+        if self.clipped:
+            torch.nn.utils.clip_grad_norm_(self.clipped, self.clip)
+        self.opts.step()
+        return value, n
