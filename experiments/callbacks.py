@@ -2,13 +2,16 @@
 
 Configured in ``conf/config.yaml`` (``hydra.callbacks``). Jobs find the parent's id
 in ``<sweep dir>/mlflow_parent_run_id`` and nest their runs under it; rerunning a
-sweep into the same directory reuses its parent.
+sweep into the same directory reuses its parent. At the end, every job's training
+step is timed against ``none`` in one separate process, interleaved
+(``experiments.overhead``; ``overhead_rounds=0`` skips it), and the report is built.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,8 +31,9 @@ log = logging.getLogger(__name__)
 class MLflowSweepCallback(Callback):
     """Opens the parent run before the first job and closes it after the last."""
 
-    def __init__(self, report: bool = True) -> None:
+    def __init__(self, report: bool = True, overhead_rounds: int = 20) -> None:
         self.report = report
+        self.overhead_rounds = overhead_rounds
         self._parent: str | None = None
         self._sweep_dir: Path | None = None
 
@@ -68,6 +72,22 @@ class MLflowSweepCallback(Callback):
         if self._parent == parent:  # not closed by on_multirun_end
             mlflow.MlflowClient().set_terminated(parent, RunStatus.to_string(RunStatus.FAILED))
 
+    def _overhead(self, client: mlflow.MlflowClient) -> Any:
+        """Time every job's step against none (its own process: the sweep's jobs have left
+        their models, threads and caches in this one) and log the CSV to the parent."""
+        import pandas as pd
+
+        assert self._sweep_dir is not None and self._parent is not None
+        path = self._sweep_dir / "overhead.csv"
+        cmd = [sys.executable, "-m", "experiments.overhead", "--sweep-dir", str(self._sweep_dir),
+               "--rounds", str(self.overhead_rounds), "--out", str(path)]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not path.is_file():
+            log.warning("step-time overhead not measured: %s", (r.stderr.strip().splitlines() or ["?"])[-1])
+            return None
+        client.log_artifact(self._parent, str(path), artifact_path="report")
+        return pd.read_csv(path, dtype={"budget": str})
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._parent is None:
             return
@@ -76,8 +96,10 @@ class MLflowSweepCallback(Callback):
             if self.report:
                 from experiments.report import build_report
 
+                overhead = self._overhead(client) if self.overhead_rounds > 0 else None
                 out = build_report(
-                    config.mlflow.experiment_name, parent_run_id=self._parent, out_root=Path(config.report_dir)
+                    config.mlflow.experiment_name, parent_run_id=self._parent, out_root=Path(config.report_dir),
+                    overhead=overhead,
                 )
                 if out is not None:
                     print(out.markdown)

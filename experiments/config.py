@@ -21,6 +21,8 @@ from recsys.data.criteo import CriteoConfig
 from recsys.data.libfm import LibFMConfig
 from recsys.data.movielens import MovieLensConfig
 from recsys.data.synthetic import SyntheticConfig
+from recsys.data.tabular import TabularConfig
+from recsys.data.transform import ProcessedConfig
 from recsys.models import DCNv2Config, DeepFMConfig, DLRMConfig
 from recsys.training import TrainerConfig
 from recsys.training.distributed import DistributedConfig
@@ -30,6 +32,8 @@ DATASET_SCHEMAS = {
     "libfm": LibFMConfig,
     "movielens": MovieLensConfig,
     "synthetic": SyntheticConfig,
+    "tabular": TabularConfig,
+    "processed": ProcessedConfig,
 }
 MODEL_SCHEMAS = {"dlrm": DLRMConfig, "dcnv2": DCNv2Config, "deepfm": DeepFMConfig}
 
@@ -66,6 +70,9 @@ class Config:
     trainer: TrainerConfig = MISSING
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     seed: int = 0
+    # run the job once per seed: a count (seed, seed+1, ...) or a list; each seed its own
+    # MLflow run under one group run with the mean, std and 95% interval (experiments.seeds)
+    seeds: Optional[Any] = None
     # a budget for the method, overriding compression.budget: "10x" (ratio) or bytes
     # ("2MiB", "500000"); ignored by methods without one (none), so sweeps can cross it
     budget: Optional[str] = None

@@ -6,11 +6,13 @@ call it through Hydra's compose API with the same config.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -18,13 +20,15 @@ import mlflow
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 
 from compression import Budget, BudgetError, compress, memory_report
 from compression.base import CompressedEmbeddingBagCollection
 from compression.preflight import available_bytes, check_fits, training_bytes
 from experiments.resources import peak_rss_bytes, reset_peak_rss
-from experiments.sharding import ShardedJob
+from experiments.seeds import aggregate_metrics, resolve_seeds
+from experiments.sharding import ShardedJob, rank
 from experiments.tracking import (
     MLflowCallback,
     check_tracking,
@@ -40,6 +44,8 @@ from recsys.training.distributed import DistributedError
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+GROUP_RUN_FILE = "mlflow_group_run_id"
+JOB_KEY_FILE = "job_key"
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -64,8 +70,8 @@ def resolve_compression(cfg: DictConfig) -> Any:
     comp: Any = OmegaConf.to_object(cfg.compression)
     if cfg.get("budget") is not None and hasattr(comp, "budget"):
         comp.budget = parse_budget(cfg.budget, cfg.get("budget_scope", "model"))
-    model_cls = type(OmegaConf.to_object(cfg.model))
-    if getattr(model_cls, "needs_uniform_dims", False) and hasattr(comp, "uniform_output"):
+    model: Any = OmegaConf.to_object(cfg.model)
+    if model.needs_uniform_dims() and hasattr(comp, "uniform_output"):
         comp.uniform_output = True
     return comp
 
@@ -98,13 +104,16 @@ def describe_job(cfg: DictConfig, comp: Any | None = None) -> dict[str, str]:
     }
 
 
-def job_key(cfg: DictConfig, comp: Any) -> str:
-    """Digest of what determines a job's result (a method without a budget ignores one)."""
+def job_key(cfg: DictConfig, comp: Any, with_seed: bool = True) -> str:
+    """Digest of what determines a job's result (a method without a budget ignores one);
+    ``with_seed=False``: of what its seeds share (the key of a multi-seed job's group)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     # distributed: how a job is run, not what it computes (one step is the same update)
-    for k in ("mlflow", "checkpoint_dir", "budget", "budget_scope", "cache_dir", "distributed", "export"):
+    for k in ("mlflow", "checkpoint_dir", "budget", "budget_scope", "cache_dir", "distributed", "export", "seeds"):
         container.pop(k, None)
+    if not with_seed:
+        container.pop("seed", None)
     container["compression"] = {"type": type(comp).__name__, **_as_plain(comp)}
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -137,13 +146,136 @@ class JobSkipped(Exception):
     """A sweep job that does not need to run (duplicate, or a budget out of reach)."""
 
 
+class JobUnreachable(JobSkipped):
+    """A sweep job whose budget (or memory) the method cannot meet; recorded as such."""
+
+
+@dataclass
+class _Group:
+    """Where a seed run of a multi-seed job goes: its group run, the sweep, if any."""
+
+    run_id: str | None
+    sweep_id: str | None
+
+
 def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None) -> dict[str, Any]:
     """Run one configured job and return its summary (also written to summary.json).
 
     In a sweep (``parent_run_id`` set), a job whose effective config already ran under
     the same parent is skipped, and a budget the method cannot reach is recorded as an
-    ``unreachable`` child run instead of stopping the sweep.
+    ``unreachable`` child run instead of stopping the sweep. With ``seeds`` set, the
+    job runs once per seed (``experiments.seeds``), each seed a run nested under one
+    group run that holds the aggregate; the summary's metrics are then the means.
     """
+    seeds = resolve_seeds(cfg.get("seeds"), int(cfg.seed))
+    if seeds is None:
+        return _run_one(cfg, output_dir, parent_run_id)
+    return _run_seeds(cfg, output_dir, seeds, parent_run_id)
+
+
+def _seed_cfg(cfg: DictConfig, seed: int) -> DictConfig:
+    out = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(out, False)
+    out.seed = seed
+    out.seeds = None
+    if out.checkpoint_dir:
+        out.checkpoint_dir = str(Path(out.checkpoint_dir) / f"seed-{seed}")
+    return out
+
+
+def _run_seeds(cfg: DictConfig, output_dir: Path, seeds: list[int], parent_run_id: str | None) -> dict[str, Any]:
+    """Every seed of one job, nested under its group run; the group gets the aggregate."""
+    if rank() != 0:  # a sharded job's other ranks: train every seed, record nothing
+        for s in seeds:
+            try:
+                _run_one(_seed_cfg(cfg, s), output_dir / f"seed-{s}")
+            except JobUnreachable:
+                return {}
+            except JobSkipped:
+                continue
+        return {}
+    check_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.connect_timeout_s)
+    exp_id = use_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name)
+    sweep_id = parent_run_id or _sweep_parent()
+    comp = resolve_compression(cfg)
+    tags = {**describe_job(cfg, comp), **cfg.mlflow.tags}
+    gkey = job_key(_seed_cfg(cfg, 0), comp, with_seed=False)
+    run_name = cfg.mlflow.run_name or _run_name(tags)
+    client = mlflow.MlflowClient()
+    group_id = _group_run(client, exp_id, output_dir, sweep_id, gkey, run_name,
+                          {**tags, "embcomp.seeds": ",".join(map(str, seeds))})  # fmt: skip
+    group = _Group(group_id, sweep_id)
+    unreachable = None
+    try:
+        for s in seeds:
+            try:
+                _run_one(_seed_cfg(cfg, s), output_dir / f"seed-{s}", group=group)
+            except JobUnreachable as e:  # every seed would be: same sizes
+                unreachable = str(e)
+                break
+            except JobSkipped:  # this seed already ran in this sweep
+                continue
+    except BaseException as e:
+        client.set_terminated(group_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    if unreachable is not None:
+        client.set_tag(group_id, "embcomp.status", "unreachable")
+        client.set_tag(group_id, "embcomp.reason", unreachable[:5000])
+        client.set_terminated(group_id, "FINISHED")
+        raise JobUnreachable(unreachable)
+    done = [r for r in mlflow.search_runs(filter_string=f"tags.`{PARENT_TAG}` = '{group_id}'", output_format="list")
+            if r.data.tags.get("embcomp.status") == "complete" and r.data.tags.get("seed") in {str(s) for s in seeds}]  # fmt: skip
+    per_seed = {int(r.data.tags["seed"]): dict(r.data.metrics) for r in done}
+    metrics = aggregate_metrics([per_seed[s] for s in sorted(per_seed)])
+    summary = {
+        "run_id": group_id, "run_name": run_name, "experiment": cfg.mlflow.experiment_name,
+        "parent_run_id": sweep_id, "tags": tags, "seeds": seeds, "metrics": metrics,
+        "per_seed": {str(s): m for s, m in sorted(per_seed.items())},
+    }  # fmt: skip
+    _write_json_atomic(summary, output_dir / "summary.json")
+    client.log_batch(group_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()
+                                        if v == v and abs(v) != float("inf")])  # fmt: skip
+    client.set_tag(group_id, "embcomp.status", "complete" if per_seed else "failed")
+    client.set_terminated(group_id, "FINISHED")
+    return summary
+
+
+def _group_run(
+    client: mlflow.MlflowClient, exp_id: str, output_dir: Path, sweep_id: str | None, gkey: str,
+    run_name: str, tags: dict[str, str],
+) -> str:  # fmt: skip
+    """The group run of a multi-seed job: the one this output dir made before (a resumed
+    job), the sweep's group of the same config (a rerun sweep, or a duplicate job), or new."""
+    path = output_dir / GROUP_RUN_FILE
+    found: str | None = path.read_text().strip() if path.is_file() else None
+    if found is None and sweep_id:
+        same = mlflow.search_runs(
+            filter_string=f"tags.`{PARENT_TAG}` = '{sweep_id}' and tags.`embcomp.group_key` = '{gkey}'",
+            output_format="list",
+        )
+        found = same[0].info.run_id if same else None
+    if found is None:
+        group_tags = {**tags, "embcomp.kind": "seed_group", "embcomp.group_key": gkey}
+        if sweep_id:
+            group_tags[PARENT_TAG] = sweep_id
+        found = client.create_run(exp_id, run_name=run_name, tags=group_tags).info.run_id
+    else:
+        client.update_run(found, status="RUNNING")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(found)
+    return found
+
+
+def _run_name(tags: dict[str, str]) -> str:
+    return "-".join(
+        [tags["label"]] + ([tags["budget"]] if tags["budget"] != "none" else []) + [tags["model"], tags["dataset"]]
+    )
+
+
+def _run_one(
+    cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None, group: _Group | None = None
+) -> dict[str, Any]:
+    """One training run of one seed (``run_job`` without ``seeds``, or one of them)."""
     dataset_cfg: Any = OmegaConf.to_object(cfg.dataset)
     model_cfg: Any = OmegaConf.to_object(cfg.model)
     comp_cfg = resolve_compression(cfg)
@@ -154,13 +286,22 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
     if main:
         check_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.connect_timeout_s)
         use_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name)
-    parent_run_id = (parent_run_id or _sweep_parent()) if main else None
-    tags = {**describe_job(cfg, comp_cfg), **cfg.mlflow.tags}
+    if group is not None:  # a seed of a multi-seed job: nested under its group run
+        parent_run_id, sweep_id = (group.run_id, group.sweep_id) if main else (None, None)
+        in_sweep = bool(sweep_id)
+    else:
+        parent_run_id = (parent_run_id or _sweep_parent()) if main else None
+        sweep_id, in_sweep = parent_run_id, bool(parent_run_id)
+    tags = {**describe_job(cfg, comp_cfg), **cfg.mlflow.tags, "seed": str(cfg.seed)}
     key = job_key(cfg, comp_cfg)
     tags["embcomp.job_key"] = key
-    run_name = cfg.mlflow.run_name or "-".join(
-        [tags["label"]] + ([tags["budget"]] if tags["budget"] != "none" else []) + [tags["model"], tags["dataset"]]
-    )
+    if sweep_id:
+        tags["embcomp.sweep"] = sweep_id
+    ckdir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else output_dir / "checkpoints"
+    _check_resumable(ckdir, key)
+    run_name = cfg.mlflow.run_name or _run_name(tags)
+    if group is not None:
+        run_name = f"{run_name}-s{cfg.seed}"
     skip = None
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
@@ -170,7 +311,6 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
         )
         if any(r.info.status == "FINISHED" for r in done):
             skip = f"{run_name}: same effective config already ran in this sweep"
-    in_sweep = bool(parent_run_id)
     if job is not None:  # every rank skips, or none
         skip, in_sweep = job.broadcast((skip, in_sweep))
     if skip:
@@ -184,13 +324,14 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
         ds = job.prepared(lambda: dataset_cfg.prepare(Path(cfg.cache_dir)))
     schema = ds.schema
     trainer = Trainer(trainer_cfg, callbacks=[MLflowCallback()], checkpoint_dir=None)
-    tables = embedding_tables(schema, model_cfg.embedding_dim)
+    tables = embedding_tables(schema, model_cfg.table_dim(), model_cfg.embedding_init_std)
     label = f"{tags['label']}" + (f" {tags['budget']}" if tags["budget"] != "none" else "")
     try:
         if job is None:  # before any table exists (sharded: against the plan, in job.wrap)
-            check_fits(training_bytes(tables, comp_cfg, cfg.seed, _LazyCounts(ds)), available_bytes(trainer.device), label)
+            need = training_bytes(tables, comp_cfg, cfg.seed, LazyCounts(ds), optimizer=trainer_cfg.sparse_optimizer)
+            check_fits(need, available_bytes(trainer.device), label)
         module: CompressedEmbeddingBagCollection = compress(
-            tables, comp_cfg, counts=_LazyCounts(ds), device=trainer.device, seed=cfg.seed,
+            tables, comp_cfg, counts=LazyCounts(ds), device=trainer.device, seed=cfg.seed,
             table_device="meta" if job is not None else None,
         )  # fmt: skip
     except BudgetError as e:
@@ -211,8 +352,8 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
         for split in ("train", "val", "test")
     }
 
-    ckdir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else output_dir / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
+    (ckdir / JOB_KEY_FILE).write_text(key)
     trainer.checkpoint_dir = ckdir if job is None else None  # sharded runs do not resume
     run_id_path = ckdir / RUN_ID_FILE
     resume_id = run_id_path.read_text().strip() if run_id_path.is_file() and job is None else None
@@ -223,7 +364,7 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
             raise DistributedError("export=true needs the model unsharded: run the job in one process")
 
         def rebuild() -> torch.nn.Module:  # the model unsharded, for post-training stages on rank 0
-            whole = compress(tables, comp_cfg, counts=_LazyCounts(ds), device=trainer.device, seed=cfg.seed)
+            whole = compress(tables, comp_cfg, counts=LazyCounts(ds), device=trainer.device, seed=cfg.seed)
             return model_cfg.build(whole, len(schema.dense))
 
         try:  # the memory pre-flight against the plan's per-rank estimate
@@ -260,7 +401,7 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
             # a stage's nested run is still the active one: end it, so what follows (and the
             # `with` above) lands on the job's run
             _close_nested(run.info.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            if not isinstance(e, BudgetError) or not parent_run_id:
+            if not isinstance(e, BudgetError) or not in_sweep:
                 raise
             # a budget found out of reach in a later stage (OptEmbed's search)
             mlflow.set_tags({"embcomp.status": "unreachable", "embcomp.reason": str(e)[:5000]})
@@ -296,6 +437,8 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
                 metrics["best_epoch"] = float(result.fit.best_epoch)
                 metrics["samples_per_s"] = result.fit.samples_per_s
                 metrics["step_time_ms"] = result.fit.step_time_ms
+                metrics["fit_s"] = result.fit.fit_s
+                metrics["fit_samples_per_s"] = result.fit.fit_samples_per_s
                 if result.fit.optimizer_bytes is not None:
                     metrics["embedding_optimizer_bytes"] = float(result.fit.optimizer_bytes)
             exported = _export(model, loaders["test"], output_dir) if cfg.export else None
@@ -326,8 +469,22 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
                 mlflow.log_figure(fig, f"figures/{name}")
             mlflow.set_tag("embcomp.status", "complete")
     if unreachable is not None:
-        raise JobSkipped(unreachable)
+        raise JobUnreachable(unreachable)
     return summary
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint directory written by a job with a different effective config."""
+
+
+def _check_resumable(ckdir: Path, key: str) -> None:
+    """Refuse to resume from checkpoints of another job (its data, model or method differ)."""
+    path = ckdir / JOB_KEY_FILE
+    if path.is_file() and (old := path.read_text().strip()) != key:
+        raise CheckpointMismatch(
+            f"{ckdir}: holds checkpoints of a different job (config digest {old}, this job's {key}); "
+            "resume with the same config, or use a new hydra.run.dir / checkpoint_dir"
+        )
 
 
 def _close_nested(run_id: str, status: str) -> None:
@@ -346,7 +503,7 @@ def _out_of_reach(
     if main:
         with mlflow.start_run(run_name=run_name, tags={**tags, "embcomp.status": "unreachable"}, parent_run_id=parent_run_id):
             mlflow.set_tag("embcomp.reason", str(e)[:5000])
-    raise JobSkipped(str(e)) from None
+    raise JobUnreachable(str(e)) from None
 
 
 def _export(model: torch.nn.Module, test: BatchLoader, output_dir: Path) -> tuple[Any, float]:
@@ -365,7 +522,7 @@ def _export(model: torch.nn.Module, test: BatchLoader, output_dir: Path) -> tupl
     return result, float((want - got).abs().max())
 
 
-class _LazyCounts(dict):
+class LazyCounts(dict):
     """Per-feature id counts, read from the dataset only when a method asks."""
 
     def __init__(self, ds) -> None:

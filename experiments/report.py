@@ -1,18 +1,26 @@
-"""The Pareto report: test AUC against exact bytes, read back from MLflow.
+"""The Pareto report: test AUC against exact bytes over seeds, read back from MLflow.
 
 ``python -m experiments.report --experiment comparison`` (``make report EXP=...``)
 reads the runs of the latest sweep of an experiment (or ``--parent RUN_ID``) with
-``mlflow.search_runs`` from the real store and writes, under
-``reports/<experiment>/``: ``pareto.png`` (AUC vs bytes on a log axis, one marker per
-method, the Pareto frontier drawn, the baseline as a line), ``table.md`` and
-``table.csv`` (method, budget, bytes, ratio, AUC, logloss, delta AUC, step time).
-Both are logged to the sweep's parent run as artifacts.
+``mlflow.search_runs`` from the real store: every seed run (a multi-seed job's runs
+sit under its group run, all tagged ``embcomp.sweep``). Per (dataset, model, method,
+budget) it gives the mean, standard deviation and 95% t interval of test AUC and
+logloss over the seeds (``experiments.seeds``), the exact bytes and ratio, AUC against
+the baseline's mean, and the training-step time against ``none`` measured in one
+process, interleaved (``experiments.overhead``, when the sweep has it). At each
+budget the method with the best mean AUC is marked ``best`` and every method whose
+interval overlaps the best one's ``tied``: those differences are not answers yet.
+
+Written under ``reports/<experiment>/``: ``pareto.png`` (mean AUC with its interval
+against bytes on a log axis, the frontier of the means, the baseline as a band),
+``table.md`` and ``table.csv``; logged to the sweep's parent run as artifacts.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +28,14 @@ import mlflow
 import pandas as pd
 
 from experiments.job import PARENT_TAG
+from experiments.seeds import Stat, aggregate
 
-COLUMNS = ["dataset", "model", "method", "budget", "bytes", "ratio", "auc", "logloss", "delta_auc", "step_ms", "step_vs_base", "pareto", "status"]
+KEYS = ["dataset", "model", "method", "budget"]
+COLUMNS = [
+    *KEYS, "seeds", "bytes", "ratio", "auc", "auc_std", "auc_ci95", "logloss", "logloss_std", "logloss_ci95",
+    "delta_auc", "step_vs_base", "rank", "pareto", "status",
+]  # fmt: skip
+OVERHEAD_ARTIFACT = "report/overhead.csv"
 
 
 @dataclass
@@ -43,13 +57,23 @@ def latest_sweep(experiment: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def _runs(experiment: str, parent_run_id: str | None) -> list:
+    if parent_run_id is None:
+        return mlflow.search_runs(experiment_names=[experiment], output_format="list", max_results=50000)
+    found = {}
+    for flt in (f"tags.`embcomp.sweep` = '{parent_run_id}'", f"tags.`{PARENT_TAG}` = '{parent_run_id}'"):
+        for r in mlflow.search_runs(experiment_names=[experiment], filter_string=flt, output_format="list", max_results=50000):
+            found[r.info.run_id] = r
+    return list(found.values())
+
+
 def collect(experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
-    """One row per finished (or unreachable) job of the sweep, with its figures."""
-    flt = f"tags.`{PARENT_TAG}` = '{parent_run_id}'" if parent_run_id else "tags.`embcomp.kind` != 'sweep'"
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=flt, output_format="list", max_results=5000)
+    """One row per finished (or unreachable) seed run of the sweep, with its figures."""
     rows = []
-    for r in runs:
+    for r in _runs(experiment, parent_run_id):
         t, m = r.data.tags, r.data.metrics
+        if t.get("embcomp.kind") in ("sweep", "seed_group") or "peer" in t:
+            continue
         status = t.get("embcomp.status", r.info.status.lower())
         if status not in ("complete", "unreachable"):
             continue
@@ -59,44 +83,71 @@ def collect(experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
                 "model": t.get("model"),
                 "method": t.get("label", t.get("method")),
                 "budget": t.get("budget"),
+                "seed": t.get("seed", "0"),
                 "bytes": m.get("embedding_bytes", math.nan),
                 "ratio": m.get("compression_ratio", math.nan),
                 "auc": m.get("test_auc", math.nan),
                 "logloss": m.get("test_logloss", math.nan),
-                "step_ms": m.get("step_time_ms", math.nan),
                 "status": status if status == "complete" else "unreachable: " + t.get("embcomp.reason", "")[:160],
                 "start": r.info.start_time,
             }
         )
-    df = pd.DataFrame(rows, columns=[*COLUMNS, "start"])
+    df = pd.DataFrame(rows, columns=[*KEYS, "seed", "bytes", "ratio", "auc", "logloss", "status", "start"])
     if df.empty:
         return df
-    # a job resumed or rerun in the same sweep: keep its latest record
-    df = df.sort_values("start").drop_duplicates(["dataset", "model", "method", "budget"], keep="last")
-    return add_derived(df.drop(columns="start"))
+    # a seed resumed or rerun in the same sweep: keep its latest record
+    return df.sort_values("start").drop_duplicates([*KEYS, "seed"], keep="last").drop(columns="start")
 
 
-def add_derived(df: pd.DataFrame) -> pd.DataFrame:
-    """Delta AUC and step time against the baseline of the same dataset and model; the frontier."""
-    df = df.copy()
+def summarise(runs: pd.DataFrame, overhead: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (dataset, model, method, budget): seeds aggregated, ties and frontier."""
+    rows = []
+    for key, g in runs.groupby(KEYS, sort=False, dropna=False):
+        done = g[g["status"] == "complete"]
+        auc, logloss = aggregate(done["auc"]), aggregate(done["logloss"])
+        rows.append({
+            **dict(zip(KEYS, key)), "seeds": len(done),
+            "bytes": done["bytes"].mean() if len(done) else math.nan,
+            "ratio": done["ratio"].mean() if len(done) else math.nan,
+            "auc": auc.mean, "auc_std": auc.std, "auc_ci95": auc.ci95,
+            "logloss": logloss.mean, "logloss_std": logloss.std, "logloss_ci95": logloss.ci95,
+            "status": "complete" if len(done) else g["status"].iloc[-1],
+        })  # fmt: skip
+    df = pd.DataFrame(rows)
     df["delta_auc"] = math.nan
     df["step_vs_base"] = math.nan
+    df["rank"] = ""
     df["pareto"] = False
+    if overhead is not None and len(overhead):
+        ratio = {tuple(str(x) for x in r[KEYS]): r["ratio"] for _, r in overhead.iterrows()}
+        df["step_vs_base"] = [ratio.get(tuple(str(x) for x in r[KEYS]), math.nan) for _, r in df.iterrows()]
     for _, g in df.groupby(["dataset", "model"]):
-        base = g[g["method"] == "none"]
+        base = g[(g["method"] == "none") & (g["status"] == "complete")]
         if len(base):
             df.loc[g.index, "delta_auc"] = g["auc"] - base["auc"].iloc[0]
-            df.loc[g.index, "step_vs_base"] = g["step_ms"] / base["step_ms"].iloc[0]
         done = g[g["status"] == "complete"]
         df.loc[pareto_front(done), "pareto"] = True
+        for _, at in done[done["method"] != "none"].groupby("budget"):
+            df.loc[at.index, "rank"] = ties(at)
     # baseline first, then each method from the largest budget (most bytes) down
     df["_base"] = df["method"] != "none"
     df = df.sort_values(["dataset", "model", "_base", "method", "bytes"], ascending=[True, True, True, True, False])
     return df.drop(columns="_base").reset_index(drop=True)
 
 
+def _stat(r: pd.Series, col: str = "auc") -> Stat:
+    return Stat(r[col], r[f"{col}_std"], r[f"{col}_ci95"], int(r["seeds"]))
+
+
+def ties(at: pd.DataFrame) -> list[str]:
+    """'best' for the best mean AUC at one budget, 'tied' where a 95% interval overlaps it."""
+    best = at["auc"].idxmax()
+    top = _stat(at.loc[best])
+    return ["best" if i == best else ("tied" if _stat(r).overlaps(top) else "") for i, r in at.iterrows()]
+
+
 def pareto_front(g: pd.DataFrame) -> list:
-    """Index of the runs no other run beats on both bytes (fewer) and AUC (higher)."""
+    """Index of the rows no other row beats on both bytes (fewer) and mean AUC (higher)."""
     front, best = [], -math.inf
     for idx, row in g.sort_values(["bytes", "auc"], ascending=[True, False]).iterrows():
         if row["auc"] > best:
@@ -105,23 +156,28 @@ def pareto_front(g: pd.DataFrame) -> list:
     return front
 
 
+def _pm(mean: float, ci: float) -> str:
+    return f"{mean:.4f} ± {ci:.4f}" if ci == ci else f"{mean:.4f}"
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     out = []
     for (dataset, model), g in df.groupby(["dataset", "model"], sort=False):
-        out.append(f"**{dataset}, {model}**\n")
-        out.append("| method | budget | bytes | ratio | test AUC | logloss | ΔAUC | step ms (× base) | frontier |")
-        out.append("|---|---|---:|---:|---:|---:|---:|---:|:-:|")
+        n = int(g["seeds"].max()) if len(g) else 0
+        out.append(f"**{dataset}, {model}** (test AUC and logloss: mean ± 95% interval over {n} seed(s); "
+                   "step: training step time against none, interleaved in one process)\n")  # fmt: skip
+        out.append("| method | budget | bytes | ratio | test AUC | logloss | ΔAUC | seeds | step × none | at budget | frontier |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|")
         for _, r in g.iterrows():
             if r["status"] != "complete":
-                out.append(f"| {r['method']} | {r['budget']} | | | | | | | {r['status']} |")
+                out.append(f"| {r['method']} | {r['budget']} | | | | | | | | | {r['status']} |")
                 continue
-            step = f"{r['step_ms']:.1f}" if r["step_ms"] == r["step_ms"] else ""
-            if step and r["step_vs_base"] == r["step_vs_base"]:
-                step += f" ({r['step_vs_base']:.2f}×)"
+            step = f"{r['step_vs_base']:.2f}×" if r["step_vs_base"] == r["step_vs_base"] else ""
             delta = f"{r['delta_auc']:+.4f}" if r["delta_auc"] == r["delta_auc"] else ""
             out.append(
-                f"| {r['method']} | {r['budget']} | {int(r['bytes']):,} | {r['ratio']:.1f}× | {r['auc']:.4f} "
-                f"| {r['logloss']:.4f} | {delta} | {step} | {'✓' if r['pareto'] else ''} |"
+                f"| {r['method']} | {r['budget']} | {int(r['bytes']):,} | {r['ratio']:.1f}× "
+                f"| {_pm(r['auc'], r['auc_ci95'])} | {_pm(r['logloss'], r['logloss_ci95'])} | {delta} "
+                f"| {int(r['seeds'])} | {step} | {r['rank']} | {'✓' if r['pareto'] else ''} |"
             )
         out.append("")
     return "\n".join(out)
@@ -139,16 +195,20 @@ def plot(df: pd.DataFrame, path: Path) -> None:
         for method, gm in g.groupby("method"):
             if method == "none":
                 continue
-            ax.scatter(gm["bytes"], gm["auc"], label=method, s=36)
+            yerr = gm["auc_ci95"].fillna(0)
+            ax.errorbar(gm["bytes"], gm["auc"], yerr=yerr, fmt="o", ms=5, capsize=3, label=method)
         base = g[g["method"] == "none"]
         if len(base):
-            ax.axhline(base["auc"].iloc[0], color="k", ls="--", lw=1, label="uncompressed")
+            b = base.iloc[0]
+            ax.axhline(b["auc"], color="k", ls="--", lw=1, label="uncompressed (mean)")
+            if b["auc_ci95"] == b["auc_ci95"]:
+                ax.axhspan(b["auc"] - b["auc_ci95"], b["auc"] + b["auc_ci95"], color="k", alpha=0.08)
             ax.scatter(base["bytes"], base["auc"], color="k", marker="*", s=90)
         front = g[g["pareto"]].sort_values("bytes")
         ax.step(front["bytes"], front["auc"], where="post", color="tab:red", lw=1.2, alpha=0.7, label="Pareto frontier")
         ax.set_xscale("log")
         ax.set_xlabel("embedding bytes (log)")
-        ax.set_ylabel("test AUC")
+        ax.set_ylabel("test AUC (mean, 95% interval)")
         ax.set_title(f"{dataset}, {model}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
@@ -157,13 +217,31 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(experiment: str, parent_run_id: str | None = None, out_root: Path = Path("reports")) -> Report | None:
+def sweep_overhead(parent_run_id: str | None) -> pd.DataFrame | None:
+    """The interleaved step times logged to the sweep's parent run, if it has them."""
+    if not parent_run_id:
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(run_id=parent_run_id, artifact_path=OVERHEAD_ARTIFACT, dst_path=tmp)
+            return pd.read_csv(local, dtype={"budget": str})
+    except Exception:  # noqa: BLE001  (a sweep without the measurement: no column)
+        return None
+
+
+def build_report(
+    experiment: str,
+    parent_run_id: str | None = None,
+    out_root: Path = Path("reports"),
+    overhead: pd.DataFrame | None = None,
+) -> Report | None:
     """Write the report of ``experiment``'s latest sweep (or ``parent_run_id``) and log it."""
     parent_run_id = parent_run_id or latest_sweep(experiment)
-    df = collect(experiment, parent_run_id)
-    if df.empty:
+    runs = collect(experiment, parent_run_id)
+    if runs.empty:
         print(f"no finished runs in experiment '{experiment}'" + (f" under sweep {parent_run_id}" if parent_run_id else ""))
         return None
+    df = summarise(runs, overhead if overhead is not None else sweep_overhead(parent_run_id))
     df.attrs["parent_run_id"] = parent_run_id or ""
     directory = out_root / experiment
     directory.mkdir(parents=True, exist_ok=True)

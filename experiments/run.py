@@ -16,14 +16,15 @@ from omegaconf import DictConfig
 
 from compression import BudgetError, IdOutOfRangeError, MethodConfigError, UnknownMethodError
 from experiments.config import register_configs
-from experiments.job import JobSkipped, run_job
+from experiments.job import CheckpointMismatch, JobSkipped, run_job
+from experiments.seeds import SeedsError
 from experiments.tracking import TrackingError
 from recsys.data.schema import DataError
 from recsys.training.distributed import DistributedError
 
 USER_ERRORS = (
     DataError, BudgetError, MethodConfigError, IdOutOfRangeError, UnknownMethodError, TrackingError, FileNotFoundError,
-    DistributedError,
+    DistributedError, CheckpointMismatch, SeedsError,
 )
 log = logging.getLogger("experiments.run")
 

@@ -50,6 +50,11 @@ def test_cli_runs_one_configured_job(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["tags"]["model"] == "deepfm"
+    # DeepFM's first-order weights are column 0 of each table: FM dim 15, tables 16 wide, all counted
+    cards = [f["cardinality"] for f in summary["dataset"]["schema"]["sparse"]]
+    assert summary["config"]["model"]["embedding_dim"] == 15
+    assert summary["metrics"]["embedding_uncompressed_bytes"] == sum(cards) * 16 * 4
+    assert summary["metrics"]["embedding_bytes"] == summary["metrics"]["embedding_uncompressed_bytes"]
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,8 @@ from tests.experiments.conftest import REPO, run_cli, smoke_overrides
 
 def test_multirun_has_a_parent_run_nested_jobs_and_a_report(tmp_path):
     r = run_cli(
-        "--multirun", "dataset=criteo_sample", "compression=none,qr", "budget=10x,1000x",
-        "trainer.max_steps_per_epoch=8",
+        "--multirun", "dataset=criteo_sample", "compression=none,qr", "budget=10x,1000x", "seeds=2",
+        "trainer.max_steps_per_epoch=8", "hydra.callbacks.mlflow_sweep.overhead_rounds=3",
         *smoke_overrides(tmp_path), "mlflow.experiment_name=sweep-test", f"hydra.sweep.dir={tmp_path}/multi",
         f"report_dir={tmp_path}/reports",
         cwd=tmp_path,
@@ -31,25 +31,37 @@ def test_multirun_has_a_parent_run_nested_jobs_and_a_report(tmp_path):
     parents = [x for x in runs if x.data.tags.get("embcomp.kind") == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0].info.run_id
-    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent]
-    assert len(children) == len(runs) - 1
-    by = {(c.data.tags["method"], c.data.tags["budget"]): c for c in children}
-    # the baseline ignores the budget: it ran once, its duplicate was skipped
-    assert [k for k in by if k[0] == "none"] == [("none", "none")]
-    assert by[("qr", "10x")].data.metrics["compression_ratio"] >= 9.5
-    unreachable = by[("qr", "1000x")]
+    groups = {(g.data.tags["method"], g.data.tags["budget"]): g for g in runs
+              if g.data.tags.get("mlflow.parentRunId") == parent}  # fmt: skip
+    assert all(g.data.tags["embcomp.kind"] == "seed_group" for g in groups.values())
+    # the baseline ignores the budget: its group ran once, its duplicates trained nothing
+    assert [k for k in groups if k[0] == "none"] == [("none", "none")]
+    seeds = [x for x in runs if x.data.tags.get("embcomp.sweep") == parent]
+    by = {}
+    for x in seeds:
+        by.setdefault((x.data.tags["method"], x.data.tags["budget"]), []).append(x)
+    assert sorted(x.data.tags["seed"] for x in by[("qr", "10x")]) == ["0", "1"]
+    assert len(by[("none", "none")]) == 2
+    assert all(x.data.metrics["compression_ratio"] >= 9.5 for x in by[("qr", "10x")])
+    unreachable = groups[("qr", "1000x")]
     assert unreachable.data.tags["embcomp.status"] == "unreachable"
     assert "cannot reach 1000x" in unreachable.data.tags["embcomp.reason"]
-    # the report: files on disk, artifacts on the parent, values from the runs
+    # the report: files on disk, artifacts on the parent, values from the seed runs
     report = tmp_path / "reports" / "sweep-test"
     table = pd.read_csv(report / "table.csv")
     qr = table[(table.method == "qr") & (table.budget == "10x")].iloc[0]
-    assert qr.auc == by[("qr", "10x")].data.metrics["test_auc"]
-    base_auc = by[("none", "none")].data.metrics["test_auc"]
+    qr_aucs = [x.data.metrics["test_auc"] for x in by[("qr", "10x")]]
+    assert qr.seeds == 2 and abs(qr.auc - sum(qr_aucs) / 2) < 1e-12
+    assert qr.auc == groups[("qr", "10x")].data.metrics["test_auc"]
+    base_auc = sum(x.data.metrics["test_auc"] for x in by[("none", "none")]) / 2
     assert abs(qr.delta_auc - (qr.auc - base_auc)) < 1e-12
+    assert qr.auc_ci95 > 0 and qr["rank"] == "best"
+    # the step time against none, measured interleaved in one process at the end
+    base = table[table.method == "none"].iloc[0]
+    assert base.step_vs_base == 1.0 and qr.step_vs_base > 0
     assert (report / "pareto.png").stat().st_size > 10_000
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "report")}
-    assert arts == {"report/table.md", "report/table.csv", "report/pareto.png"}
+    assert arts == {"report/table.md", "report/table.csv", "report/pareto.png", "report/overhead.csv"}
     assert "| qr | 10x |" in r.stdout
 
 
