@@ -15,11 +15,17 @@ EXP ?= comparison
 NPROC ?= 2
 TORCHRUN_ARGS ?= --standalone
 PORT ?= 5000
+# the FuxiCTR peer (make peer-compare): its script, its own venv (FuxiCTR needs polars < 2)
+PEER ?=
+PEER_VENV ?= .peer-venv
+DATASET ?= movielens_100k
+MODEL ?= deepfm
+SEEDS ?= 3
 TRACKING_URI ?= sqlite:///mlflow.db
 EXPERIMENTS := $(basename $(notdir $(wildcard experiments/conf/experiment/*.yaml)))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-all experiment experiment-distributed sweep report readme-table ui lint clean
+.PHONY: help setup test test-all experiment experiment-distributed sweep report readme-table ui lint clean peer-setup peer-compare
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -71,6 +77,19 @@ report: $(STAMP) ## Pareto report of an experiment's latest sweep: make report E
 
 readme-table: $(STAMP) ## regenerate README's comparison table from the latest 'comparison' sweep in MLflow
 	$(PY) -m experiments.readme_table --experiment comparison
+
+$(PEER_VENV)/.setup:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q "torch==2.13.0+cpu" "fuxictr==2.3.10" "polars<2" 2>/dev/null || \
+	  $(PEER_VENV)/bin/python -m pip install -q "torch==2.13.0+cpu" "fuxictr==2.3.10" "polars<2" --extra-index-url $(TORCH_CPU_INDEX)
+	touch $@
+
+peer-setup: $(PEER_VENV)/.setup ## the FuxiCTR peer's own venv ($(PEER_VENV)), never the project's
+
+peer-compare: $(STAMP) $(PEER_VENV)/.setup ## embcomp vs FuxiCTR, same split: make peer-compare PEER=fuxictr_peer.py [DATASET= MODEL= SEEDS=]
+	@test -n "$(PEER)" || { echo "error: set PEER=<path to fuxictr_peer.py> (the FuxiCTR peer script)"; exit 1; }
+	$(PY) -m experiments.peer --peer-python $(PEER_VENV)/bin/python --peer-script $(PEER) \
+	  --dataset $(DATASET) --model $(MODEL) --seeds $(SEEDS) $(ARGS)
 
 ui: $(STAMP) ## serve the MLflow UI for ./mlflow.db on 127.0.0.1 (PORT=5000)
 	@echo "MLflow UI: http://127.0.0.1:$(PORT)"
