@@ -27,52 +27,60 @@ from recsys.data.tabular_source import SEPARATORS, SUFFIXES
 
 
 def _read(cfg: TabularConfig, path: Path, cols: Columns) -> pd.DataFrame:
+    """The used columns with Arrow-backed dtypes (NumPy objects would need ~10x the memory)."""
     fmt = cfg.format or SUFFIXES[path.suffix.lower()]
     if fmt == "parquet":
-        return pd.read_parquet(path, columns=cols.used)
+        return pd.read_parquet(path, columns=cols.used, dtype_backend="pyarrow")
     return pd.read_csv(
         path,
         sep=cfg.separator or SEPARATORS[fmt],
         header=None if cfg.column_names else 0,
         names=cfg.column_names,
         usecols=cols.used,
-        dtype=str,
+        dtype=pd.ArrowDtype(pa.string()),
         keep_default_na=False,  # "" stays "", as polars reads it
         quotechar=cfg.quote_char or '"',
         quoting=csv.QUOTE_NONE if cfg.quote_char is None else csv.QUOTE_MINIMAL,
     )
 
 
-def _values(col: pd.Series, multi: bool, sep: str | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Non-empty values as an array (flattened for multi-hot) and, multi-hot, row lengths."""
-    if not multi:
-        return col.to_numpy(dtype=object), None
-    is_text = pd.api.types.infer_dtype(col, skipna=True) in ("string", "empty")
-    lists = col.str.split(sep, regex=False) if is_text else col
-    lists = lists.map(lambda x: [] if x is None or (isinstance(x, float) and np.isnan(x)) else
-                      [v for v in x if v is not None and v != ""])
-    lengths = lists.map(len).to_numpy(dtype=np.int64)
-    flat = lists.explode().dropna().to_numpy(dtype=object)
-    return flat, lengths
+def _is_text(col: pd.Series) -> bool:
+    t = getattr(col.dtype, "pyarrow_dtype", None)
+    return t is not None and (pa.types.is_string(t) or pa.types.is_large_string(t))
 
 
-def _vocab(train_values: np.ndarray, min_count: int) -> pd.DataFrame:
-    s = pd.Series(train_values, dtype=object)
-    s = s[s.notna() & (s != "")]
-    freq = s.value_counts()
-    vocab = pd.DataFrame({"value": freq.index.to_numpy(), "count": freq.to_numpy()})
+def _present(values: pd.Series) -> pd.Series:
+    """Null and (text) empty values as NA."""
+    return values.mask(values == "") if _is_text(values) else values
+
+
+def _number(col: pd.Series) -> np.ndarray:
+    return pd.to_numeric(_present(col)).to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _flat(col: pd.Series, sep: str | None) -> tuple[pd.Series, np.ndarray]:
+    """A multi-hot column's non-empty elements, flattened, and each row's number of them."""
+    lists = col.str.split(sep, regex=False) if _is_text(col) else col
+    lengths = lists.list.len().fillna(0).to_numpy(dtype=np.int64)
+    flat = lists.list.flatten().reset_index(drop=True)
+    keep = _present(flat).notna().to_numpy(dtype=bool)
+    kept = np.concatenate([[0], np.cumsum(keep)])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return flat[keep].reset_index(drop=True), kept[offsets[1:]] - kept[offsets[:-1]]
+
+
+def _vocab(train_values: pd.Series, min_count: int) -> pd.DataFrame:
+    freq = _present(train_values).value_counts()  # NA dropped
+    vocab = pd.DataFrame({"value": freq.index, "count": freq.to_numpy(dtype=np.int64)})
     vocab = vocab[vocab["count"] >= min_count].sort_values(["count", "value"], ascending=[False, True], kind="stable")
     vocab["id"] = np.arange(1, len(vocab) + 1, dtype=np.int64)
     return vocab.reset_index(drop=True)
 
 
-def _ids(values: np.ndarray, vocab: pd.DataFrame) -> np.ndarray:
-    index = pd.Index(vocab["value"].to_numpy(dtype=object))
-    table = np.append(vocab["id"].to_numpy(dtype=np.int64), np.int64(0))
-    ids = table[index.get_indexer(values)]
-    empty = pd.isna(values) | (values == "")
-    ids[np.asarray(empty, dtype=bool)] = 0
-    return ids
+def _ids(values: pd.Series, vocab: pd.DataFrame) -> np.ndarray:
+    """Ids by position in the vocabulary (id order), 0 for NA, empty and absent values."""
+    codes = pd.Categorical(_present(values), categories=pd.Index(vocab["value"])).codes
+    return np.asarray(codes, dtype=np.int64) + 1  # absent: code -1 -> 0
 
 
 def preprocess_tabular_pandas(cfg: TabularConfig, out_dir: Path) -> dict[str, int]:
@@ -89,17 +97,17 @@ def preprocess_tabular_pandas(cfg: TabularConfig, out_dir: Path) -> dict[str, in
     train = parts["train"]
     tables: dict[str, dict[str, pa.Array]] = {s: {} for s in SPLITS}
     for s, part in parts.items():
-        x = pd.to_numeric(part[cols.label].replace("", np.nan)).to_numpy(dtype=np.float64)
+        x = _number(part[cols.label])
         label = x == 1.0 if cols.threshold is None else x >= cols.threshold
         tables[s]["label"] = pa.array(label.astype(np.float32))
     stats = {}
     for name, transform in cols.numeric.items():
-        t = pd.to_numeric(train[name].replace("", np.nan)).to_numpy(dtype=np.float64)
+        t = _number(train[name])
         t = t[~np.isnan(t)]
         std = float(np.float32(t.std()))
         stats[name] = (float(np.float32(t.mean())), std if std > 0 else 1.0)
         for s, part in parts.items():
-            x = pd.to_numeric(part[name].replace("", np.nan)).to_numpy(dtype=np.float64)
+            x = _number(part[name])
             if transform == "log1p":
                 x = np.log1p(np.maximum(x, 0))
             elif transform == "standardise":
@@ -108,19 +116,18 @@ def preprocess_tabular_pandas(cfg: TabularConfig, out_dir: Path) -> dict[str, in
     counts = []
     for name in cols.sparse:
         multi, sep = name in cols.multi_hot, cols.multi_hot.get(name)
-        train_values, _ = _values(train[name], multi, sep)
+        train_values = _flat(train[name], sep)[0] if multi else train[name]
         vocab = _vocab(train_values, cols.min_counts[name])
-        train_ids = _ids(train_values, vocab)
+        zeros = int(np.sum(_ids(train_values, vocab) == 0))
         counts.append(pd.DataFrame({"field": name, "id": np.concatenate([[0], vocab["id"]]).astype(np.int64),
-                                    "count": np.concatenate([[np.sum(train_ids == 0)], vocab["count"]]).astype(np.int64)}))
+                                    "count": np.concatenate([[zeros], vocab["count"]]).astype(np.int64)}))
         for s, part in parts.items():
-            values, lengths = _values(part[name], multi, sep)
-            ids = _ids(values, vocab)
-            if lengths is None:
-                tables[s][name] = pa.array(ids)
-            else:
-                offsets = np.concatenate([[0], np.cumsum(lengths)])
-                tables[s][name] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int64()))
+            if not multi:
+                tables[s][name] = pa.array(_ids(part[name], vocab))
+                continue
+            flat, lengths = _flat(part[name], sep)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            tables[s][name] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(_ids(flat, vocab)))
     rows = {}
     for s in SPLITS:
         order = ["label", *cols.numeric, *cols.sparse]
