@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import OmegaConf
 
 from experiments.job import run_job
 from recsys.data.tabular import TabularConfig
+from recsys.data.tabular_synth import FRAPPE_FIELDS, FRAPPE_FILES
 from tests.data.conftest import leftovers
 from tests.experiments.conftest import run_cli, smoke_overrides
 
@@ -39,3 +42,14 @@ def test_template_from_the_command_line_bad_row_is_one_error_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == f"error: {data}:4: column 'label': '2' is not 0 or 1"
     assert "Traceback" not in r.stderr
     assert leftovers(tmp_path / "cache") == []
+
+
+def test_frappe_shaped_config_matches_its_generator(compose_cfg, tmp_path):
+    """What bench_tabular --frappe reads in code is what dataset=frappe_shaped declares."""
+    cfg = compose_cfg(smoke_overrides(tmp_path, "dataset=frappe_shaped"))
+    dataset = OmegaConf.to_object(cfg.dataset)
+    assert isinstance(dataset, TabularConfig)
+    assert dataset.categorical == list(FRAPPE_FIELDS) and dataset.label == "label"
+    files = {s: Path(p) for s, p in dataset.files().items()}
+    assert {s: p.name for s, p in files.items()} == FRAPPE_FILES
+    assert len({p.parent for p in files.values()}) == 1
