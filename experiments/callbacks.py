@@ -86,7 +86,7 @@ class MLflowSweepCallback(Callback):
             log.warning("step-time overhead not measured: %s", (r.stderr.strip().splitlines() or ["?"])[-1])
             return None
         client.log_artifact(self._parent, str(path), artifact_path="report")
-        return pd.read_csv(path, dtype={"budget": str})
+        return pd.read_csv(path, dtype={"budget": str, "setting": str})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._parent is None:

@@ -84,8 +84,17 @@ def _variant(cfg: DictConfig, method: str) -> str:
         return method
 
 
+def _task_overrides() -> str:
+    """The job's Hydra overrides (what a sweep varies), '' outside a Hydra app."""
+    try:
+        return " ".join(HydraConfig.get().overrides.task)[:5000]
+    except ValueError:
+        return ""
+
+
 def describe_job(cfg: DictConfig, comp: Any | None = None) -> dict[str, str]:
-    """Tags that name a job in the MLflow UI: method, budget, model, dataset."""
+    """Tags that name a job in the MLflow UI: method, budget, model, dataset (and the
+    job's Hydra overrides, which the report uses to tell apart settings a sweep varies)."""
     comp = comp if comp is not None else resolve_compression(cfg)
     budget = getattr(comp, "budget", None)
     quant = getattr(comp, "quantization", None)
@@ -101,6 +110,7 @@ def describe_job(cfg: DictConfig, comp: Any | None = None) -> dict[str, str]:
         "budget": budget.label() if budget is not None else "none",
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
+        "embcomp.overrides": _task_overrides(),
     }
 
 

@@ -36,19 +36,20 @@ from omegaconf import DictConfig, OmegaConf
 from compression import BudgetError, MethodConfigError, compress
 from experiments.config import PROJECT_ROOT, register_configs
 from experiments.job import LazyCounts, describe_job, resolve_compression
+from experiments.report import settings
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
 from recsys.training.optim import build_optimizers
 from recsys.training.step import TrainStep
 
-FIELDS = ["dataset", "model", "method", "budget", "step_ms", "ratio", "rounds"]
+FIELDS = ["dataset", "model", "method", "budget", "setting", "step_ms", "ratio", "rounds"]
 
 
 @dataclass
 class Timed:
     """One job rebuilt for timing: its step, batches and times."""
 
-    key: tuple[str, str, str, str]  # dataset, model, method label, budget
+    key: tuple[str, str, str, str, str]  # dataset, model, method label, budget, setting
     step: TrainStep
     batches: list[Any]
     times: list[float] = field(default_factory=list)
@@ -67,11 +68,11 @@ def compose_job(overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=overrides)
 
 
-def build(cfg: DictConfig, n_batches: int) -> Timed | None:
+def build(cfg: DictConfig, n_batches: int, setting: str = "") -> Timed | None:
     """The job's model and step on its first ``n_batches`` train batches (None: the
     method cannot be built at this budget, the sweep recorded it as unreachable)."""
     tags = describe_job(cfg)
-    ds = OmegaConf.to_object(cfg.dataset).prepare(Path(cfg.cache_dir))  # type: ignore[attr-defined]
+    ds = OmegaConf.to_object(cfg.dataset).prepare(Path(cfg.cache_dir))  # type: ignore[attr-defined,union-attr]
     model_cfg: Any = OmegaConf.to_object(cfg.model)
     trainer_cfg: Any = OmegaConf.to_object(cfg.trainer)
     tables = embedding_tables(ds.schema, model_cfg.table_dim(), model_cfg.embedding_init_std)
@@ -83,7 +84,7 @@ def build(cfg: DictConfig, n_batches: int) -> Timed | None:
     step = TrainStep(model, module, build_optimizers(model, module, trainer_cfg), trainer_cfg)
     loader = BatchLoader(ds, "train", trainer_cfg.batch_size, shuffle=True, seed=int(cfg.seed))
     batches = [b for _, b in zip(range(n_batches), loader.epoch(0))]
-    return Timed((tags["dataset"], tags["model"], tags["label"], tags["budget"]), step, batches)
+    return Timed((tags["dataset"], tags["model"], tags["label"], tags["budget"], setting), step, batches)
 
 
 def baseline_overrides(overrides: list[str]) -> list[str]:
@@ -98,14 +99,17 @@ def baseline_overrides(overrides: list[str]) -> list[str]:
 def measure(jobs: list[list[str]], rounds: int = 20, warmup: int = 3) -> list[dict[str, Any]]:
     """Median step time of each distinct job (given by its overrides) and its ratio to
     ``none`` with the same dataset and model (one row each)."""
-    built: dict[tuple[str, str, str, str], Timed] = {}
-    for overrides in jobs:
-        timed = build(compose_job(overrides), rounds)
+    built: dict[tuple[str, str, str, str, str], Timed] = {}
+    parsed = [settings(" ".join(o)) for o in jobs]
+    varying = [k for k in sorted({k for p in parsed for k in p}) if len({p.get(k) for p in parsed}) > 1]
+    for overrides, p in zip(jobs, parsed):
+        setting = " ".join(f"{k}={p[k]}" for k in varying if k in p)
+        timed = build(compose_job(overrides), rounds, setting)
         if timed is None or timed.key in built:
             continue
         built[timed.key] = timed
-        base = (*timed.key[:2], "none", "none")
-        if base not in built and (ref := build(compose_job(baseline_overrides(overrides)), rounds)) is not None:
+        base = (*timed.key[:2], "none", "none", setting)
+        if base not in built and (ref := build(compose_job(baseline_overrides(overrides)), rounds, setting)) is not None:
             built[base] = ref
     order = list(built.values())
     for t in order:
@@ -121,9 +125,9 @@ def measure(jobs: list[list[str]], rounds: int = 20, warmup: int = 3) -> list[di
     out = []
     for t in order:
         ms = statistics.median(t.times)
-        base_t = built.get((*t.key[:2], "none", "none"))
-        ref = statistics.median(base_t.times) if base_t is not None else float("nan")
-        out.append(dict(zip(FIELDS, [*t.key, round(ms, 3), round(ms / ref, 3), rounds])))
+        base_t = built.get((*t.key[:2], "none", "none", t.key[4]))
+        ref_ms = statistics.median(base_t.times) if base_t is not None else float("nan")
+        out.append(dict(zip(FIELDS, [*t.key, round(ms, 3), round(ms / ref_ms, 3), rounds])))
     return out
 
 
@@ -154,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(rows, out)
     print(f"training step vs none, interleaved, {a.rounds} rounds, {torch.get_num_threads()} threads:")
     for r in rows:
-        print(f"  {r['dataset']:>16} {r['model']:>8} {r['method']:>24} {r['budget']:>6}  {r['step_ms']:8.2f} ms  x{r['ratio']:.2f}")
+        print(f"  {r['dataset']:>16} {r['model']:>8} {r['method']:>24} {r['budget']:>6} {r['setting']}  "
+              f"{r['step_ms']:8.2f} ms  x{r['ratio']:.2f}")  # fmt: skip
     print(f"written: {out}")
     return 0
 

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = a.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     cfg = compose_job(a.dataset, a.model, a.overrides)
-    ds = OmegaConf.to_object(cfg.dataset).prepare(Path(cfg.cache_dir))  # type: ignore[attr-defined]
+    ds = OmegaConf.to_object(cfg.dataset).prepare(Path(cfg.cache_dir))  # type: ignore[attr-defined,union-attr]
     # as BARS feeds them: Criteo's counts as bucketed categories, multi-hot sets as one id
     flat = joint_multi_hot(dense_as_categorical(ds, Path(cfg.cache_dir)), Path(cfg.cache_dir))
     work = a.out / f"{a.dataset}-{a.model}"

@@ -30,7 +30,10 @@ import pandas as pd
 from experiments.job import PARENT_TAG
 from experiments.seeds import Stat, aggregate
 
-KEYS = ["dataset", "model", "method", "budget"]
+KEYS = ["dataset", "model", "method", "budget", "setting"]
+# job overrides that the columns already show, or that do not change a result
+SHOWN = ("compression", "budget", "budget_scope", "seed", "seeds", "dataset", "model", "experiment", "hydra",
+         "mlflow", "trainer.progress", "cache_dir", "report_dir", "checkpoint_dir")  # fmt: skip
 COLUMNS = [
     *KEYS, "seeds", "bytes", "ratio", "auc", "auc_std", "auc_ci95", "logloss", "logloss_std", "logloss_ci95",
     "delta_auc", "step_vs_base", "rank", "pareto", "status",
@@ -90,13 +93,30 @@ def collect(experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
                 "logloss": m.get("test_logloss", math.nan),
                 "status": status if status == "complete" else "unreachable: " + t.get("embcomp.reason", "")[:160],
                 "start": r.info.start_time,
+                "_overrides": settings(t.get("embcomp.overrides", "")),
             }
         )
-    df = pd.DataFrame(rows, columns=[*KEYS, "seed", "bytes", "ratio", "auc", "logloss", "status", "start"])
+    df = pd.DataFrame(rows, columns=[*KEYS, "seed", "bytes", "ratio", "auc", "logloss", "status", "start", "_overrides"])
     if df.empty:
-        return df
+        return df.drop(columns="_overrides")
+    # what else the sweep varies (trainer=bars, trainer.sparse_lr=...) tells rows apart
+    keys = sorted({k for o in df["_overrides"] for k in o})
+    varying = [k for k in keys if len({o.get(k) for o in df["_overrides"]}) > 1]
+    df["setting"] = [" ".join(f"{k}={o[k]}" for k in varying if k in o) for o in df["_overrides"]]
+    df = df.drop(columns="_overrides")
     # a seed resumed or rerun in the same sweep: keep its latest record
     return df.sort_values("start").drop_duplicates([*KEYS, "seed"], keep="last").drop(columns="start")
+
+
+def settings(overrides: str) -> dict[str, str]:
+    """``key=value`` overrides of a job that are not already a column of the report."""
+    out = {}
+    for item in overrides.split():
+        key, _, value = item.partition("=")
+        key = key.lstrip("+~")
+        if not any(key == s or key.startswith(s + ".") for s in SHOWN):
+            out[key] = value
+    return out
 
 
 def summarise(runs: pd.DataFrame, overhead: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -119,9 +139,10 @@ def summarise(runs: pd.DataFrame, overhead: pd.DataFrame | None = None) -> pd.Da
     df["rank"] = ""
     df["pareto"] = False
     if overhead is not None and len(overhead):
+        overhead = overhead.assign(setting="") if "setting" not in overhead else overhead.fillna({"setting": ""})
         ratio = {tuple(str(x) for x in r[KEYS]): r["ratio"] for _, r in overhead.iterrows()}
         df["step_vs_base"] = [ratio.get(tuple(str(x) for x in r[KEYS]), math.nan) for _, r in df.iterrows()]
-    for _, g in df.groupby(["dataset", "model"]):
+    for _, g in df.groupby(["dataset", "model", "setting"]):
         base = g[(g["method"] == "none") & (g["status"] == "complete")]
         if len(base):
             df.loc[g.index, "delta_auc"] = g["auc"] - base["auc"].iloc[0]
@@ -131,7 +152,8 @@ def summarise(runs: pd.DataFrame, overhead: pd.DataFrame | None = None) -> pd.Da
             df.loc[at.index, "rank"] = ties(at)
     # baseline first, then each method from the largest budget (most bytes) down
     df["_base"] = df["method"] != "none"
-    df = df.sort_values(["dataset", "model", "_base", "method", "bytes"], ascending=[True, True, True, True, False])
+    df = df.sort_values(["dataset", "model", "setting", "_base", "method", "bytes"],
+                        ascending=[True, True, True, True, True, False])  # fmt: skip
     return df.drop(columns="_base").reset_index(drop=True)
 
 
@@ -162,9 +184,9 @@ def _pm(mean: float, ci: float) -> str:
 
 def to_markdown(df: pd.DataFrame) -> str:
     out = []
-    for (dataset, model), g in df.groupby(["dataset", "model"], sort=False):
+    for (dataset, model, setting), g in df.groupby(["dataset", "model", "setting"], sort=False):
         n = int(g["seeds"].max()) if len(g) else 0
-        out.append(f"**{dataset}, {model}** (test AUC and logloss: mean ± 95% interval over {n} seed(s); "
+        out.append(f"**{dataset}, {model}{', ' + setting if setting else ''}** (test AUC and logloss: mean ± 95% interval over {n} seed(s); "
                    "step: training step time against none, interleaved in one process)\n")  # fmt: skip
         out.append("| method | budget | bytes | ratio | test AUC | logloss | ΔAUC | seeds | step × none | at budget | frontier |")
         out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|")
@@ -189,9 +211,9 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(df[df["status"] == "complete"].groupby(["dataset", "model"], sort=False))
+    groups = list(df[df["status"] == "complete"].groupby(["dataset", "model", "setting"], sort=False))
     fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(6.5 * max(1, len(groups)), 4.8), squeeze=False)
-    for ax, ((dataset, model), g) in zip(axes[0], groups):
+    for ax, ((dataset, model, setting), g) in zip(axes[0], groups):
         for method, gm in g.groupby("method"):
             if method == "none":
                 continue
@@ -209,7 +231,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("embedding bytes (log)")
         ax.set_ylabel("test AUC (mean, 95% interval)")
-        ax.set_title(f"{dataset}, {model}")
+        ax.set_title(f"{dataset}, {model}" + (f"\n{setting}" if setting else ""), fontsize=9 if setting else None)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -224,7 +246,7 @@ def sweep_overhead(parent_run_id: str | None) -> pd.DataFrame | None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(run_id=parent_run_id, artifact_path=OVERHEAD_ARTIFACT, dst_path=tmp)
-            return pd.read_csv(local, dtype={"budget": str})
+            return pd.read_csv(local, dtype={"budget": str, "setting": str})
     except Exception:  # noqa: BLE001  (a sweep without the measurement: no column)
         return None
 

@@ -91,7 +91,7 @@ def sparse_optimizer(params: Sequence[nn.Parameter], name: str, lr: float) -> to
         raise ValueError(
             f"trainer.sparse_optimizer must be one of {', '.join(SPARSE_OPTIMIZERS)}, got '{name}'"
         ) from None
-    return cls(params, lr=lr)
+    return cls(params, lr=lr)  # type: ignore[call-arg]
 
 
 def build_optimizers(model: nn.Module, module: nn.Module, cfg: Any) -> Optimizers:

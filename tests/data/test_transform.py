@@ -8,7 +8,13 @@ import polars as pl
 import pytest
 
 from recsys.data.schema import DataError
-from recsys.data.transform import ProcessedConfig, bars_bucket, dense_as_categorical, joint_multi_hot, write_csv
+from recsys.data.transform import (
+    ProcessedConfig,
+    bars_bucket,
+    dense_as_categorical,
+    joint_multi_hot,
+    write_csv,
+)
 
 
 def test_a_multi_hot_set_becomes_one_id_with_the_same_rows(tiny_dataset, tmp_path):

@@ -39,8 +39,8 @@ def test_the_interval_is_students_t_over_the_seeds():
 
 def _runs(rows):
     return pd.DataFrame(
-        [dict(dataset="d", model="m", method=meth, budget=b, seed=str(s), bytes=byt, ratio=1.0, auc=a, logloss=0.5,
-              status="complete") for meth, b, byt, s, a in rows]  # fmt: skip
+        [dict(dataset="d", model="m", method=meth, budget=b, setting="", seed=str(s), bytes=byt, ratio=1.0, auc=a,
+              logloss=0.5, status="complete") for meth, b, byt, s, a in rows]  # fmt: skip
     )
 
 
@@ -53,6 +53,7 @@ def test_the_report_marks_the_best_method_at_each_budget_and_the_ones_tied_with_
         + [("c", "100x", 10, s, a) for s, a in enumerate([0.69, 0.70, 0.68])]
     )
     df = summarise(runs).set_index(["method", "budget"])
+    assert set(df["setting"]) == {""}
     assert df.loc[("a", "10x"), "rank"] == "best"
     assert df.loc[("b", "10x"), "rank"] == "tied"
     assert df.loc[("c", "10x"), "rank"] == ""
@@ -92,3 +93,18 @@ def test_a_bad_seeds_setting_is_one_line(tmp_path):
     r = run_cli("dataset=criteo_sample", *smoke_overrides(tmp_path), "seeds=[1,1]", f"hydra.run.dir={tmp_path}/run")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == "error: seeds must be distinct, got [1, 1]"
+
+
+def test_settings_a_sweep_varies_beside_method_and_budget_are_kept_apart():
+    from experiments.report import settings
+
+    got = settings("compression=qr budget=10x seed=3 seeds=3 model=dcnv2 trainer=bars +trainer.embedding_l2=1e-4 "
+                   "hydra.sweep.dir=x mlflow.experiment_name=y trainer.progress=off")  # fmt: skip
+    assert got == {"trainer": "bars", "trainer.embedding_l2": "1e-4"}
+    runs = pd.concat([
+        _runs([("none", "none", 1000, s, 0.80 + s / 100) for s in range(3)]).assign(setting="trainer=default"),
+        _runs([("none", "none", 1000, s, 0.70 + s / 100) for s in range(3)]).assign(setting="trainer=bars"),
+    ])  # fmt: skip
+    df = summarise(runs).set_index("setting")
+    assert df.loc["trainer=default", "auc"] == pytest.approx(0.81)
+    assert df.loc["trainer=bars", "auc"] == pytest.approx(0.71)
