@@ -33,10 +33,12 @@ from compression.memory import (  # noqa: E402
 )
 from compression.methods.none import NoCompression  # noqa: E402
 from compression.quantization import Quantization, quantize_  # noqa: E402
+from compression.sizing import BudgetedConfig  # noqa: E402
 
 __all__ = [
     "Budget",
     "BudgetError",
+    "BudgetedConfig",
     "BuildContext",
     "CompressedEmbeddingBagCollection",
     "CompressionConfig",

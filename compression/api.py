@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from compression.base import CompressedEmbeddingBagCollection, MethodConfigError  # noqa: F401  (re-exported)
 from compression.quantization import Quantization, as_quantization, prepare  # noqa: F401  (Quantization re-exported)
+
+if TYPE_CHECKING:
+    from compression.budget import Budget
 
 
 @dataclass
@@ -52,6 +55,21 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         self.quantization = as_quantization(self.quantization)
+
+    def with_budget(self: C, budget: Budget | None) -> C:
+        """This config under ``budget`` (a copy); a method that takes no budget ignores it.
+
+        Example::
+
+            HashingConfig().with_budget(Budget(ratio=100)).budget   # Budget(ratio=100)
+            NoCompression().with_budget(Budget(ratio=100))          # NoCompression(), unchanged
+        """
+        return self
+
+    def with_uniform_output(self: C) -> C:
+        """This config giving every feature one output dim (what DLRM needs), a copy
+        where the method would vary dims; most methods keep each table's dim anyway."""
+        return self
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Optional
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from compression.config_checks import bounded, one_of
 from compression.memory import uncompressed_bytes
 
 SCOPES = ("model", "table")
@@ -33,9 +34,11 @@ class BudgetError(ValueError):
 class Budget:
     """A memory budget: exactly one of ``ratio`` (x smaller than fp32) or ``bytes``."""
 
-    ratio: Optional[float] = None
-    bytes: Optional[int] = None
-    scope: str = "model"
+    # checked (compression.config_checks) when a job's config is composed: > 0, and a
+    # ratio of at least 1 (below 1 asks for more than the uncompressed tables)
+    ratio: Optional[float] = bounded(None, ge=1)
+    bytes: Optional[int] = bounded(None, ge=1)
+    scope: str = one_of("model", *SCOPES)
 
     def validate(self, tables: Sequence[EmbeddingBagConfig]) -> None:
         if (self.ratio is None) == (self.bytes is None):

@@ -20,21 +20,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
     IntNBitTableBatchedEmbeddingBagsCodegen,
 )
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.tensor_types import UIntXTensor
 
-FP32_BYTES = 4
+from compression.formats import FP32_BYTES, table_bytes
 
 
 def uncompressed_bytes(tables: Sequence[EmbeddingBagConfig]) -> int:
     """Bytes of ``tables`` as plain fp32 rows: the reference every ratio is against."""
-    return sum(t.num_embeddings * t.embedding_dim * FP32_BYTES for t in tables)
+    return sum(table_bytes(t.num_embeddings, t.embedding_dim, "fp32") for t in tables)
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -63,6 +66,33 @@ def tensor_bytes(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
         seen.add(key)
         out[name] = t.untyped_storage().nbytes()
     return out
+
+
+def local_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors this process holds of a value: a tensor itself, the local shards of a
+    ``ShardedTensor`` or a ``DTensor`` (the forms a sharded ``state_dict`` holds), none
+    of anything else."""
+    if isinstance(value, ShardedTensor):
+        return [s.tensor for s in value.local_shards()]
+    if isinstance(value, DTensor):  # TorchRec's local part may hold several shards
+        from torchrec.distributed.shards_wrapper import LocalShardsWrapper  # sharded runs only
+
+        local = value.to_local()
+        return list(local.local_shards()) if isinstance(local, LocalShardsWrapper) else [local]
+    return [value] if torch.is_tensor(value) else []
+
+
+def held_bytes(values: Iterable[tuple[str, Any]]) -> int:
+    """Bytes this process holds of named ``values`` (tensors, sharded tensors: their
+    local shards), counted as ``tensor_bytes`` counts, a storage once; a meta tensor
+    holds nothing.
+
+    Example::
+
+        held_bytes(dmp.state_dict().items())     # what this rank holds of the model
+    """
+    local = [(f"{name}#{i}", t) for name, v in values for i, t in enumerate(local_tensors(v)) if t.device.type != "meta"]
+    return sum(tensor_bytes(local).values())
 
 
 @dataclass

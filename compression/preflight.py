@@ -4,8 +4,9 @@ The method's module is built with its TorchRec tables on the ``meta`` device (no
 memory), so the estimate is the method's own sizing, counted as ``memory_report``
 counts the real module: the bytes of its tables (an uncompressed config: every row
 in fp32; a budget: what the method sized for it) plus the embedding optimizer's
-state (row-wise Adagrad: 4 bytes per physical row; Adam: 8 bytes per element). A method that cannot be built without its tables (OptEmbed
-computes row norms at build) is estimated at the uncompressed size its supernet holds.
+state (row-wise Adagrad: 4 bytes per physical row; Adam: 8 bytes per element). Every
+method builds on ``meta`` (OptEmbed's supernet included: its tables are the full
+ones, so it is counted at their size), so nothing is allocated.
 
 Example::
 
@@ -65,12 +66,7 @@ def training_bytes(
     """
     full_state = planned_optimizer_bytes(optimizer, [(t.num_embeddings, t.embedding_dim) for t in tables])
     full = uncompressed_bytes(tables) + full_state
-    try:
-        module = compress(tables, config, counts=counts, seed=seed, table_device="meta")
-    except (BudgetError, ValueError):  # the method's own refusal, said now
-        raise
-    except Exception:  # built from its tables' values (OptEmbed): the full tables it trains
-        return TrainingBytes(uncompressed_bytes(tables), full - uncompressed_bytes(tables), full)
+    module = compress(tables, config, counts=counts, seed=seed, table_device="meta")
     state = planned_optimizer_bytes(optimizer, [tuple(p.shape) for p in module.table_parameters()])
     return TrainingBytes(memory_report(module).bytes, state, full)
 

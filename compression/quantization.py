@@ -46,10 +46,12 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
 from compression.base import MethodConfigError, Stage
+from compression.formats import BITS, SCALE_BIAS_BYTES, TABLE_ALIGNMENT, row_bytes  # noqa: F401  (re-exported)
+from compression.formats import table_bytes as _table_bytes
 from compression.qat import FakeQuantEmbeddingBagCollection
 
-# precision -> bits per value
-PRECISIONS: dict[str, int] = {"fp16": 16, "int8": 8, "int4": 4, "int2": 2}
+# precision -> bits per value (the formats a table can be quantized to: fp32 is none)
+PRECISIONS: dict[str, int] = {p: b for p, b in BITS.items() if p != "fp32"}
 # every format fbgemm's inference TBE holds (fp32 too, for comparisons: not a precision)
 DATA_TYPES = {
     "fp32": DataType.FP32,
@@ -64,8 +66,6 @@ REFUSED = {
     "fp8": "TorchRec's quantize path raises for fp8 on this stack",
     "fp32": "fp32 is the unquantized baseline: leave quantization unset (null)",
 }
-SCALE_BIAS_BYTES = 4  # fp16 scale + fp16 bias per row of an integer table
-TABLE_ALIGNMENT = 128  # fbgemm aligns each table's rows to a cache line
 
 
 @dataclass
@@ -269,18 +269,10 @@ def row_alignment(requested: int | None, device: torch.device) -> int:
     return 1 if device.type == "cpu" else 16
 
 
-# -- bytes -------------------------------------------------------------------------------
-def row_bytes(dim: int, precision: str, alignment: int = 1) -> int:
-    """Bytes of one quantized row: codes, fp16 scale + bias for integer types, padding."""
-    bits = PRECISIONS[precision]
-    raw = dim * bits // 8 + (SCALE_BIAS_BYTES if precision != "fp16" else 0)
-    return -(-raw // alignment) * alignment
-
-
+# -- bytes (the figures are compression.formats') ----------------------------------------
 def table_bytes(table: EmbeddingBagConfig, precision: str, alignment: int = 1) -> int:
     """Bytes of one quantized table: its rows, then padding to fbgemm's 128-byte blocks."""
-    raw = table.num_embeddings * row_bytes(table.embedding_dim, precision, alignment)
-    return -(-raw // TABLE_ALIGNMENT) * TABLE_ALIGNMENT
+    return _table_bytes(table.num_embeddings, table.embedding_dim, precision, alignment)
 
 
 # -- the stage ---------------------------------------------------------------------------

@@ -29,6 +29,13 @@ features sharing a table) passes ``units``: unit name -> the source tables it co
 The costs are then per unit, and a unit's share of the budget is the sum of its
 tables' shares.
 
+Bytes are those of a ``TableFormat`` (``compression.deployed``): fp32 tables, or,
+when a config quantizes and its budget means the deployed module (the default), the
+quantized tables it will hold. ``BudgetedConfig`` is the base of every budgeted
+method's config; ``build_sized`` is the one path from its budget to its module:
+check, costs, fixed bytes, plan, construct, verify (the module holds exactly the
+bytes planned, counted from its tensors).
+
 Example::
 
     costs = [FieldCost("t_user", full=64_000, lo=1, hi=999, bytes_at=lambda m: 64 * m)]
@@ -38,15 +45,77 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional, TypeVar
 
+import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from compression.api import MethodConfigError
+from compression.api import BuildContext, CompressionConfig, MethodConfigError
+from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import BUDGET_TOLERANCE, Budget, BudgetError
+from compression.deployed import TableFormat, deployed_bytes
 from compression.memory import uncompressed_bytes
+from compression.quantization import as_quantization, check_quantizable, row_alignment
+
+# what a budget counts when the config quantizes its tables (BudgetedConfig.budget_precision)
+BUDGET_PRECISIONS = ("deployed", "fp32")
+B = TypeVar("B", bound="BudgetedConfig")
+M = TypeVar("M", bound=CompressedEmbeddingBagCollection)
+
+
+@dataclass
+class BudgetedConfig(CompressionConfig):
+    """Base of every method whose sizes come from a memory ``budget``.
+
+    ``budget``: ``Budget(ratio=10)`` (10x smaller than the fp32 tables) or
+    ``Budget(bytes=...)``; None: the method's explicit sizes (``explicit_sizes()``).
+    ``budget_precision``: what the budget counts when the config also quantizes:
+
+    - ``"deployed"`` (default): the bytes the deployed module holds, its tables
+      quantized. "10x with int8" is a module 10x smaller than the fp32 tables once
+      quantized; the method sizes its tables for int8 rows (more rows than for fp32),
+      and trains them in fp32, above the budget until the ``quantize`` stage.
+    - ``"fp32"``: the bytes of the fp32 tables it trains; quantization then shrinks
+      them below the budget ("10x, then int4" ends near 50x at dim 16).
+
+    "deployed" is the default because a budget is a memory limit for serving: a user
+    who asks for "10x with int8" expects the model they deploy to be 10x smaller, and
+    gets more rows for it (about 3x at dim 16) than an fp32 plan would leave them.
+
+    Example::
+
+        QRConfig(budget=Budget(ratio=10), quantization=Quantization("int8"))   # 10x as deployed
+        QRConfig(budget=Budget(ratio=10), quantization=Quantization("int8"), budget_precision="fp32")
+    """
+
+    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
+    budget_precision: str = "deployed"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget_precision not in BUDGET_PRECISIONS:
+            raise MethodConfigError(
+                f"{type(self).method}: budget_precision must be one of {BUDGET_PRECISIONS}, got '{self.budget_precision}'"
+            )
+
+    def with_budget(self: B, budget: Budget | None) -> B:
+        return dataclasses.replace(self, budget=budget)
+
+    def explicit_sizes(self) -> dict[str, Any]:
+        """The knobs that size the method without a budget (budget: null), by name."""
+        return {}
+
+    def table_format(self, device: torch.device) -> TableFormat:
+        """The format the budget counts the tables in: their quantized form when the
+        config quantizes and the budget means the deployed module, else fp32. Row
+        alignment: the quantization's, else fbgemm's default on ``device``."""
+        q = as_quantization(self.quantization)
+        if q is None or self.budget is None or self.budget_precision == "fp32":
+            return TableFormat()
+        return TableFormat(q.precision, row_alignment(q.row_alignment, device))
 
 
 @dataclass(frozen=True)
@@ -95,6 +164,8 @@ class Plan:
     target: int | None = None
     budget_label: str = "explicit"
     order: list[str] = field(default_factory=list)
+    # the format the bytes are counted in (fp32, or the deployed quantized tables)
+    precision: str = "fp32"
 
     @property
     def total(self) -> int:
@@ -109,6 +180,7 @@ class Plan:
         out: dict[str, Any] = {
             "budget": self.budget_label,
             "planned_bytes": self.total,
+            "planned_precision": self.precision,
             "uncompressed_fields": ",".join(
                 f for t in self.exact for f in (features[t] if features else [t])
             ),
@@ -120,9 +192,13 @@ class Plan:
         return out
 
 
-def _smallest_error(method: str, what: str, target: int, smallest: int, full: int) -> BudgetError:
+def _as(precision: str) -> str:
+    return "" if precision == "fp32" else f" as {precision} tables"
+
+
+def _smallest_error(method: str, what: str, target: int, smallest: int, full: int, precision: str) -> BudgetError:
     return BudgetError(
-        f"{method} cannot reach {what} ({target} bytes): the smallest it can hold these tables in "
+        f"{method} cannot reach {what} ({target} bytes): the smallest it can hold these tables in{_as(precision)} "
         f"is {smallest} bytes, a ratio of {full / smallest:.4g}x"
     )
 
@@ -135,10 +211,12 @@ def plan_budget(
     fixed: int = 0,
     weights: Mapping[str, float] | None = None,
     units: Mapping[str, Sequence[str]] | None = None,
+    precision: str = "fp32",
 ) -> Plan:
     """Sizes that put the module's bytes within ``[0.95, 1.0]`` of ``budget``.
 
     ``units`` (unit -> its tables' names): size each unit as one, ``costs`` per unit.
+    ``precision``: the format ``costs`` count in (named in the plan and its errors).
     """
     if not isinstance(budget, Budget):
         raise BudgetError(f"{method}: budget must be a Budget, got {budget!r}")
@@ -153,7 +231,7 @@ def plan_budget(
 
     smallest = fixed + sum(c.smallest for c in costs)
     if smallest > target:
-        raise _smallest_error(method, budget.label(), target, smallest, full_total)
+        raise _smallest_error(method, budget.label(), target, smallest, full_total, precision)
 
     avail = target - fixed
     forced = {t for t in order if not by_name[t].compressible}  # the method cannot shrink them
@@ -197,10 +275,18 @@ def plan_budget(
         target=target,
         budget_label=budget.label(),
         order=order,
+        precision=precision,
     )
     _top_up(plan, by_name, target)
     if plan.total > target:  # pragma: no cover - the steps above never overshoot
         raise AssertionError(f"{method}: planned {plan.total} bytes over the target {target}")
+    if plan.total < (1 - BUDGET_TOLERANCE) * target and not [t for t in order if plan.sizes[t] is not None]:
+        # quantized tables can be smaller than a budget meant for fp32 ones as they are
+        raise BudgetError(
+            f"{method}: with every table exact{_as(precision)}, the module holds {plan.total} bytes, "
+            f"a ratio of {full_total / plan.total:.4g}x, below {budget.label()} ({target} bytes): nothing to "
+            f"compress; ask for a higher ratio" + (", or budget_precision: fp32 to size the fp32 tables" if precision != "fp32" else "")
+        )
     if plan.total < (1 - BUDGET_TOLERANCE) * target:
         raise BudgetError(
             f"{method} cannot land within {BUDGET_TOLERANCE:.0%} of {budget.label()} ({target} bytes): "
@@ -293,25 +379,6 @@ def plan_explicit(
     )
 
 
-def plan_sizes(
-    method: str,
-    costs: Sequence[FieldCost],
-    budget: Budget | None,
-    tables: Sequence[EmbeddingBagConfig],
-    fixed: int,
-    size: int | None = None,
-    units: Mapping[str, Sequence[str]] | None = None,
-) -> Plan:
-    """``plan_budget`` when there is a budget, else the explicit ``size`` for every table
-    (or every unit of ``units``)."""
-    if budget is not None:
-        return plan_budget(method, costs, budget, tables, fixed, units=units)
-    if size is None:
-        raise MethodConfigError(f"{method}: needs a budget or an explicit size")
-    names = list(units) if units is not None else [t.name for t in tables]
-    return plan_explicit(method, costs, {t: size for t in names}, tables, fixed, units=units)
-
-
 def check_exclusive(method: str, budget: Budget | None, **overrides: Any) -> None:
     """Exactly one of a budget or explicit sizes; a clear line naming both otherwise."""
     given = [k for k, v in overrides.items() if v is not None]
@@ -328,3 +395,69 @@ def verify(method: str, plan: Plan, actual: int) -> None:
     """The built module must hold exactly the bytes planned (bytes are counted, not guessed)."""
     if actual != plan.total:
         raise AssertionError(f"{method}: planned {plan.total} bytes but the module holds {actual}")
+
+
+def build_sized(
+    tables: list[EmbeddingBagConfig],
+    config: BudgetedConfig,
+    ctx: BuildContext,
+    *,
+    costs: Callable[[TableFormat], Sequence[FieldCost]],
+    fixed: Callable[[TableFormat], int],
+    construct: Callable[[Plan], M],
+    check: Callable[[], None] | None = None,
+    sizes: Callable[[], Mapping[str, int]] | None = None,
+    units: Mapping[str, Sequence[str]] | None = None,
+    weights: Mapping[str, float] | None = None,
+    settle: Callable[[TableFormat, Plan], int] | None = None,
+) -> M:
+    """The one path from a budgeted config to its module: check, costs, fixed bytes,
+    plan, construct, verify.
+
+    The method supplies what is its own: ``costs(fmt)`` (one ``FieldCost`` per table,
+    or per unit of ``units``, in the bytes of ``fmt``), ``fixed(fmt)`` (bytes held
+    whatever the sizes) and ``construct(plan)``; optionally ``check()`` (its config
+    against the tables, after budget-or-sizes), ``sizes()`` (explicit sizes per table
+    or unit when there is no budget; default: the config's one explicit knob for
+    every table), ``weights`` (each table's share of a model-scope budget) and
+    ``settle(fmt, plan)``, the fixed bytes of the sizes chosen where they depend on
+    them (at most ``fixed(fmt)``: what that frees is spent on the tables).
+
+    Example::
+
+        @register(HashingConfig)
+        def build(tables, config, ctx):
+            return build_sized(tables, config, ctx,
+                               costs=lambda fmt: [_cost(t, fmt) for t in tables],
+                               fixed=lambda fmt: UniversalHash.nbytes(1) + fmt.collection(tables),
+                               construct=lambda plan: HashedEmbeddingBagCollection(tables, plan, ctx))
+    """
+    method = type(config).method
+    explicit = config.explicit_sizes()
+    check_exclusive(method, config.budget, **explicit)
+    if check is not None:
+        check()
+    fmt = config.table_format(ctx.device)
+    priced, held = list(costs(fmt)), fixed(fmt)
+    if config.budget is not None:
+        plan = plan_budget(method, priced, config.budget, tables, held, weights, units, fmt.precision)
+    else:
+        if sizes is None:
+            (size,) = [v for v in explicit.values() if v is not None]
+            names = list(units) if units is not None else [t.name for t in tables]
+            chosen: Mapping[str, int] = {n: size for n in names}
+        else:
+            chosen = sizes()
+        plan = plan_explicit(method, priced, chosen, tables, held, units=units)
+    if settle is not None:
+        plan.fixed = settle(fmt, plan)
+        if plan.target is not None:
+            _top_up(plan, {c.table: c for c in priced}, plan.target)
+    module = construct(plan)
+    if fmt.quantized:  # a format the tables cannot take is refused here, not miscounted
+        q = as_quantization(config.quantization)
+        assert q is not None
+        check_quantizable(module, q, method)
+    verify(method, plan, deployed_bytes(module, fmt))
+    return module
+

@@ -23,6 +23,7 @@ def test_readme_example_runs(tmp_path, capsys):
         os.chdir(cwd)
     out = capsys.readouterr().out
     auc, nbytes, ratio = re.search(r"test AUC ([\d.]+), (\d+) bytes, ([\d.]+)x", out).groups()
-    assert 0.5 < float(auc) <= 1 and float(ratio) > 10  # 10x by QR, then int8 on top
+    # 10x as deployed: QR sized for int8 rows (budget_precision "deployed", the default)
+    assert 0.5 < float(auc) <= 1 and 10 <= float(ratio) <= 10.5
     assert (tmp_path / "model.pt2").is_file()
     assert (tmp_path / "data" / "cache").is_dir()

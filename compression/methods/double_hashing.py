@@ -24,16 +24,17 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
+from compression.api import BuildContext, MethodConfigError, register
 from compression.budget import Budget
+from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import (
     IdMappedCollection,
@@ -45,24 +46,25 @@ from compression.idmap import (
     inner_table,
     with_values,
 )
-from compression.memory import memory_report, uncompressed_bytes
-from compression.sizing import FieldCost, Plan, check_exclusive, plan_sizes, verify
+from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
 
 COMBINES = ("sum", "concat")
 TABLES = ("shared", "separate")
 
 
 @dataclass
-class DoubleHashingConfig(CompressionConfig):
+class DoubleHashingConfig(BudgetedConfig):
     """k hashes per id, rows summed or concatenated; ``budget`` or ``rows`` picks M."""
 
     method: ClassVar[str] = "double_hashing"
-    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
     # rows M per hash function (budget: null)
     rows: Optional[int] = None
     num_hashes: int = 2
     combine: str = "sum"
     tables: str = "shared"
+
+    def explicit_sizes(self) -> dict[str, Any]:
+        return {"rows": self.rows}
 
     @classmethod
     def contract_examples(cls) -> list[DoubleHashingConfig]:
@@ -91,17 +93,17 @@ def _check(config: DoubleHashingConfig, tables: list[EmbeddingBagConfig]) -> Non
                 )
 
 
-def _bytes_per_m(t: EmbeddingBagConfig, config: DoubleHashingConfig) -> int:
-    """Bytes per unit of M: shared sum d, separate sum k·d, shared concat d/k, separate concat d."""
-    k, d = config.num_hashes, t.embedding_dim
-    if config.combine == "sum":
-        return 4 * d * (k if config.tables == "separate" else 1)
-    return 4 * (d // k) * (k if config.tables == "separate" else 1)
-
-
-def _cost(t: EmbeddingBagConfig, config: DoubleHashingConfig) -> FieldCost:
-    per_m = _bytes_per_m(t, config)
-    return FieldCost(t.name, uncompressed_bytes([t]), 1, t.num_embeddings, lambda m: per_m * m)
+def _cost(t: EmbeddingBagConfig, config: DoubleHashingConfig, fmt: TableFormat) -> FieldCost:
+    """Bytes at M rows per hash: shared sum one M x d table, separate sum one k·M x d,
+    shared concat one M x d/k (read by k keys per feature), separate concat k M x d/k."""
+    k, d, f = config.num_hashes, t.embedding_dim, len(t.feature_names)
+    separate = config.tables == "separate"
+    if config.combine == "sum":  # (tables, rows per unit of M, dim, keys reading each table)
+        n, per_m, dim, keys = 1, k if separate else 1, d, f
+    else:
+        n, per_m, dim, keys = (k, 1, d // k, f) if separate else (1, 1, d // k, k * f)
+    return FieldCost(t.name, fmt.table(t.num_embeddings, d, f), 1, t.num_embeddings,
+                     lambda m: n * fmt.table(per_m * m, dim, keys))  # fmt: skip
 
 
 class DoubleHashedEmbeddingBagCollection(IdMappedCollection):
@@ -197,11 +199,11 @@ class DoubleHashedEmbeddingBagCollection(IdMappedCollection):
 def build(
     tables: list[EmbeddingBagConfig], config: DoubleHashingConfig, ctx: BuildContext
 ) -> DoubleHashedEmbeddingBagCollection:
-    check_exclusive("double_hashing", config.budget, rows=config.rows)
-    _check(config, tables)
-    costs = [_cost(t, config) for t in tables]
-    fixed = UniversalHash.nbytes(config.num_hashes) + KeyParams.nbytes(2, sum(len(t.feature_names) for t in tables))
-    plan = plan_sizes("double_hashing", costs, config.budget, tables, fixed, config.rows)
-    module = DoubleHashedEmbeddingBagCollection(tables, plan, config, ctx)
-    verify("double_hashing", plan, memory_report(module).bytes)
-    return module
+    n_features = sum(len(t.feature_names) for t in tables)
+    return build_sized(
+        tables, config, ctx,
+        check=lambda: _check(config, tables),
+        costs=lambda fmt: [_cost(t, config, fmt) for t in tables],
+        fixed=lambda fmt: UniversalHash.nbytes(config.num_hashes) + KeyParams.nbytes(2, n_features) + fmt.collection(tables),
+        construct=lambda plan: DoubleHashedEmbeddingBagCollection(tables, plan, config, ctx),
+    )  # fmt: skip

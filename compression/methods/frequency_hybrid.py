@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import numpy as np
@@ -34,27 +34,29 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
+from compression.api import BuildContext, MethodConfigError, register
 from compression.budget import Budget
+from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import IdMappedCollection, KeyParams, in_range, inner_table, with_values
-from compression.memory import memory_report, uncompressed_bytes
-from compression.sizing import FieldCost, Plan, check_exclusive, plan_budget, plan_explicit, verify
+from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
 
 ID_BYTES = 8  # one int64 per exact id in the sorted-id buffer
 
 
 @dataclass
-class FrequencyHybridConfig(CompressionConfig):
+class FrequencyHybridConfig(BudgetedConfig):
     """Top-k ids exact, the rest hashed; ``budget`` picks k and M, or give both."""
 
     method: ClassVar[str] = "frequency_hybrid"
-    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
     # share of each compressed table's rows that are exact (top-k) rows
     exact_fraction: float = 0.5
     # explicit sizes for every table (budget: null): exact ids and hashed rows
     top_k: Optional[int] = None
     hashed_rows: Optional[int] = None
+
+    def explicit_sizes(self) -> dict[str, Any]:
+        return {"top_k": self.top_k, "hashed_rows": self.hashed_rows}
 
     @classmethod
     def contract_examples(cls) -> list[FrequencyHybridConfig]:
@@ -149,37 +151,44 @@ class HybridEmbeddingBagCollection(IdMappedCollection):
         return self.ebc(with_values(features, self.rows(features)))
 
 
-def _cost(t: EmbeddingBagConfig, split: Callable[[int], int]) -> FieldCost:
-    d = t.embedding_dim
-    return FieldCost(t.name, uncompressed_bytes([t]), 1, t.num_embeddings, lambda r: 4 * d * r + ID_BYTES * split(r))
+def _cost(t: EmbeddingBagConfig, split: Callable[[int], int], fmt: TableFormat) -> FieldCost:
+    d, f = t.embedding_dim, len(t.feature_names)
+    return FieldCost(t.name, fmt.table(t.num_embeddings, d, f), 1, t.num_embeddings,
+                     lambda r: fmt.table(r, d, f) + ID_BYTES * split(r))  # fmt: skip
+
+
+def _check(config: FrequencyHybridConfig) -> None:
+    if config.budget is not None and not 0.0 <= config.exact_fraction < 1.0:
+        raise MethodConfigError(f"frequency_hybrid: exact_fraction must be in [0, 1), got {config.exact_fraction}")
+    k, m = config.top_k, config.hashed_rows
+    if config.budget is None and (k is None or m is None or k < 0 or m < 1):
+        raise MethodConfigError(f"frequency_hybrid: explicit sizes need top_k >= 0 and hashed_rows >= 1, got {k}, {m}")
+
+
+def _splitter(config: FrequencyHybridConfig) -> Callable[[int], int]:
+    """The exact (top-k) rows of a compressed table of R rows: the budget's share of R
+    (at least one hashed row), or the explicit ``top_k``."""
+    frac, k = config.exact_fraction, config.top_k
+    if config.budget is None:
+        return lambda rows: int(k or 0)
+    return lambda rows: min(int(frac * rows), rows - 1)
 
 
 @register(FrequencyHybridConfig)
 def build(tables: list[EmbeddingBagConfig], config: FrequencyHybridConfig, ctx: BuildContext) -> HybridEmbeddingBagCollection:
-    explicit = None if config.top_k is None and config.hashed_rows is None else (config.top_k, config.hashed_rows)
-    check_exclusive("frequency_hybrid", config.budget, top_k=config.top_k, hashed_rows=config.hashed_rows)
-    counts = {t.name: table_counts(t, ctx.counts) for t in tables}
-    fixed = UniversalHash.nbytes(1) + KeyParams.nbytes(6, sum(len(t.feature_names) for t in tables))
-    if explicit is None:
-        frac = config.exact_fraction
-        if not 0.0 <= frac < 1.0:
-            raise MethodConfigError(f"frequency_hybrid: exact_fraction must be in [0, 1), got {frac}")
+    counts: dict[str, np.ndarray] = {}
+    split = _splitter(config)
+    n_features = sum(len(t.feature_names) for t in tables)
 
-        def split(rows: int) -> int:
-            return min(int(frac * rows), rows - 1)
+    def check() -> None:  # the counts first: without them nothing can be sized
+        counts.update({t.name: table_counts(t, ctx.counts) for t in tables})
+        _check(config)
 
-        assert config.budget is not None
-        plan = plan_budget("frequency_hybrid", [_cost(t, split) for t in tables], config.budget, tables, fixed)
-    else:
-        k, m = explicit
-        if k is None or m is None or k < 0 or m < 1:
-            raise MethodConfigError(f"frequency_hybrid: explicit sizes need top_k >= 0 and hashed_rows >= 1, got {k}, {m}")
-
-        def split(rows: int) -> int:
-            return k
-
-        costs = [_cost(t, split) for t in tables]
-        plan = plan_explicit("frequency_hybrid", costs, {t.name: k + m for t in tables}, tables, fixed)
-    module = HybridEmbeddingBagCollection(tables, plan, split, counts, ctx)
-    verify("frequency_hybrid", plan, memory_report(module).bytes)
-    return module
+    return build_sized(
+        tables, config, ctx,
+        check=check,
+        costs=lambda fmt: [_cost(t, split, fmt) for t in tables],
+        fixed=lambda fmt: UniversalHash.nbytes(1) + KeyParams.nbytes(6, n_features) + fmt.collection(tables),
+        sizes=lambda: {t.name: (config.top_k or 0) + (config.hashed_rows or 0) for t in tables},
+        construct=lambda plan: HybridEmbeddingBagCollection(tables, plan, split, counts, ctx),
+    )  # fmt: skip

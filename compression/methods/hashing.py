@@ -17,30 +17,32 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.api import BuildContext, CompressionConfig, register
+from compression.api import BuildContext, register
 from compression.budget import Budget
+from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import IdMappedCollection, KeyParams, in_range, inner_table, with_values
-from compression.memory import memory_report, uncompressed_bytes
-from compression.sizing import FieldCost, Plan, check_exclusive, plan_sizes, verify
+from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
 
 
 @dataclass
-class HashingConfig(CompressionConfig):
+class HashingConfig(BudgetedConfig):
     """Hashing trick. ``budget`` picks each table's rows; or give ``rows`` (budget: null)."""
 
     method: ClassVar[str] = "hashing"
-    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
     # rows of every hashed table (tables with fewer ids stay exact)
     rows: Optional[int] = None
+
+    def explicit_sizes(self) -> dict[str, Any]:
+        return {"rows": self.rows}
 
     @classmethod
     def contract_examples(cls) -> list[HashingConfig]:
@@ -74,16 +76,17 @@ class HashedEmbeddingBagCollection(IdMappedCollection):
         return self.ebc(with_values(features, self.rows(features)))
 
 
-def _cost(t: EmbeddingBagConfig) -> FieldCost:
-    row = 4 * t.embedding_dim
-    return FieldCost(t.name, uncompressed_bytes([t]), 1, t.num_embeddings, lambda m: row * m)
+def _cost(t: EmbeddingBagConfig, fmt: TableFormat) -> FieldCost:
+    d, f = t.embedding_dim, len(t.feature_names)
+    return FieldCost(t.name, fmt.table(t.num_embeddings, d, f), 1, t.num_embeddings, lambda m: fmt.table(m, d, f))
 
 
 @register(HashingConfig)
 def build(tables: list[EmbeddingBagConfig], config: HashingConfig, ctx: BuildContext) -> HashedEmbeddingBagCollection:
-    check_exclusive("hashing", config.budget, rows=config.rows)
-    fixed = UniversalHash.nbytes(1) + KeyParams.nbytes(2, sum(len(t.feature_names) for t in tables))
-    plan = plan_sizes("hashing", [_cost(t) for t in tables], config.budget, tables, fixed, config.rows)
-    module = HashedEmbeddingBagCollection(tables, plan, ctx)
-    verify("hashing", plan, memory_report(module).bytes)
-    return module
+    n_features = sum(len(t.feature_names) for t in tables)
+    return build_sized(
+        tables, config, ctx,
+        costs=lambda fmt: [_cost(t, fmt) for t in tables],
+        fixed=lambda fmt: UniversalHash.nbytes(1) + KeyParams.nbytes(2, n_features) + fmt.collection(tables),
+        construct=lambda plan: HashedEmbeddingBagCollection(tables, plan, ctx),
+    )  # fmt: skip

@@ -37,9 +37,9 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -52,14 +52,9 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.api import (
-    BuildContext,
-    CompressionConfig,
-    MethodConfigError,
-    register,
-    require_fbgemm_cuda,
-)
+from compression.api import BuildContext, MethodConfigError, register, require_fbgemm_cuda
 from compression.budget import Budget
+from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import (
     IdMappedCollection,
@@ -70,23 +65,25 @@ from compression.idmap import (
     inner_table,
     with_values,
 )
-from compression.memory import memory_report, tensor_bytes, uncompressed_bytes
-from compression.sizing import FieldCost, Plan, check_exclusive, plan_sizes, verify
+from compression.memory import tensor_bytes
+from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
 
 _EMPTY = torch.iinfo(torch.int64).max  # TorchRec's marker of an empty slot
 MIN_SLOTS = 2  # one slot for ids, one fallback
 
 
 @dataclass
-class ManagedCollisionConfig(CompressionConfig):
+class ManagedCollisionConfig(BudgetedConfig):
     """TorchRec MCH with LFU eviction; ``budget`` picks the slots, or give ``zch_size``."""
 
     method: ClassVar[str] = "managed_collision"
-    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
     # slots (rows, the fallback included) of every MC table (budget: null)
     zch_size: Optional[int] = None
     # training steps between two LFU evictions
     eviction_interval: int = 1
+
+    def explicit_sizes(self) -> dict[str, Any]:
+        return {"zch_size": self.zch_size}
 
     @classmethod
     def contract_examples(cls) -> list[ManagedCollisionConfig]:
@@ -197,21 +194,34 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
         return torch.where(hit, mapping[pos], module.output_size() - 1)
 
 
-def _cost(t: EmbeddingBagConfig) -> FieldCost:
+def _cost(t: EmbeddingBagConfig, fmt: TableFormat) -> FieldCost:
     per_slot, per_table = mch_bytes()
-    slot = 4 * t.embedding_dim + per_slot
-    return FieldCost(t.name, uncompressed_bytes([t]), MIN_SLOTS, t.num_embeddings, lambda z: slot * z + per_table)
+    d, f = t.embedding_dim, len(t.feature_names)
+    return FieldCost(t.name, fmt.table(t.num_embeddings, d, f), MIN_SLOTS, t.num_embeddings,
+                     lambda z: fmt.table(z, d, f) + per_slot * z + per_table)  # fmt: skip
+
+
+def _check(config: ManagedCollisionConfig) -> None:
+    if config.eviction_interval < 1:
+        raise MethodConfigError(f"managed_collision: eviction_interval must be >= 1, got {config.eviction_interval}")
 
 
 @register(ManagedCollisionConfig)
 def build(tables: list[EmbeddingBagConfig], config: ManagedCollisionConfig, ctx: BuildContext) -> ManagedCollisionEmbeddingBags:
     require_fbgemm_cuda("managed_collision", ctx.device)
-    check_exclusive("managed_collision", config.budget, zch_size=config.zch_size)
-    if config.eviction_interval < 1:
-        raise MethodConfigError(f"managed_collision: eviction_interval must be >= 1, got {config.eviction_interval}")
-    costs = [_cost(t) for t in tables]
-    fixed = UniversalHash.nbytes(1) + KeyParams.nbytes(1, sum(len(t.feature_names) for t in tables))
-    plan = plan_sizes("managed_collision", costs, config.budget, tables, fixed, config.zch_size)
-    module = ManagedCollisionEmbeddingBags(tables, plan, config, ctx)
-    verify("managed_collision", plan, memory_report(module).bytes)
-    return module
+    base = UniversalHash.nbytes(1) + KeyParams.nbytes(1, sum(len(t.feature_names) for t in tables))
+
+    def settle(fmt: TableFormat, plan: Plan) -> int:
+        # the MC tables and the exact ones are two collections: each present only when used
+        mc = [t for t in tables if plan.sizes[t.name] is not None]
+        exact = [t for t in tables if plan.sizes[t.name] is None]
+        return base + (fmt.collection(mc) if mc else 0) + (fmt.collection(exact) if exact else 0)
+
+    return build_sized(
+        tables, config, ctx,
+        check=lambda: _check(config),
+        costs=lambda fmt: [_cost(t, fmt) for t in tables],
+        fixed=lambda fmt: base + 2 * fmt.collection(tables),  # both collections: at most this
+        settle=settle,
+        construct=lambda plan: ManagedCollisionEmbeddingBags(tables, plan, config, ctx),
+    )  # fmt: skip

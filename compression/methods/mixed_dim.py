@@ -40,17 +40,18 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
+from compression.api import BuildContext, MethodConfigError, register
 from compression.budget import Budget
+from compression.deployed import TableFormat
+from compression.formats import FP32_BYTES
 from compression.idmap import IdMappedCollection, KeyParams, feature_order, in_order, inner_table
-from compression.memory import memory_report, uncompressed_bytes
-from compression.sizing import FieldCost, Plan, check_exclusive, plan_budget, plan_explicit, verify
+from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
 
 RULES = ("cardinality", "popularity")
 
 
 @dataclass
-class MixedDimConfig(CompressionConfig):
+class MixedDimConfig(BudgetedConfig):
     """Per-table dims by the power rule; ``budget`` sets its scale, or give ``dims``."""
 
     method: ClassVar[str] = "mixed_dim"
@@ -60,6 +61,9 @@ class MixedDimConfig(CompressionConfig):
     rule: str = "cardinality"
     # explicit dim per table name (budget: null); tables not listed keep their dim
     dims: Optional[dict[str, int]] = None
+
+    def explicit_sizes(self) -> dict[str, Any]:
+        return {"dims": self.dims}
 
     @classmethod
     def contract_examples(cls) -> list[MixedDimConfig]:
@@ -174,32 +178,49 @@ class MixedDimEmbeddingBagCollection(IdMappedCollection):
         return self.keyed(torch.cat(out, dim=1))
 
 
-def _cost(t: EmbeddingBagConfig) -> FieldCost:
-    n, d = t.num_embeddings, t.embedding_dim
-    return FieldCost(t.name, uncompressed_bytes([t]), n, n * d, lambda s: 4 * (s + d * split(s, n)[0]))
+def _cost(t: EmbeddingBagConfig, fmt: TableFormat) -> FieldCost:
+    """Bytes at s scalars: rows [0, r) at dim d_t, rows [r, N) at d_t - 1 (a second table
+    when there are any), and the fp32 projection d_t -> d (a dense layer, never quantized)."""
+    n, d, f = t.num_embeddings, t.embedding_dim, len(t.feature_names)
+
+    def bytes_at(s: int) -> int:
+        dim, r = split(s, n)
+        lower = fmt.table(n - r, dim - 1, f) if r < n else 0
+        return fmt.table(r, dim, f) + lower + FP32_BYTES * d * dim
+
+    return FieldCost(t.name, fmt.table(n, d, f), n, n * d, bytes_at)
+
+
+def _check_dims(config: MixedDimConfig, tables: list[EmbeddingBagConfig]) -> None:
+    dims = dict(config.dims or {})
+    unknown = sorted(set(dims) - {t.name for t in tables})
+    if unknown:
+        raise MethodConfigError(f"mixed_dim: dims name unknown tables {unknown}")
+    for name, k in dims.items():
+        d = next(t.embedding_dim for t in tables if t.name == name)
+        if not 1 <= k <= d:
+            raise MethodConfigError(f"mixed_dim: dim {k} for table '{name}' must be in [1, {d}]")
 
 
 @register(MixedDimConfig)
 def build(tables: list[EmbeddingBagConfig], config: MixedDimConfig, ctx: BuildContext) -> MixedDimEmbeddingBagCollection:
-    check_exclusive("mixed_dim", config.budget, dims=config.dims)
-    costs = [_cost(t) for t in tables]
+    budget, dims = config.budget, dict(config.dims or {})
+    weights: dict[str, float] = {}
+
+    def check() -> None:
+        if budget is None:
+            _check_dims(config, tables)
+        else:
+            weights.update(power_weights(tables, config, ctx.counts))
+
     n_features = sum(len(t.feature_names) for t in tables)
-    if config.budget is not None:
-        weights = power_weights(tables, config, ctx.counts)
-        per_model = config.budget.scope == "model"
-        fixed = KeyParams.nbytes(1, n_features)
-        plan = plan_budget("mixed_dim", costs, config.budget, tables, fixed, weights if per_model else None)
-    else:
-        dims = dict(config.dims or {})
-        unknown = sorted(set(dims) - {t.name for t in tables})
-        if unknown:
-            raise MethodConfigError(f"mixed_dim: dims name unknown tables {unknown}")
-        for name, k in dims.items():
-            d = next(t.embedding_dim for t in tables if t.name == name)
-            if not 1 <= k <= d:
-                raise MethodConfigError(f"mixed_dim: dim {k} for table '{name}' must be in [1, {d}]")
-        sizes = {t.name: t.num_embeddings * dims.get(t.name, t.embedding_dim) for t in tables}
-        plan = plan_explicit("mixed_dim", costs, sizes, tables, KeyParams.nbytes(1, n_features))
-    module = MixedDimEmbeddingBagCollection(tables, plan, ctx)
-    verify("mixed_dim", plan, memory_report(module).bytes)
-    return module
+    return build_sized(
+        tables, config, ctx,
+        check=check,
+        costs=lambda fmt: [_cost(t, fmt) for t in tables],
+        fixed=lambda fmt: KeyParams.nbytes(1, n_features) + fmt.collection(tables),
+        # a model-scope budget shares the bytes by the power rule; a table-scope one is each table's
+        weights=weights if budget is not None and budget.scope == "model" else None,
+        sizes=lambda: {t.name: t.num_embeddings * dims.get(t.name, t.embedding_dim) for t in tables},
+        construct=lambda plan: MixedDimEmbeddingBagCollection(tables, plan, ctx),
+    )  # fmt: skip

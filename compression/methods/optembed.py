@@ -43,11 +43,14 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.api import BuildContext, CompressionConfig, register
+from compression.api import BuildContext, register
 from compression.base import CompressedEmbeddingBagCollection, MethodConfigError, Stage
 from compression.budget import Budget, BudgetError
+from compression.sizing import BudgetedConfig
 
 ID_BYTES = 4  # kept ids are stored as int32
+# rows drawn to estimate a table's initial row norm when its tables are on meta (no values)
+NORM_SAMPLE_ROWS = 4096
 
 
 class SurrogateStep(torch.autograd.Function):
@@ -67,8 +70,9 @@ class SurrogateStep(torch.autograd.Function):
 
 
 @dataclass
-class OptEmbedConfig(CompressionConfig):
-    """OptEmbed. ``budget: null`` is the paper's setting (no memory constraint)."""
+class OptEmbedConfig(BudgetedConfig):
+    """OptEmbed. ``budget: null`` is the paper's setting (no memory constraint); a budget
+    bounds the compact export (its deployed, quantized form when the config quantizes)."""
 
     method: ClassVar[str] = "optembed"
     budget: Optional[Budget] = None
@@ -108,6 +112,8 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         self.full_dims = [t.embedding_dim for t in tables]
         self.rows = [t.num_embeddings for t in tables]
         self._unit_of = {f: i for i, t in enumerate(tables) for f in t.feature_names}
+        # what the budget counts the compact export in (fp32, or its quantized tables)
+        self.table_format = config.table_format(ctx.device)
         # TorchRec's EmbeddingCollection holds tables of one dim: one collection per dim
         self.ec = nn.ModuleDict({
             f"d{dim}": EmbeddingCollection(
@@ -116,18 +122,18 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
                                     feature_names=list(t.feature_names))
                     for t in tables if t.embedding_dim == dim
                 ],
-                device=ctx.device,
+                device=ctx.table_device,
             )
             for dim in sorted({t.embedding_dim for t in tables})
         })
         n = len(tables)
         self.thresholds = nn.Parameter(torch.full((n,), float(config.threshold_init), device=ctx.device))
-        with torch.no_grad():  # start the running row-norm scale at the initial tables' mean
-            scale = torch.stack([w.abs().sum(dim=1).mean() for w in self.weights()]).clamp_min(1e-12)
-        self.register_buffer("norm_scale", scale.to(ctx.device))
+        # start the running row-norm scale at the initial tables' mean
+        scale = torch.stack([initial_row_norm(w, c) for w, c in zip(self.weights(), self.table_configs())])
+        self.register_buffer("norm_scale", scale.clamp_min(1e-12).to(ctx.device))
         self.register_buffer("unit_dims", torch.tensor(self.full_dims, dtype=torch.int64, device=ctx.device))
-        for u, rows in zip(self.units, self.rows):
-            self.register_buffer(f"kept_{u}", torch.ones(rows, dtype=torch.bool, device=ctx.device))
+        for u, rows in zip(self.units, self.rows):  # one flag per row: where the tables are
+            self.register_buffer(f"kept_{u}", torch.ones(rows, dtype=torch.bool, device=ctx.table_device))
         self.mode = "supernet"
         self.compact_module: CompactTables | None = None
         self.history: dict[str, list[Any]] = {"thresholds": [], "kept": [], "fitness": []}
@@ -135,6 +141,11 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
     def weights(self) -> list[torch.Tensor]:
         """The full table of every unit, in unit order."""
         return [self.ec[f"d{d}"].embeddings[u].weight for u, d in zip(self.units, self.full_dims)]  # type: ignore[index,union-attr]
+
+    def table_configs(self) -> list[EmbeddingConfig]:
+        """The TorchRec config (its ``init_fn`` included) of every unit's table, in unit order."""
+        configs = {c.name: c for ec in self.ec.values() for c in ec.embedding_configs()}  # type: ignore[operator]
+        return [configs[u] for u in self.units]
 
     # -- parameters and schedule --------------------------------------------------------
     def table_parameters(self) -> list[nn.Parameter]:
@@ -302,8 +313,12 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         return [0 if self.config.budget is not None else 1] * len(self.units)
 
     def candidate_bytes(self, dims) -> int:
-        """Bytes the compact export of ``dims`` holds (rows, zero row, kept-id list, buffers)."""
-        total = sum((k + 1) * d * 4 + k * ID_BYTES for k, d in zip(self.kept_counts(), dims) if d > 0)
+        """Bytes the compact export of ``dims`` holds (rows, zero row, kept-id list, buffers),
+        its tables in the format the budget counts (``table_format``)."""
+        fmt, kept = self.table_format, self.kept_counts()
+        configs = compact_configs(self.units, self.unit_features, kept, list(dims))
+        total = sum(fmt.table(c.num_embeddings, c.embedding_dim, len(c.feature_names)) for c in configs)
+        total += (fmt.collection(configs) if configs else 0) + ID_BYTES * sum(k for k, d in zip(kept, dims) if d > 0)
         # thresholds (fp32), norm scales (fp32) and chosen dims (int64) stay in the module
         return total + len(self.units) * (4 + 4 + 8)
 
@@ -386,6 +401,30 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         return figs
 
 
+def compact_configs(units: list[str], unit_features: list[list[str]], kept: list[int], dims: list[int]) -> list[EmbeddingBagConfig]:
+    """The compact export's tables: each live unit's kept rows and a zero row, at its dim."""
+    return [
+        EmbeddingBagConfig(name=f"compact_{u}", embedding_dim=d, num_embeddings=k + 1, feature_names=list(fs))
+        for u, fs, k, d in zip(units, unit_features, kept, dims) if d > 0
+    ]
+
+
+@torch.no_grad()
+def initial_row_norm(weight: torch.Tensor, config: EmbeddingConfig) -> torch.Tensor:
+    """The mean L1 norm of a table's rows as initialised.
+
+    A table on ``meta`` holds no values (DMP, or the memory pre-flight, allocates
+    none): its rows' expected norm is then measured on a sample of rows drawn by the
+    table's own ``init_fn``, so building on meta needs no real table.
+    """
+    if weight.device.type != "meta":
+        return weight.abs().sum(dim=1).mean()
+    sample = torch.empty(min(config.num_embeddings, NORM_SAMPLE_ROWS), config.embedding_dim)
+    assert config.init_fn is not None  # TorchRec's EmbeddingConfig sets its default
+    config.init_fn(sample)
+    return sample.abs().sum(dim=1).mean()
+
+
 class CompactTables(nn.Module):
     """Kept rows only, at each table's dim, behind a sorted int32 list of kept ids."""
 
@@ -395,10 +434,7 @@ class CompactTables(nn.Module):
         self.units, self.dims, self.feature_order = units, dims, feature_order
         self._unit_of = {f: i for i, fs in enumerate(unit_features) for f in fs}
         self._full = full_dims
-        configs = [
-            EmbeddingBagConfig(name=f"compact_{u}", embedding_dim=d, num_embeddings=len(k) + 1, feature_names=list(fs))
-            for u, fs, k, d in zip(units, unit_features, kept, dims) if d > 0
-        ]
+        configs = compact_configs(units, unit_features, [len(k) for k in kept], dims)
         self.ebc = EmbeddingBagCollection(tables=configs, device=device) if configs else None
         for u, k, d in zip(units, kept, dims):
             self.register_buffer(f"ids_{u}", (k if d > 0 else k[:0]).to(torch.int32).to(device))

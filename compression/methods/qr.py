@@ -28,7 +28,7 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -36,9 +36,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
+from compression.api import BuildContext, MethodConfigError, register
 from compression.base import _tracing
 from compression.budget import Budget
+from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import (
     IdMappedCollection,
@@ -50,21 +51,22 @@ from compression.idmap import (
     inner_table,
     with_values,
 )
-from compression.memory import memory_report, uncompressed_bytes
-from compression.sizing import FieldCost, Plan, check_exclusive, plan_sizes, verify
+from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
 
 COMBINES = ("mult", "add", "concat")
 
 
 @dataclass
-class QRConfig(CompressionConfig):
+class QRConfig(BudgetedConfig):
     """Quotient-remainder tables; ``budget`` picks c per table, or give ``collisions``."""
 
     method: ClassVar[str] = "qr"
-    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
     # c, the remainder table's rows, for every table (budget: null)
     collisions: Optional[int] = None
     combine: str = "mult"
+
+    def explicit_sizes(self) -> dict[str, Any]:
+        return {"collisions": self.collisions}
 
     @classmethod
     def contract_examples(cls) -> list[QRConfig]:
@@ -76,10 +78,10 @@ def _dims(t: EmbeddingBagConfig, combine: str) -> tuple[int, int]:
     return (t.embedding_dim // 2,) * 2 if combine == "concat" else (t.embedding_dim, t.embedding_dim)
 
 
-def _cost(t: EmbeddingBagConfig, combine: str, lo: int) -> FieldCost:
-    dq, dr = _dims(t, combine)
-    n = t.num_embeddings
-    return FieldCost(t.name, uncompressed_bytes([t]), lo, n, lambda c: 4 * (dq * -(-n // c) + dr * c))
+def _cost(t: EmbeddingBagConfig, combine: str, lo: int, fmt: TableFormat) -> FieldCost:
+    (dq, dr), n, f = _dims(t, combine), t.num_embeddings, len(t.feature_names)
+    return FieldCost(t.name, fmt.table(n, t.embedding_dim, f), lo, n,
+                     lambda c: fmt.table(-(-n // c), dq, f) + fmt.table(c, dr, f))  # fmt: skip
 
 
 class QREmbeddingBagCollection(IdMappedCollection):
@@ -260,9 +262,7 @@ def _single_hot(features: KeyedJaggedTensor) -> bool:
     return lengths.numel() == 0 or int(lengths.max()) <= 1
 
 
-@register(QRConfig)
-def build(tables: list[EmbeddingBagConfig], config: QRConfig, ctx: BuildContext) -> QREmbeddingBagCollection:
-    check_exclusive("qr", config.budget, collisions=config.collisions)
+def _check(config: QRConfig, tables: list[EmbeddingBagConfig]) -> None:
     if config.combine not in COMBINES:
         raise MethodConfigError(f"qr: combine must be one of {COMBINES}, got '{config.combine}'")
     if config.combine == "concat":
@@ -272,12 +272,22 @@ def build(tables: list[EmbeddingBagConfig], config: QRConfig, ctx: BuildContext)
                     f"qr with combine='concat' gives each of the two tables half the dim: "
                     f"dim {t.embedding_dim} of table '{t.name}' is odd"
                 )
-    fixed = UniversalHash.nbytes(1) + KeyParams.nbytes(3, sum(len(t.feature_names) for t in tables))
     if config.collisions is not None and config.collisions < 1:
         raise MethodConfigError(f"qr: collisions must be >= 1, got {config.collisions}")
-    # with a budget, c >= sqrt(N): there bytes grow with c (c + ceil(N/c) is smallest at sqrt(N))
-    costs = [_cost(t, config.combine, 1 if config.budget is None else math.isqrt(t.num_embeddings - 1) + 1) for t in tables]
-    plan = plan_sizes("qr", costs, config.budget, tables, fixed, config.collisions)
-    module = QREmbeddingBagCollection(tables, plan, config.combine, ctx)
-    verify("qr", plan, memory_report(module).bytes)
-    return module
+
+
+@register(QRConfig)
+def build(tables: list[EmbeddingBagConfig], config: QRConfig, ctx: BuildContext) -> QREmbeddingBagCollection:
+    n_features = sum(len(t.feature_names) for t in tables)
+
+    def lo(t: EmbeddingBagConfig) -> int:
+        # with a budget, c >= sqrt(N): there bytes grow with c (c + ceil(N/c) is smallest at sqrt(N))
+        return 1 if config.budget is None else math.isqrt(t.num_embeddings - 1) + 1
+
+    return build_sized(
+        tables, config, ctx,
+        check=lambda: _check(config, tables),
+        costs=lambda fmt: [_cost(t, config.combine, lo(t), fmt) for t in tables],
+        fixed=lambda fmt: UniversalHash.nbytes(1) + KeyParams.nbytes(3, n_features) + fmt.collection(tables),
+        construct=lambda plan: QREmbeddingBagCollection(tables, plan, config.combine, ctx),
+    )  # fmt: skip

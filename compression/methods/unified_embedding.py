@@ -53,6 +53,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -64,8 +65,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.api import BuildContext, CompressionConfig, MethodConfigError, register
+from compression.api import BuildContext, MethodConfigError, register
 from compression.budget import Budget
+from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import (
     IdMappedCollection,
@@ -75,8 +77,7 @@ from compression.idmap import (
     inner_table,
     with_values,
 )
-from compression.memory import memory_report
-from compression.sizing import FieldCost, Plan, check_exclusive, plan_sizes, verify
+from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
 
 NAME = "unified_embedding"
 CHUNK_RULES = ("uniform", "cardinality", "explicit")
@@ -87,11 +88,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class UnifiedEmbeddingConfig(CompressionConfig):
+class UnifiedEmbeddingConfig(BudgetedConfig):
     """Feature multiplexing: ``budget`` (or ``rows``) sizes the shared tables."""
 
     method: ClassVar[str] = NAME
-    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
     # rows M of every shared table, instead of a budget (set budget: null)
     rows: Optional[int] = None
     # d, the dim of one chunk; None: the source dim / chunks
@@ -114,6 +114,12 @@ class UnifiedEmbeddingConfig(CompressionConfig):
     n_groups: int = 2
     # groups=explicit: lists of feature names
     group_features: list[list[str]] = field(default_factory=list)
+
+    def explicit_sizes(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def with_uniform_output(self) -> UnifiedEmbeddingConfig:
+        return dataclasses.replace(self, uniform_output=True)
 
     @classmethod
     def contract_examples(cls) -> list[UnifiedEmbeddingConfig]:
@@ -146,12 +152,12 @@ class Layout:
     def tables_in(self, group: list[EmbeddingBagConfig]) -> int:
         return min(self.num_tables, sum(self.chunks[t.name] for t in group))
 
-    def cost(self, name: str, group: list[EmbeddingBagConfig]) -> FieldCost:
-        """Bytes of a group: T shared tables of M rows of d floats; plain: N x c_t·d per table."""
-        per_m = 4 * self.d * self.tables_in(group)
+    def cost(self, name: str, group: list[EmbeddingBagConfig], fmt: TableFormat) -> FieldCost:
+        """Bytes of a group: T shared tables of M rows of d values; exact: one table of
+        N_t rows per chunk of every table t. Each table is read through one stacked key."""
+        n = self.tables_in(group)
         plain_rows = sum(t.num_embeddings * self.chunks[t.name] for t in group)
-        full = 4 * self.d * plain_rows
-        return FieldCost(name, full, 1, max(1, plain_rows // self.tables_in(group)), lambda m: per_m * m)
+        return FieldCost(name, fmt.table(plain_rows, self.d), 1, max(1, plain_rows // n), lambda m: n * fmt.table(m, self.d))
 
 
 def _chunk_dim(tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig) -> int:
@@ -322,7 +328,7 @@ class UnifiedEmbeddingBagCollection(IdMappedCollection):
             names = [f"shared_{name}_{k}" for k in range(n)]
             inner += [(inner_table(group[0], names[k], m, d, [names[k]]), members[k]) for k in range(n)]
         # one key per physical table, named after it, whose bags are (virtual feature, sample)
-        self.ebc = EmbeddingBagCollection(tables=[c for c, _ in inner], device=ctx.device)
+        self.ebc = EmbeddingBagCollection(tables=[c for c, _ in inner], device=ctx.table_device)
         self.hasher = UniversalHash(h, seed=ctx.seed, device=ctx.device)
         self._virtual = [v for _, vs in inner for v in vs]  # table by table
         self._source_of = [self.feature_names.index(v.rsplit("#", 1)[0]) for v in self._virtual]
@@ -433,13 +439,13 @@ class UnifiedEmbeddingBagCollection(IdMappedCollection):
 def build(
     tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig, ctx: BuildContext
 ) -> UnifiedEmbeddingBagCollection:
-    check_exclusive(NAME, config.budget, rows=config.rows)
     lay = layout(tables, config)
-    costs = [lay.cost(name, group) for name, group in lay.groups]
     virtual = sum(lay.chunks[t.name] * len(t.feature_names) for t in tables)
-    fixed = UniversalHash.nbytes(sum(lay.chunks.values())) + KeyParams.nbytes(3, virtual)
-    units = {name: [t.name for t in group] for name, group in lay.groups}
-    plan = plan_sizes(NAME, costs, config.budget, tables, fixed, config.rows, units=units)
-    module = UnifiedEmbeddingBagCollection(tables, plan, lay, ctx)
-    verify(NAME, plan, memory_report(module).bytes)
-    return module
+    hashes = UniversalHash.nbytes(sum(lay.chunks.values())) + KeyParams.nbytes(3, virtual)
+    return build_sized(
+        tables, config, ctx,
+        costs=lambda fmt: [lay.cost(name, group, fmt) for name, group in lay.groups],
+        fixed=lambda fmt: hashes + fmt.collection(tables),
+        units={name: [t.name for t in group] for name, group in lay.groups},
+        construct=lambda plan: UnifiedEmbeddingBagCollection(tables, plan, lay, ctx),
+    )  # fmt: skip

@@ -38,7 +38,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -63,6 +62,7 @@ from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCo
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from compression.api import require_fbgemm_cuda
+from compression.memory import held_bytes, local_tensors  # noqa: F401  (local_tensors: the trainer's)
 
 MODES = ("auto", "on", "off")
 # FBGEMM's fused table-batched kernels need each table's local columns to be a multiple of 4
@@ -450,48 +450,26 @@ def load_unsharded(dmp: DistributedModelParallel, state: Mapping[str, Any]) -> N
         raise DistributedError(f"state does not fit the sharded model: missing {missing}, unexpected {unexpected}")
 
 
-# -- what each rank holds -------------------------------------------------------------------
-def local_tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors this rank holds of a state_dict value (ShardedTensor, DTensor, tensor)."""
-    if hasattr(value, "local_shards"):
-        return [s.tensor for s in value.local_shards()]
-    if hasattr(value, "to_local"):
-        local = value.to_local()
-        return [s for s in getattr(local, "local_shards", lambda: [local])()]
-    return [value] if torch.is_tensor(value) else []
-
-
+# -- what each rank holds (counted by compression.memory, the one counter) -----------------
 def rank_bytes(sharded: Sharded, module: nn.Module, prefix: str) -> dict[str, int]:
     """Bytes this rank holds: its table shards (and replicated tables), everything else
     of the compressed module (hashes, remap buffers, projections), and the tables'
-    optimizer state; counted from the tensors, not from the plan.
+    optimizer state; counted from the tensors (``compression.memory.held_bytes``), not
+    from the plan.
 
     ``prefix``: the compressed module's name inside the model (e.g. ``embedding_bag_collection``).
     """
     state = sharded.dmp.state_dict()
     tables = {k for k in state if k.startswith(prefix + ".") and k.endswith(".weight")
               and any(seg in k for seg in (".embedding_bags.", ".embeddings."))}  # fmt: skip
-    table_bytes = sum(t.numel() * t.element_size() for k in tables for t in local_tensors(state[k]))
-    seen: set[int] = set()
-    other = 0
-    for k, v in list(module.named_parameters()) + list(module.named_buffers()):
-        key = f"{prefix}.{k}"
-        if key in tables or any(key.startswith(t.rsplit(".weight", 1)[0]) for t in tables):
-            continue
-        for t in local_tensors(v):
-            if id(t) not in seen and t.device.type != "meta":
-                seen.add(id(t))
-                other += t.numel() * t.element_size()
-    optimizer = 0
-    for value in sharded.dmp.fused_optimizer.state_dict()["state"].values():
-        for v in (value.values() if isinstance(value, dict) else [value]):
-            optimizer += sum(t.numel() * t.element_size() for t in local_tensors(v))
+    table_bytes = held_bytes((k, state[k]) for k in sorted(tables))
+    inside = tuple(t.rsplit(".weight", 1)[0] for t in tables)
+    other = held_bytes((k, v) for k, v in list(module.named_parameters()) + list(module.named_buffers())
+                       if not f"{prefix}.{k}".startswith(inside))  # fmt: skip
+    optimizer = held_bytes(
+        (f"{key}.{k}", v)
+        for key, value in sharded.dmp.fused_optimizer.state_dict()["state"].items()
+        for k, v in (value.items() if isinstance(value, dict) else [("", value)])
+    )
     return {"table_bytes": table_bytes, "other_bytes": other, "optimizer_bytes": optimizer,
             "total_bytes": table_bytes + other + optimizer}  # fmt: skip
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free where the tables live: the GPU's free memory, or the host's available RAM."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return int(psutil.virtual_memory().available)

@@ -1,7 +1,13 @@
 import pytest
+import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from compression import Budget, BudgetError
+import compression
+from compression import Budget, BudgetError, MethodConfigError, Quantization, compress
+from compression.deployed import TableFormat
+from compression.methods.hashing import HashingConfig
+from compression.methods.unified_embedding import UnifiedEmbeddingConfig
+from compression.sizing import BudgetedConfig
 
 TABLES = [
     EmbeddingBagConfig(name="t_a", embedding_dim=4, num_embeddings=1000, feature_names=["a"]),
@@ -41,3 +47,45 @@ def test_bad_budgets_are_refused(budget, msg):
 def test_labels():
     assert Budget(ratio=10).label() == "10x"
     assert Budget(bytes=2**20).label() == "1MiB"
+
+
+# -- what a config declares about its budget (BudgetedConfig) --------------------------------
+@pytest.mark.parametrize("name", sorted(compression.registered_methods()))
+def test_every_config_declares_with_budget_and_with_uniform_output(name):
+    """The job applies its budget and DLRM's one-dim need through methods every config
+    declares (no probing for attributes): a copy for a method that has the knob, the
+    config itself for one that has none."""
+    cls = compression.config_class(name)
+    config = cls()
+    budgeted = config.with_budget(Budget(ratio=123))
+    if issubclass(cls, BudgetedConfig):
+        assert budgeted.budget == Budget(ratio=123) and budgeted is not config
+        assert config.budget != Budget(ratio=123)  # the original is left as it was
+    else:
+        assert budgeted is config
+    uniform = config.with_uniform_output()
+    if cls is UnifiedEmbeddingConfig:
+        assert uniform.uniform_output and not config.uniform_output
+    else:
+        assert uniform is config
+
+
+def test_budget_precision_is_checked_and_defaults_to_the_deployed_module():
+    assert HashingConfig().budget_precision == "deployed"
+    with pytest.raises(MethodConfigError, match="budget_precision must be one of"):
+        HashingConfig(budget_precision="int8")
+    q = Quantization("int4")
+    assert HashingConfig(quantization=q).table_format(torch.device("cpu")) == TableFormat("int4", 1)
+    assert HashingConfig(quantization=q).table_format(torch.device("cuda")) == TableFormat("int4", 16)
+    assert HashingConfig(quantization=q, budget_precision="fp32").table_format(torch.device("cpu")) == TableFormat()
+    assert HashingConfig(budget=None, rows=5, quantization=q).table_format(torch.device("cpu")) == TableFormat()
+
+
+def test_a_budget_above_the_quantized_tables_says_there_is_nothing_to_compress():
+    """int4 tables hold about 1/5 of fp32 (dim 16): a 2x budget leaves nothing to do."""
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=5000, feature_names=["f"])]
+    config = HashingConfig(budget=Budget(ratio=2), quantization=Quantization("int4"))
+    with pytest.raises(BudgetError, match=r"every table exact as int4 tables.*nothing to compress.*budget_precision: fp32"):
+        compress(tables, config)
+    config.budget_precision = "fp32"  # the fp32 tables at 2x, then int4
+    assert 0.95 <= compress(tables, config).describe()["planned_bytes"] / Budget(ratio=2).target_bytes(tables) <= 1

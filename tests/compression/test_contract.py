@@ -6,16 +6,27 @@ with no arguments, and may list variants in a ``contract_examples()`` classmetho
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 import compression
-from compression import CompressedEmbeddingBagCollection, compress, memory_report
+from compression import (
+    Budget,
+    CompressedEmbeddingBagCollection,
+    MethodConfigError,
+    Quantization,
+    compress,
+    memory_report,
+)
 from compression.base import _tracing
+from compression.quantization import quantize_
+from compression.sizing import BudgetedConfig
 from recsys.models import DCNv2Config, DeepFMConfig, DLRMConfig
 
 DIM = 8
@@ -139,3 +150,61 @@ class TestContract:
 
     def test_not_tracing_in_eager(self, config):
         assert not _tracing()
+
+    def test_meta_table_device_holds_no_table(self, config):
+        """``table_device="meta"`` (DMP's path, the memory pre-flight's): no table has
+        storage, and the bytes counted are those the real module holds."""
+        m = compress(TABLES, config, counts=COUNTS, table_device="meta")
+        tables = list(m.table_parameters())
+        for c in m.modules():
+            if isinstance(c, EmbeddingBagCollection):
+                tables += [b.weight for b in c.embedding_bags.values()]
+            if isinstance(c, EmbeddingCollection):
+                tables += [e.weight for e in c.embeddings.values()]
+        assert tables
+        real = [t.shape for t in tables if t.device.type != "meta"]
+        assert not real, f"tables allocated on a real device: {real}"
+        assert memory_report(m).bytes == memory_report(build(config)).bytes
+        out = build(config)(make_kjt())  # the same config still builds and runs off meta
+        assert isinstance(out, KeyedTensor)
+
+
+# a larger vocabulary than TABLES' (same features), so that every method can reach the
+# budget with quantized rows (whose scale/bias and TBE metadata weigh on tiny tables)
+LARGE = [dataclasses.replace(t, num_embeddings=n) for t, n in zip(TABLES, (7, 20000, 3000))]
+QUANT_RATIO = 5  # reachable by every sized method at dim 8 in int8 and int4 (mixed_dim: int8)
+
+
+def sized_examples():
+    """Every example whose method sizes itself from its budget when it is built (OptEmbed
+    sizes in its search, after training: tests/compression/test_optembed.py)."""
+    return [p for p in examples() if isinstance(p.values[0], BudgetedConfig) and p.values[0].budget is not None
+            and type(p.values[0]).method != "optembed"]  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("config", sized_examples())
+def test_a_budget_with_quantization_is_met_by_the_deployed_module(config, precision):
+    """"5x with int8" (the default budget_precision, "deployed"): the module holds
+    [0.95, 1.0] of the budget once its tables are quantized, exactly the bytes planned;
+    ``budget_precision="fp32"`` sizes the fp32 tables it trains to the budget instead."""
+    budget = Budget(ratio=QUANT_RATIO, scope=config.budget.scope)
+    deployed = dataclasses.replace(config, budget=budget, quantization=Quantization(precision))
+    target = budget.target_bytes(LARGE)
+    if type(config).method == "mixed_dim" and precision == "int4":  # d_t and d_t - 1: one is odd
+        with pytest.raises(MethodConfigError, match="packs 2 values per byte"):
+            compress(LARGE, deployed, counts=COUNTS)
+        return
+    m = compress(LARGE, deployed, counts=COUNTS)
+    assert memory_report(m).bytes > target  # trained in fp32: above the budget until quantized
+    quantize_(m, deployed.quantization)
+    held = memory_report(m).bytes
+    assert 0.95 * target <= held <= target, (held, target)
+    assert m.describe()["planned_bytes"] == held and m.describe()["planned_precision"] == precision
+    trained = dataclasses.replace(deployed, budget_precision="fp32")
+    m = compress(LARGE, trained, counts=COUNTS)
+    fp32 = memory_report(m).bytes
+    assert 0.95 * target <= fp32 <= target
+    assert m.describe()["planned_precision"] == "fp32"
+    quantize_(m, trained.quantization)
+    assert memory_report(m).bytes < fp32  # then quantized below the budget

@@ -9,8 +9,10 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compression import Budget, BudgetError, compress
+from compression import Budget, BudgetError, Quantization, compress, memory_report, quantize_
+from compression.deployed import TableFormat
 from compression.methods.optembed import OptEmbedConfig, SurrogateStep, evolutionary_search
+from compression.preflight import training_bytes
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
 from recsys.models import DCNv2Config
@@ -142,6 +144,40 @@ def test_compact_export_equals_the_masked_model():
     assert memory_report(m).bytes == (kept[0] + 1) * 3 * 4 + (kept[1] + 1) * 6 * 4 + 4 * sum(kept) + 2 * (4 + 4 + 8)
     assert memory_report(m).bytes < full
     assert m.candidate_bytes([3, 6]) == memory_report(m).bytes
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_candidate_bytes_count_the_quantized_export_when_the_config_quantizes(precision):
+    """With quantization (and a budget meaning the deployed module, the default) the search
+    sizes the compact export as it is deployed: its tables quantized."""
+    config = OptEmbedConfig(budget=Budget(ratio=2), quantization=Quantization(precision))
+    m = compress(TABLES, config, seed=1)
+    g = torch.Generator().manual_seed(0)
+    m.kept_t_a.copy_(torch.rand(40, generator=g) > 0.5)
+    m.kept_t_b.copy_(torch.rand(25, generator=g) > 0.7)
+    m.unit_dims.copy_(torch.tensor([4, 6]))
+    planned = m.candidate_bytes([4, 6])
+    m.compact()
+    quantize_(m, config.quantization, "optembed")
+    assert memory_report(m).bytes == planned
+    m.table_format = TableFormat()  # budget_precision="fp32": the fp32 export, as before
+    kept = m.kept_counts()
+    assert m.candidate_bytes([4, 6]) == (kept[0] + 1) * 4 * 4 + (kept[1] + 1) * 6 * 4 + 4 * sum(kept) + 2 * (4 + 4 + 8)
+
+
+def test_builds_on_meta_without_real_tables():
+    """The memory pre-flight builds OptEmbed with meta tables: nothing is allocated, the
+    row-norm scale comes from the tables' own init drawn on a sample of rows."""
+    meta = compress(TABLES, OptEmbedConfig(), seed=0, table_device="meta")
+    real = compress(TABLES, OptEmbedConfig(), seed=0)
+    assert all(p.device.type == "meta" for p in meta.table_parameters())
+    assert meta.norm_scale.device.type == "cpu"
+    # TorchRec's default init, uniform in ±sqrt(1/N): a row's mean L1 norm is D·sqrt(1/N)/2
+    expected = torch.tensor([D * (1 / 40) ** 0.5 / 2, D * (1 / 25) ** 0.5 / 2])
+    torch.testing.assert_close(meta.norm_scale, expected, rtol=0.1, atol=0)
+    torch.testing.assert_close(real.norm_scale, expected, rtol=0.25, atol=0)  # 40 and 25 rows only
+    need = training_bytes(TABLES, OptEmbedConfig())
+    assert need.tables == memory_report(real).bytes  # the whole supernet, counted off meta
 
 
 class _Stop(Callback):

@@ -121,4 +121,5 @@ def test_post_training_int4_after_sharded_training_gathers_the_tables(tmp_path):
     m = summary["metrics"]
     assert m["test_auc"] > 0.55
     assert m["quantize.embedding_bytes_before"] > 4 * m["embedding_bytes"]  # fp32 -> int4 (+ scale/bias)
-    assert m["compression_ratio"] > 40
+    # 10x means the deployed module's bytes (budget_precision: deployed): 10x once in int4
+    assert 10 <= m["compression_ratio"] <= 10 / 0.95
