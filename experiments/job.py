@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,20 +19,20 @@ import mlflow
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 
-from compression import Budget, BudgetError, compress, memory_report
+from compression import Budget, BudgetError, CompressionConfig, compress, memory_report
 from compression.base import CompressedEmbeddingBagCollection
 from compression.preflight import available_bytes, check_fits, training_bytes
+from experiments.record import RunRecord
 from experiments.resources import peak_rss_bytes, reset_peak_rss
 from experiments.seeds import aggregate_metrics, resolve_seeds
 from experiments.sharding import ShardedJob, rank
 from experiments.tracking import (
-    MLflowCallback,
+    RecordCallback,
     check_tracking,
-    dataset_input,
-    flatten,
+    job_metrics,
+    job_params,
     use_experiment,
 )
 from recsys.data.loader import BatchLoader
@@ -42,9 +41,9 @@ from recsys.training import Trainer
 from recsys.training.distributed import DistributedError
 
 log = logging.getLogger(__name__)
-RUN_ID_FILE = "mlflow_run_id"
 PARENT_RUN_FILE = "mlflow_parent_run_id"
-GROUP_RUN_FILE = "mlflow_group_run_id"
+RECORD_FILE = "record.jsonl"  # a job's MLflow record, beside its checkpoints (experiments.record)
+GROUP_RECORD = "group_record.jsonl"  # a multi-seed job's group run
 JOB_KEY_FILE = "job_key"
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -64,15 +63,16 @@ def parse_budget(text: str, scope: str = "model") -> Budget:
         raise BudgetError(f"budget '{text}' is neither a ratio like '10x' nor bytes like '2MiB'") from None
 
 
-def resolve_compression(cfg: DictConfig) -> Any:
-    """The method's config object with the job-level ``budget`` applied (if it has one),
-    told when the model needs one output dim for every feature (DLRM)."""
-    comp: Any = OmegaConf.to_object(cfg.compression)
-    if cfg.get("budget") is not None and hasattr(comp, "budget"):
-        comp.budget = parse_budget(cfg.budget, cfg.get("budget_scope", "model"))
+def resolve_compression(cfg: DictConfig) -> CompressionConfig:
+    """The method's config object with the job-level ``budget`` applied (a method without
+    one ignores it), told when the model needs one output dim for every feature (DLRM)."""
+    comp = OmegaConf.to_object(cfg.compression)
+    assert isinstance(comp, CompressionConfig), comp
+    if cfg.get("budget") is not None:
+        comp = comp.with_budget(parse_budget(cfg.budget, cfg.get("budget_scope", "model")))
     model: Any = OmegaConf.to_object(cfg.model)
-    if model.needs_uniform_dims() and hasattr(comp, "uniform_output"):
-        comp.uniform_output = True
+    if model.needs_uniform_dims():
+        comp = comp.with_uniform_output()
     return comp
 
 
@@ -92,7 +92,7 @@ def _task_overrides() -> str:
         return ""
 
 
-def describe_job(cfg: DictConfig, comp: Any | None = None) -> dict[str, str]:
+def describe_job(cfg: DictConfig, comp: Any | None = None, variant: str | None = None) -> dict[str, str]:
     """Tags that name a job in the MLflow UI: method, budget, model, dataset (and the
     job's Hydra overrides, which the report uses to tell apart settings a sweep varies)."""
     comp = comp if comp is not None else resolve_compression(cfg)
@@ -101,7 +101,7 @@ def describe_job(cfg: DictConfig, comp: Any | None = None) -> dict[str, str]:
     method = type(comp).method
     if quant is not None and getattr(quant, "precision", None):
         method = f"{method}+{quant.label()}"  # int4, or int4-qat when quantization-aware
-    variant = _variant(cfg, method)
+    variant = variant or _variant(cfg, method)
     return {
         "method": method,
         "variant": variant,
@@ -211,69 +211,64 @@ def _run_seeds(cfg: DictConfig, output_dir: Path, seeds: list[int], parent_run_i
     tags = {**describe_job(cfg, comp), **cfg.mlflow.tags}
     gkey = job_key(_seed_cfg(cfg, 0), comp, with_seed=False)
     run_name = cfg.mlflow.run_name or _run_name(tags)
-    client = mlflow.MlflowClient()
-    group_id = _group_run(client, exp_id, output_dir, sweep_id, gkey, run_name,
-                          {**tags, "embcomp.seeds": ",".join(map(str, seeds))})  # fmt: skip
-    group = _Group(group_id, sweep_id)
+    record = RunRecord.open(output_dir / GROUP_RECORD, cfg.mlflow.tracking_uri, exp_id)
+    group_tags = {**tags, "embcomp.kind": "seed_group", "embcomp.group_key": gkey,
+                  "embcomp.seeds": ",".join(map(str, seeds))}  # fmt: skip
+    if sweep_id:
+        group_tags["embcomp.sweep"] = sweep_id
+    if not record.started("job") and sweep_id and (same := _same_group(sweep_id, gkey)) is not None:
+        record.adopt("job", same)  # a rerun sweep, or a duplicate job: that group, not a new one
+    record.start("job", run_name=run_name, tags=group_tags, parent=sweep_id)
+    per_seed: dict[int, dict[str, float]] = {}
     unreachable = None
     try:
         for s in seeds:
+            group = _Group(record.run_id("job"), sweep_id)
             try:
-                _run_one(_seed_cfg(cfg, s), output_dir / f"seed-{s}", group=group)
+                per_seed[s] = _run_one(_seed_cfg(cfg, s), output_dir / f"seed-{s}", group=group)["metrics"]
             except JobUnreachable as e:  # every seed would be: same sizes
                 unreachable = str(e)
                 break
-            except JobSkipped:  # this seed already ran in this sweep
-                continue
+            except JobSkipped:  # this seed already ran in this group: its figures from the store
+                if (done := _finished_seed(record.run_id("job"), s)) is not None:
+                    per_seed[s] = done
     except BaseException as e:
-        client.set_terminated(group_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        record.end("job", "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     if unreachable is not None:
-        client.set_tag(group_id, "embcomp.status", "unreachable")
-        client.set_tag(group_id, "embcomp.reason", unreachable[:5000])
-        client.set_terminated(group_id, "FINISHED")
+        record.tags("job", {"embcomp.status": "unreachable", "embcomp.reason": unreachable})
+        record.end("job")
         raise JobUnreachable(unreachable)
-    done = [r for r in mlflow.search_runs(filter_string=f"tags.`{PARENT_TAG}` = '{group_id}'", output_format="list")
-            if r.data.tags.get("embcomp.status") == "complete" and r.data.tags.get("seed") in {str(s) for s in seeds}]  # fmt: skip
-    per_seed = {int(r.data.tags["seed"]): dict(r.data.metrics) for r in done}
     metrics = aggregate_metrics([per_seed[s] for s in sorted(per_seed)])
     summary = {
-        "run_id": group_id, "run_name": run_name, "experiment": cfg.mlflow.experiment_name,
+        "run_id": record.run_id("job"), "run_name": run_name, "experiment": cfg.mlflow.experiment_name,
         "parent_run_id": sweep_id, "tags": tags, "seeds": seeds, "metrics": metrics,
         "per_seed": {str(s): m for s, m in sorted(per_seed.items())},
     }  # fmt: skip
     _write_json_atomic(summary, output_dir / "summary.json")
-    client.log_batch(group_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()
-                                        if v == v and abs(v) != float("inf")])  # fmt: skip
-    client.set_tag(group_id, "embcomp.status", "complete" if per_seed else "failed")
-    client.set_terminated(group_id, "FINISHED")
+    record.metrics("job", metrics)
+    record.tags("job", {"embcomp.status": "complete" if per_seed else "failed"})
+    record.end("job")
     return summary
 
 
-def _group_run(
-    client: mlflow.MlflowClient, exp_id: str, output_dir: Path, sweep_id: str | None, gkey: str,
-    run_name: str, tags: dict[str, str],
-) -> str:  # fmt: skip
-    """The group run of a multi-seed job: the one this output dir made before (a resumed
-    job), the sweep's group of the same config (a rerun sweep, or a duplicate job), or new."""
-    path = output_dir / GROUP_RUN_FILE
-    found: str | None = path.read_text().strip() if path.is_file() else None
-    if found is None and sweep_id:
-        same = mlflow.search_runs(
-            filter_string=f"tags.`{PARENT_TAG}` = '{sweep_id}' and tags.`embcomp.group_key` = '{gkey}'",
-            output_format="list",
-        )
-        found = same[0].info.run_id if same else None
-    if found is None:
-        group_tags = {**tags, "embcomp.kind": "seed_group", "embcomp.group_key": gkey}
-        if sweep_id:
-            group_tags[PARENT_TAG] = sweep_id
-        found = client.create_run(exp_id, run_name=run_name, tags=group_tags).info.run_id
-    else:
-        client.update_run(found, status="RUNNING")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(found)
-    return found
+def _same_group(sweep_id: str, gkey: str) -> str | None:
+    same = mlflow.search_runs(
+        filter_string=f"tags.`{PARENT_TAG}` = '{sweep_id}' and tags.`embcomp.group_key` = '{gkey}'",
+        output_format="list",
+    )
+    return same[0].info.run_id if same else None
+
+
+def _finished_seed(group_id: str | None, seed: int) -> dict[str, float] | None:
+    if group_id is None:
+        return None
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`{PARENT_TAG}` = '{group_id}' and tags.`seed` = '{seed}' "
+        "and tags.`embcomp.status` = 'complete'",
+        output_format="list",
+    )
+    return dict(runs[0].data.metrics) if runs else None
 
 
 def _run_name(tags: dict[str, str]) -> str:
@@ -285,7 +280,8 @@ def _run_name(tags: dict[str, str]) -> str:
 def _run_one(
     cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None, group: _Group | None = None
 ) -> dict[str, Any]:
-    """One training run of one seed (``run_job`` without ``seeds``, or one of them)."""
+    """One training run of one seed (``run_job`` without ``seeds``, or one of them):
+    resolve the job, skip it if its sweep already has it, build, then train and record."""
     dataset_cfg: Any = OmegaConf.to_object(cfg.dataset)
     model_cfg: Any = OmegaConf.to_object(cfg.model)
     comp_cfg = resolve_compression(cfg)
@@ -293,9 +289,10 @@ def _run_one(
     # sharded (torchrun, or distributed.mode=on): every rank trains, rank 0 alone records
     job = ShardedJob.start(cfg, trainer_cfg)
     main = job is None or job.main
+    exp_id = None
     if main:
         check_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.connect_timeout_s)
-        use_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name)
+        exp_id = use_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name)
     if group is not None:  # a seed of a multi-seed job: nested under its group run
         parent_run_id, sweep_id = (group.run_id, group.sweep_id) if main else (None, None)
         in_sweep = bool(sweep_id)
@@ -314,17 +311,17 @@ def _run_one(
         run_name = f"{run_name}-s{cfg.seed}"
     skip = None
     if parent_run_id:
-        tags[PARENT_TAG] = parent_run_id
         done = mlflow.search_runs(
             filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`embcomp.job_key` = '{key}'",
             output_format="list",
         )
-        if any(r.info.status == "FINISHED" for r in done):
+        if any(r.info.status == "FINISHED" and r.data.tags.get("embcomp.status") == "complete" for r in done):
             skip = f"{run_name}: same effective config already ran in this sweep"
     if job is not None:  # every rank skips, or none
         skip, in_sweep = job.broadcast((skip, in_sweep))
     if skip:
         raise JobSkipped(skip)
+    record = RunRecord.open(ckdir / RECORD_FILE, cfg.mlflow.tracking_uri, exp_id) if exp_id is not None else None
 
     torch.manual_seed(cfg.seed)
     reset_peak_rss()  # this job's peak, not the sweep's so far
@@ -333,7 +330,7 @@ def _run_one(
     else:  # rank 0 builds the cache, the others open it
         ds = job.prepared(lambda: dataset_cfg.prepare(Path(cfg.cache_dir)))
     schema = ds.schema
-    trainer = Trainer(trainer_cfg, callbacks=[MLflowCallback()], checkpoint_dir=None)
+    trainer = Trainer(trainer_cfg, callbacks=[], checkpoint_dir=None)
     tables = embedding_tables(schema, model_cfg.table_dim(), model_cfg.embedding_init_std)
     label = f"{tags['label']}" + (f" {tags['budget']}" if tags["budget"] != "none" else "")
     try:
@@ -345,7 +342,7 @@ def _run_one(
             table_device="meta" if job is not None else None,
         )  # fmt: skip
     except BudgetError as e:
-        _out_of_reach(e, in_sweep, main, run_name, tags, parent_run_id)
+        _out_of_reach(e, in_sweep, record, run_name, tags, parent_run_id)
     chosen = module.describe()
     model = model_cfg.build(module, len(schema.dense))
     loaders = {
@@ -361,13 +358,9 @@ def _run_one(
         )
         for split in ("train", "val", "test")
     }
-
     ckdir.mkdir(parents=True, exist_ok=True)
     (ckdir / JOB_KEY_FILE).write_text(key)
     trainer.checkpoint_dir = ckdir if job is None else None  # sharded runs do not resume
-    run_id_path = ckdir / RUN_ID_FILE
-    resume_id = run_id_path.read_text().strip() if run_id_path.is_file() and job is None else None
-    n_params = sum(p.numel() for p in model.parameters())
     if job is not None:
         job.refuse_unsupported(module, type(comp_cfg).method)
         if cfg.export:
@@ -380,107 +373,94 @@ def _run_one(
         try:  # the memory pre-flight against the plan's per-rank estimate
             model = job.wrap(model, module, trainer, rebuild, label)
         except BudgetError as e:
-            _out_of_reach(e, in_sweep, main, run_name, tags, parent_run_id)
+            _out_of_reach(e, in_sweep, record, run_name, tags, parent_run_id)
         if not main:  # the other ranks train and evaluate; rank 0 records
-            trainer.callbacks = []
             trainer.run(model, module, loaders["train"], loaders["val"], loaders["test"])
             return {}
-    with mlflow.start_run(
-        run_id=resume_id,
-        run_name=run_name,
-        tags=tags,
-        parent_run_id=parent_run_id if resume_id is None else None,
-        log_system_metrics=cfg.mlflow.log_system_metrics,
-    ) as run:
-        if resume_id is None:
-            run_id_path.write_text(run.info.run_id)
-            params = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-            params["compression.method"] = type(comp_cfg).method
-            params.update({f"compression.{k}": v for k, v in flatten(_as_plain(comp_cfg)).items()})
-            params.update({f"compression.chosen.{k}": v for k, v in chosen.items()})
-            params.update({"dataset.rows." + k: v for k, v in schema.rows.items()})
-            params.update({"dataset.cache_dir": str(ds.root), "device": str(trainer.device)})
-            mlflow.log_params(params)
-            mlflow.log_input(dataset_input(ds), context="training")
-        else:
-            log.info("resuming MLflow run %s from %s", resume_id, ckdir)
-        sharding_metrics = job.log() if job is not None else {}
+    assert record is not None
+    resumed = record.started("job")
+    record.start("job", run_name=run_name, tags=tags, parent=parent_run_id)
+    if resumed:
+        log.info("resuming the MLflow run of %s from %s", run_name, ckdir)
+    else:
+        record.params("job", job_params(cfg, comp_cfg, chosen, schema, str(ds.root), str(trainer.device)))
+        record.dataset("job", str(ds.root))
+    monitor = _system_metrics(record) if cfg.mlflow.log_system_metrics else None
+    callback = RecordCallback(record)
+    trainer.callbacks = [callback]
+    try:
+        sharding_metrics = job.log(record, output_dir) if job is not None else {}
         try:
             result = trainer.run(model, module, loaders["train"], loaders["val"], loaders["test"])
         except BaseException as e:
-            # a stage's nested run is still the active one: end it, so what follows (and the
-            # `with` above) lands on the job's run
-            _close_nested(run.info.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            callback.close(status)  # a stage's nested run left open ends with the job's status
             if not isinstance(e, BudgetError) or not in_sweep:
+                record.end("job", status)
                 raise
             # a budget found out of reach in a later stage (OptEmbed's search)
-            mlflow.set_tags({"embcomp.status": "unreachable", "embcomp.reason": str(e)[:5000]})
-            unreachable: str | None = str(e)
-        else:
-            unreachable = None
-        if unreachable is None:
-            mlflow.flush_async_logging()
-            # bytes after every stage: a post-training quantize stage changes them
-            if result.module is not None:  # post-training stages ran on rank 0's unsharded copy
-                module = result.module
-            # sharded and not gathered: the whole module as built (each rank holds a part)
-            memory = memory_report(module) if job is None or result.module is not None or job.whole is None else job.whole
-            metrics: dict[str, float] = {f"test_{k}": v for k, v in result.test.items()}
-            metrics.update(memory.as_metrics())
-            metrics.update(sharding_metrics)
-            metrics["peak_rss_bytes"] = float(peak_rss_bytes())
-            metrics["parameters"] = float(n_params)
-            # counted after the stages too: quantize turns the table parameters into buffers
-            metrics["dense_parameters"] = float(
-                sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in module.parameters())
-            )
-            for name, stage_metrics in result.stages.items():
-                prefix = "" if len(result.stages) == 1 else f"{name}."
-                metrics.update({f"{prefix}{k}": v for k, v in stage_metrics.items()})
-            if result.fit is None:  # a multi-stage method: its last training stage's speed
-                timed = [m for m in result.stages.values() if "step_time_ms" in m]
-                if timed:
-                    metrics["samples_per_s"] = timed[-1]["samples_per_s"]
-                    metrics["step_time_ms"] = timed[-1]["step_time_ms"]
-            if result.fit is not None:
-                metrics["epochs_run"] = float(result.fit.epochs_run)
-                metrics["best_epoch"] = float(result.fit.best_epoch)
-                metrics["samples_per_s"] = result.fit.samples_per_s
-                metrics["step_time_ms"] = result.fit.step_time_ms
-                metrics["fit_s"] = result.fit.fit_s
-                metrics["fit_samples_per_s"] = result.fit.fit_samples_per_s
-                if result.fit.optimizer_bytes is not None:
-                    metrics["embedding_optimizer_bytes"] = float(result.fit.optimizer_bytes)
-            exported = _export(model, loaders["test"], output_dir) if cfg.export else None
-            if exported is not None:
-                metrics["export_bytes"] = float(exported[0].bytes_on_disk)
-                metrics["export_max_abs_diff"] = exported[1]
-            summary = {
-                "run_id": run.info.run_id,
-                "run_name": run_name,
-                "experiment": cfg.mlflow.experiment_name,
-                "parent_run_id": parent_run_id,
-                "tags": tags,
-                "metrics": metrics,
-                "memory_by_tensor": memory.by_tensor,
-                "chosen": chosen,
-                "stages": result.stages,
-                "history": result.fit.history if result.fit else [],
-                "config": OmegaConf.to_container(cfg, resolve=True),
-                "dataset": {"root": str(ds.root), "schema": asdict(schema)},
-            }
-            # the summary lands on disk first: a tracking failure below loses nothing
-            _write_json_atomic(summary, output_dir / "summary.json")
-            mlflow.log_metrics({k: v for k, v in metrics.items() if v == v and abs(v) != float("inf")})
-            mlflow.log_artifact(str(output_dir / "summary.json"))
-            if exported is not None:
-                mlflow.log_artifact(str(exported[0].path), "model")
-            for name, fig in module.figures().items():
-                mlflow.log_figure(fig, f"figures/{name}")
-            mlflow.set_tag("embcomp.status", "complete")
-    if unreachable is not None:
-        raise JobUnreachable(unreachable)
+            record.tags("job", {"embcomp.status": "unreachable", "embcomp.reason": str(e)})
+            record.end("job")
+            raise JobUnreachable(str(e)) from None
+        # bytes after every stage: a post-training quantize stage changes them
+        if result.module is not None:  # post-training stages ran on rank 0's unsharded copy
+            module = result.module
+        # sharded and not gathered: the whole module as built (each rank holds a part)
+        memory = memory_report(module) if job is None or result.module is not None or job.whole is None else job.whole
+        extra = {**sharding_metrics, "peak_rss_bytes": float(peak_rss_bytes())}
+        metrics = job_metrics(result, memory, model, module, extra)
+        exported = _export(model, loaders["test"], output_dir) if cfg.export else None
+        if exported is not None:
+            metrics["export_bytes"] = float(exported[0].bytes_on_disk)
+            metrics["export_max_abs_diff"] = exported[1]
+        summary = {
+            "run_id": record.run_id("job"),
+            "run_name": run_name,
+            "experiment": cfg.mlflow.experiment_name,
+            "parent_run_id": parent_run_id,
+            "tags": tags,
+            "metrics": metrics,
+            "memory_by_tensor": memory.by_tensor,
+            "chosen": chosen,
+            "stages": result.stages,
+            "history": result.fit.history if result.fit else [],
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "dataset": {"root": str(ds.root), "schema": asdict(schema)},
+        }
+        # the summary and the record land on disk first: a tracking failure below loses nothing
+        _write_json_atomic(summary, output_dir / "summary.json")
+        record.metrics("job", metrics)
+        record.artifact("job", output_dir / "summary.json")
+        if exported is not None:
+            record.artifact("job", exported[0].path, "model")
+        import matplotlib.pyplot as plt
+
+        for name, fig in module.figures().items():
+            path = output_dir / "figures" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path)
+            plt.close(fig)  # a sweep would keep every job's figures open
+            record.artifact("job", path, "figures")
+        record.tags("job", {"embcomp.status": "complete"})
+        record.end("job")
+    finally:
+        if monitor is not None:
+            monitor.finish()
+    summary["run_id"] = record.run_id("job")
     return summary
+
+
+def _system_metrics(record: RunRecord) -> Any:
+    """MLflow's system metrics monitor on the job's run (none while the store is away)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    run_id = record.run_id("job")
+    if not record.online or run_id is None:
+        return None
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=record.uri)
+    monitor.start()
+    record.on_offline.append(monitor.finish)
+    return monitor
 
 
 class CheckpointMismatch(ValueError):
@@ -497,22 +477,18 @@ def _check_resumable(ckdir: Path, key: str) -> None:
         )
 
 
-def _close_nested(run_id: str, status: str) -> None:
-    """End every active MLflow run nested inside ``run_id`` with ``status``."""
-    while (active := mlflow.active_run()) is not None and active.info.run_id != run_id:
-        mlflow.end_run(status)
-
-
 def _out_of_reach(
-    e: BudgetError, in_sweep: bool, main: bool, run_name: str, tags: dict[str, str], parent_run_id: str | None
-) -> NoReturn:
+    e: BudgetError, in_sweep: bool, record: RunRecord | None, run_name: str, tags: dict[str, str],
+    parent_run_id: str | None,
+) -> NoReturn:  # fmt: skip
     """A budget (or memory) the job cannot meet: raised alone; in a sweep, recorded as an
     ``unreachable`` run with the reason (rank 0) and skipped, so the sweep goes on."""
     if not in_sweep:
         raise e
-    if main:
-        with mlflow.start_run(run_name=run_name, tags={**tags, "embcomp.status": "unreachable"}, parent_run_id=parent_run_id):
-            mlflow.set_tag("embcomp.reason", str(e)[:5000])
+    if record is not None:
+        record.start("job", run_name=run_name, tags={**tags, "embcomp.status": "unreachable"}, parent=parent_run_id)
+        record.tags("job", {"embcomp.reason": str(e)})
+        record.end("job")
     raise JobUnreachable(str(e)) from None
 
 

@@ -68,10 +68,11 @@ def compose_job(overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=overrides)
 
 
-def build(cfg: DictConfig, n_batches: int, setting: str = "") -> Timed | None:
+def build(cfg: DictConfig, n_batches: int, setting: str = "", variant: str | None = None) -> Timed | None:
     """The job's model and step on its first ``n_batches`` train batches (None: the
-    method cannot be built at this budget, the sweep recorded it as unreachable)."""
-    tags = describe_job(cfg)
+    method cannot be built at this budget, the sweep recorded it as unreachable).
+    ``variant``: the job's ``compression=`` choice (its label in the report)."""
+    tags = describe_job(cfg, variant=variant)
     ds = OmegaConf.to_object(cfg.dataset).prepare(Path(cfg.cache_dir))  # type: ignore[attr-defined,union-attr]
     model_cfg: Any = OmegaConf.to_object(cfg.model)
     trainer_cfg: Any = OmegaConf.to_object(cfg.trainer)
@@ -104,7 +105,8 @@ def measure(jobs: list[list[str]], rounds: int = 20, warmup: int = 3) -> list[di
     varying = [k for k in sorted({k for p in parsed for k in p}) if len({p.get(k) for p in parsed}) > 1]
     for overrides, p in zip(jobs, parsed):
         setting = " ".join(f"{k}={p[k]}" for k in varying if k in p)
-        timed = build(compose_job(overrides), rounds, setting)
+        choice = next((o.split("=", 1)[1] for o in overrides if o.startswith("compression=")), None)
+        timed = build(compose_job(overrides), rounds, setting, choice)
         if timed is None or timed.key in built:
             continue
         built[timed.key] = timed

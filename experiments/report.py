@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +244,7 @@ def sweep_overhead(parent_run_id: str | None) -> pd.DataFrame | None:
     """The interleaved step times logged to the sweep's parent run, if it has them."""
     if not parent_run_id:
         return None
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar in a report's output
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(run_id=parent_run_id, artifact_path=OVERHEAD_ARTIFACT, dst_path=tmp)

@@ -1,13 +1,17 @@
 """Hydra entry point: ``python -m experiments.run dataset=criteo_sample model=dcnv2``.
 
-One MLflow run per job; ``--multirun`` sweeps. Bad input (data, ids, budgets,
-tracking store) ends the job with one line on stderr and a non-zero exit.
+One MLflow run per job; ``--multirun`` sweeps. A config that cannot be right is
+refused before any data is read (``experiments.validate``); bad input (data, ids,
+budgets, tracking store) ends the job with one line on stderr and a non-zero exit.
+SIGTERM (a scheduler's cancel) ends the job's runs as KILLED rather than RUNNING.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import hydra
@@ -15,18 +19,27 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from compression import BudgetError, IdOutOfRangeError, MethodConfigError, UnknownMethodError
+from compression.config_checks import ConfigError
 from experiments.config import register_configs
 from experiments.job import CheckpointMismatch, JobSkipped, run_job
 from experiments.seeds import SeedsError
 from experiments.tracking import TrackingError
+from experiments.validate import check_job
 from recsys.data.schema import DataError
 from recsys.training.distributed import DistributedError
 
 USER_ERRORS = (
     DataError, BudgetError, MethodConfigError, IdOutOfRangeError, UnknownMethodError, TrackingError, FileNotFoundError,
-    DistributedError, CheckpointMismatch, SeedsError,
+    DistributedError, CheckpointMismatch, SeedsError, ConfigError,
 )
 log = logging.getLogger("experiments.run")
+# torch.fx warns once per process that is_fx_tracing() covers torch.export too, when the
+# first KeyedJaggedTensor is built (its metaclass asks); nothing here traces with fx
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 register_configs()
 
@@ -34,7 +47,10 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | list[float]:
     """Run one job; returns ``cfg.objective`` (test AUC by default), what a sweeper optimises."""
+    if threading.current_thread() is threading.main_thread():  # (signals go to the main thread only)
+        signal.signal(signal.SIGTERM, _terminated)
     try:
+        check_job(cfg)
         summary = run_job(cfg, Path(HydraConfig.get().runtime.output_dir))
     except JobSkipped as e:
         print(f"skipped: {e}", file=sys.stderr)

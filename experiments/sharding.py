@@ -20,9 +20,9 @@ import csv
 import io
 import os
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import mlflow
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -30,6 +30,9 @@ from compression.base import CompressedEmbeddingBagCollection
 from compression.memory import MemoryReport, memory_report, planned_optimizer_bytes
 from compression.preflight import TrainingBytes, available_bytes, check_fits
 from recsys.training import distributed as D
+
+if TYPE_CHECKING:
+    from experiments.record import RunRecord
 
 
 class ShardedJob:
@@ -129,19 +132,22 @@ class ShardedJob:
         self.ranks = runtime.all_gather(mine)
         return self.sharded.dmp
 
-    def log(self) -> dict[str, float]:
-        """Rank 0: the plan, per-rank bytes and estimates to the active MLflow run; the metrics."""
+    def log(self, record: RunRecord, output_dir: Path) -> dict[str, float]:
+        """Rank 0: the plan, per-rank bytes and estimates written to ``output_dir/sharding``
+        and to the job's record (params, artifacts); the per-rank figures as metrics."""
         assert self.sharded is not None
         plan = self.sharded.plan
-        mlflow.log_text(plan.text(), "sharding/plan.txt")
-        mlflow.log_params({
+        out = output_dir / "sharding"
+        out.mkdir(parents=True, exist_ok=True)
+        rows = self.table()
+        for name, text in (("plan.txt", plan.text()), ("ranks.md", _markdown(rows)), ("ranks.csv", _csv(rows))):
+            (out / name).write_text(text)
+            record.artifact("job", out / name, "sharding")
+        record.params("job", {
             "sharding.world_size": self.runtime.world_size,
             "sharding.process_group_backend": self.runtime.backend,
             **{f"sharding.table.{t}": s for t, s in plan.sharding_types().items()},
         })  # fmt: skip
-        rows = self.table()
-        mlflow.log_text(_markdown(rows), "sharding/ranks.md")
-        mlflow.log_text(_csv(rows), "sharding/ranks.csv")
         metrics: dict[str, float] = {}
         for row in rows:
             r = row["rank"]

@@ -6,20 +6,26 @@ server that does not answer is reported in one line before any work starts.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import sqlite3
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from compression.base import Stage
+from experiments.record import RunRecord
 from recsys.data.schema import ProcessedDataset
 from recsys.training.callbacks import Callback
 
@@ -50,11 +56,49 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TrackingError(f"MLflow store {uri}: cannot create {db.parent} ({e.strerror})") from None
+        _check_writable(uri, db)
     elif uri.startswith("file:") or "://" not in uri:
         raise TrackingError(
             f"MLflow tracking URI '{uri}': MLflow 3 no longer supports file stores; "
             "use sqlite:///mlflow.db or an http(s) server"
         )
+
+
+def _check_writable(uri: str, db: Path) -> None:
+    """A store that cannot take a write is refused now, not after the data is prepared."""
+    if db.is_dir():
+        raise TrackingError(f"MLflow store {uri}: {db} is a directory, not a SQLite file")
+    try:
+        if db.exists():
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=30)) as con:
+                con.execute("BEGIN IMMEDIATE")  # takes the write lock, as any write would
+                con.rollback()
+        else:
+            probe = db.with_name(f".{db.name}.probe-{os.getpid()}")
+            probe.touch()
+            probe.unlink()
+    except (sqlite3.Error, OSError) as e:
+        raise TrackingError(
+            f"MLflow store {uri}: cannot write to {db if db.exists() else db.parent} ({e}); "
+            "make it writable or point mlflow.tracking_uri elsewhere"
+        ) from None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Between processes: one at a time creates a SQLite store (MLflow migrates a new file
+    on first use, and two processes doing so at once fail) and its experiments."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -67,17 +111,23 @@ def use_experiment(uri: str, name: str) -> str:
     rather than to the working directory, so a store and its artifacts stay together.
     """
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        mlflow.set_experiment(experiment_id=exp.experiment_id)
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):]).resolve()
-        location = (db.parent / "mlartifacts").as_uri()
-    # the MLflow UI opens a "custom model development" experiment on its training-runs view
-    # (charts, compare) rather than the GenAI traces overview
-    exp_id = mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    with store_lock(uri):  # a new store is created and migrated by one process at a time
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is not None:
+            mlflow.set_experiment(experiment_id=exp.experiment_id)
+            return exp.experiment_id
+        location = None
+        if uri.startswith("sqlite:///"):
+            db = Path(uri[len("sqlite:///"):]).resolve()
+            location = (db.parent / "mlartifacts").as_uri()
+        # the MLflow UI opens a "custom model development" experiment on its training-runs
+        # view (charts, compare) rather than the GenAI traces overview
+        try:
+            exp_id = mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except MlflowException as e:  # a server's store: another job created it first
+            if e.error_code != "RESOURCE_ALREADY_EXISTS" or (found := mlflow.get_experiment_by_name(name)) is None:
+                raise
+            exp_id = found.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -111,33 +161,95 @@ def dataset_input(ds: ProcessedDataset) -> MetaDataset:
     )
 
 
-class MLflowCallback(Callback):
-    """Logs the trainer's metrics to the active run; each stage of a multi-stage
-    schedule becomes a nested run."""
+class RecordCallback(Callback):
+    """Sends the trainer's reports to the job's ``RunRecord``: per-step loss and per-epoch
+    metrics to the job's run, or, in a multi-stage schedule, to the stage's nested run
+    (slot ``stage:<name>``, the same run again when a resumed job reaches the stage)."""
 
-    def __init__(self) -> None:
-        self._nested = False
+    def __init__(self, record: RunRecord, flush_every: int = 200) -> None:
+        self.record = record
+        self.flush_every = flush_every
+        self._slot = "job"
+        self._steps = 0
 
     def on_stage_start(self, stage: Stage, n_stages: int) -> None:
         if n_stages > 1:
-            mlflow.start_run(run_name=stage.name, nested=True, tags={"stage": stage.name})
-            if stage.params:
-                mlflow.log_params(flatten(stage.params))
-            self._nested = True
+            self._slot = f"stage:{stage.name}"
+            first = not self.record.started(self._slot)
+            self.record.start(self._slot, run_name=stage.name, tags={"stage": stage.name}, parent="job")
+            if first and stage.params:
+                self.record.params(self._slot, flatten(stage.params))
 
     def on_stage_end(self, stage: Stage, metrics: dict[str, float], n_stages: int) -> None:
-        if self._nested:
-            mlflow.log_metrics(_finite(metrics))
-            mlflow.end_run()
-            self._nested = False
-        mlflow.log_metrics(_finite({f"{stage.name}.{k}": v for k, v in metrics.items()}) if n_stages > 1 else {})
+        if self._slot != "job":
+            self.record.metrics(self._slot, metrics)
+            self.record.end(self._slot)
+            self._slot = "job"
+            self.record.metrics("job", {f"{stage.name}.{k}": v for k, v in metrics.items()})
+        self.record.flush()
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        # asynchronous: a SQLite commit per step would cost more than the step itself
-        mlflow.log_metrics(_finite(metrics), step=step, synchronous=False)
+        self.record.metrics(self._slot, metrics, step=step)
+        self._steps += 1
+        if self._steps % self.flush_every == 0:
+            self.record.flush()
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], step: int) -> None:
-        mlflow.log_metrics(_finite(metrics), step=step)
+        # the trainer saved the epoch's checkpoint before this: the record follows it to disk
+        self.record.metrics(self._slot, metrics, step=step)
+        self.record.flush()
+
+    def close(self, status: str) -> None:
+        """End a stage's run left open by an interruption, so nothing stays RUNNING."""
+        if self._slot != "job":
+            self.record.end(self._slot, status)
+            self._slot = "job"
+
+
+def job_params(cfg: Any, comp: Any, chosen: Mapping[str, Any], schema: Any, ds_root: str, device: str) -> dict[str, Any]:
+    """A job's MLflow params: the flattened config, the method's config and chosen sizes,
+    the dataset's row counts and where its cache is."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    params["compression.method"] = type(comp).method
+    params.update({f"compression.{k}": v for k, v in flatten(dataclasses.asdict(comp)).items()})
+    params.update({f"compression.chosen.{k}": v for k, v in chosen.items()})
+    params.update({"dataset.rows." + k: v for k, v in schema.rows.items()})
+    params.update({"dataset.cache_dir": ds_root, "device": device})
+    return params
+
+
+def job_metrics(result: Any, memory: Any, model: Any, module: Any, extra: Mapping[str, float]) -> dict[str, float]:
+    """A finished job's metrics: test metrics, exact bytes, each stage's figures, the
+    training speed and epochs of its (last) training stage, parameter counts."""
+    metrics: dict[str, float] = {f"test_{k}": v for k, v in result.test.items()}
+    metrics.update(memory.as_metrics())
+    metrics.update(extra)
+    metrics["parameters"] = float(sum(p.numel() for p in model.parameters()))
+    # counted after the stages: a quantize stage turns the table parameters into buffers
+    metrics["dense_parameters"] = float(
+        sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in module.parameters())
+    )
+    for name, stage_metrics in result.stages.items():
+        prefix = "" if len(result.stages) == 1 else f"{name}."
+        metrics.update({f"{prefix}{k}": v for k, v in stage_metrics.items()})
+    if result.fit is None:  # a multi-stage method: its last training stage's speed
+        timed = [m for m in result.stages.values() if "step_time_ms" in m]
+        if timed:
+            metrics["samples_per_s"] = timed[-1]["samples_per_s"]
+            metrics["step_time_ms"] = timed[-1]["step_time_ms"]
+    else:
+        fit = result.fit
+        metrics.update(
+            epochs_run=float(fit.epochs_run), best_epoch=float(fit.best_epoch), samples_per_s=fit.samples_per_s,
+            step_time_ms=fit.step_time_ms, fit_s=fit.fit_s, fit_samples_per_s=fit.fit_samples_per_s,
+        )  # fmt: skip
+        if fit.optimizer_bytes is not None:
+            metrics["embedding_optimizer_bytes"] = float(fit.optimizer_bytes)
+    return metrics
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -37,6 +37,7 @@ from typing import Any, Optional
 
 import polars as pl
 
+from compression.config_checks import bounded
 from recsys.data.base import DatasetConfig
 from recsys.data.common import (
     ROW_GROUP_ROWS,
@@ -87,8 +88,8 @@ class CriteoConfig(DatasetConfig):
 
     name: str = "criteo"
     path: str = "data/criteo-sample/train.txt"
-    min_count: int = 1
-    max_rows: Optional[int] = None
+    min_count: int = bounded(1, ge=1)
+    max_rows: Optional[int] = bounded(None, ge=1)
 
     def prepare(self, cache_root: Path) -> ProcessedDataset:
         path = require_file(Path(self.path), "a Criteo TSV file")

@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 import polars as pl
 
+from compression.config_checks import bounded
 from recsys.data.base import DatasetConfig
 from recsys.data.common import (
     assign_splits,
@@ -80,7 +81,7 @@ class LibFMConfig(DatasetConfig):
     val_path: Optional[str] = None
     test_path: Optional[str] = None
     fields: list[LibFMField] = field(default_factory=list)
-    min_count: int = 1
+    min_count: int = bounded(1, ge=1)
 
     def field_list(self) -> list[LibFMField]:
         """The fields as ``LibFMField``, checked: named, non-empty, non-overlapping."""

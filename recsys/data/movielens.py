@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from compression.config_checks import bounded, one_of
 from recsys.data.base import DatasetConfig
 from recsys.data.common import assign_splits, build_vocab, cached_dataset, sha256_file, write_counts
 from recsys.data.schema import (
@@ -84,10 +85,10 @@ class MovieLensConfig(DatasetConfig):
     """
 
     name: str = "movielens-100k"
-    source: str = "recbole"
+    source: str = one_of("recbole", "recbole", "grouplens")
     raw_dir: str = "data/raw"
-    min_count: int = 1
-    min_rating: int = 4  # a rating >= min_rating is a click
+    min_count: int = bounded(1, ge=1)
+    min_rating: int = bounded(4, ge=1, le=5)  # a rating >= min_rating is a click
 
     def raw_files(self) -> dict[str, Path]:
         """The verified (recbole) or found (grouplens) raw files, fetching them if needed."""

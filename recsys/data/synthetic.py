@@ -36,7 +36,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from compression.config_checks import bounded
 from recsys.data.base import DatasetConfig
 from recsys.data.common import assign_splits, cached_dataset, splitmix64, write_counts
 from recsys.data.schema import COUNTS_FILE, SPLITS, DatasetSchema, ProcessedDataset, SparseField
@@ -75,16 +76,16 @@ class SyntheticConfig(DatasetConfig):
     """
 
     name: str = "synthetic"
-    rows: int = 1_000_000
-    cardinalities: list[int] = field(default_factory=lambda: list(DEFAULT_CARDINALITIES))
-    n_dense: int = 13
-    zipf_exponent: float = 1.1
-    hidden_dim: int = 8
-    interaction_fields: int = 4
-    signal: float = 1.25  # std of the planted logit before the intercept (oracle AUC ~0.78)
-    base_ctr: float = 0.25
-    empty_rate: float = 0.02  # per value: empty categorical (id 0) or empty integer
-    chunk_rows: int = 1_000_000
+    rows: int = bounded(1_000_000, ge=1)
+    cardinalities: list[int] = bounded(ge=2, each=True, default_factory=lambda: list(DEFAULT_CARDINALITIES))
+    n_dense: int = bounded(13, ge=0)
+    zipf_exponent: float = bounded(1.1, gt=0)
+    hidden_dim: int = bounded(8, ge=1)
+    interaction_fields: int = bounded(4, ge=0)
+    signal: float = bounded(1.25, ge=0)  # std of the planted logit before the intercept (oracle AUC ~0.78)
+    base_ctr: float = bounded(0.25, gt=0, lt=1)
+    empty_rate: float = bounded(0.02, ge=0, lt=1)  # per value: empty categorical (id 0) or empty integer
+    chunk_rows: int = bounded(1_000_000, ge=1)
 
     def prepare(self, cache_root: Path) -> ProcessedDataset:
         key = {"format": "synthetic", "code_version": CODE_VERSION, **asdict(self)}

@@ -20,16 +20,18 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
+from compression.config_checks import bounded
+
 
 @dataclass
 class ModelConfig:
     """Base of every model config (a Hydra ``model/*.yaml`` file)."""
 
     name: str = "model"
-    embedding_dim: int = 16
+    embedding_dim: int = bounded(16, ge=1)
     # the embedding rows' initial values: N(0, std^2) (FuxiCTR: 1e-4); None keeps
     # TorchRec's default (uniform in +-sqrt(1/rows)). Every method's tables get it.
-    embedding_init_std: Optional[float] = None
+    embedding_init_std: Optional[float] = bounded(None, gt=0)
 
     def build(self, embedding_module: EmbeddingBagCollectionInterface, dense_in_features: int) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} does not implement build()")

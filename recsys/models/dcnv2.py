@@ -13,7 +13,7 @@ Features may have different embedding dims. BARS's DCNv2: parallel, 4 cross laye
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,6 +22,7 @@ from torchrec.modules.crossnet import CrossNet, LowRankCrossNet
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from compression.config_checks import bounded, one_of
 from recsys.models.base import ModelConfig, concat_features, feature_dims
 from recsys.models.layers import DenseFields, MLPBlock, init_dense
 
@@ -99,12 +100,12 @@ class DCNv2(nn.Module):
 @dataclass
 class DCNv2Config(ModelConfig):
     name: str = "dcnv2"
-    cross_layers: int = 3
-    low_rank: Optional[int] = None
-    deep_layers: list[int] = field(default_factory=lambda: [256, 128])
-    structure: str = "stacked"
+    cross_layers: int = bounded(3, ge=0)
+    low_rank: Optional[int] = bounded(None, ge=1)
+    deep_layers: list[int] = bounded(ge=1, each=True, default_factory=lambda: [256, 128])
+    structure: str = one_of("stacked", *STRUCTURES)
     batch_norm: bool = False
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
     dense_as_fields: bool = False
 
     def build(self, embedding_module: EmbeddingBagCollectionInterface, dense_in_features: int) -> nn.Module:

@@ -25,7 +25,7 @@ for the FM term.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -33,6 +33,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from compression.config_checks import bounded
 from recsys.models.base import ModelConfig, concat_features, feature_dims
 from recsys.models.layers import DenseFields, MLPBlock, fm_interaction, init_dense
 
@@ -153,11 +154,11 @@ class DeepFMConfig(ModelConfig):
     ``first_order``). BARS's DeepFM: dim 10, [400, 400, 400], batch norm, dropout 0.2."""
 
     name: str = "deepfm"
-    deep_layers: list[int] = field(default_factory=lambda: [400, 400, 400])
-    fm_dim: Optional[int] = None
+    deep_layers: list[int] = bounded(ge=1, each=True, default_factory=lambda: [400, 400, 400])
+    fm_dim: Optional[int] = bounded(None, ge=1)
     first_order: bool = True
     batch_norm: bool = False
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
     dense_as_fields: bool = False
 
     def table_dim(self) -> int:

@@ -6,12 +6,13 @@ gives per-feature dims must be paired with DCNv2 or DeepFM instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 
+from compression.config_checks import bounded
 from recsys.models.base import ModelConfig, feature_dims
 
 
@@ -21,8 +22,8 @@ class DLRMConfig(ModelConfig):
     top MLP ``over_arch`` (a final layer of 1 is appended)."""
 
     name: str = "dlrm"
-    dense_arch: list[int] = field(default_factory=lambda: [64])
-    over_arch: list[int] = field(default_factory=lambda: [128, 64])
+    dense_arch: list[int] = bounded(ge=1, each=True, default_factory=lambda: [64])
+    over_arch: list[int] = bounded(ge=1, each=True, default_factory=lambda: [128, 64])
 
     def needs_uniform_dims(self) -> bool:
         return True  # the dot interaction pairs every feature's embedding with every other's

@@ -30,12 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compression.base import CompressedEmbeddingBagCollection, Stage
+from compression.config_checks import bounded, one_of
 from compression.memory import optimizer_state_bytes
 from recsys.data.loader import BatchLoader
 from recsys.training import checkpoint
 from recsys.training.callbacks import Callback
 from recsys.training.metrics import binary_metrics, evaluate
-from recsys.training.optim import Optimizers, build_optimizers
+from recsys.training.optim import L2_MODES, SPARSE_OPTIMIZERS, Optimizers, build_optimizers
 from recsys.training.step import TrainStep, local_loss
 
 
@@ -52,26 +53,26 @@ class TrainerConfig:
     ``trainer=bars`` is the BARS/FuxiCTR protocol.
     """
 
-    epochs: int = 3
-    batch_size: int = 512
-    eval_batch_size: int = 8192
-    dense_lr: float = 1e-3
-    sparse_lr: float = 0.05
-    sparse_optimizer: str = "rowwise_adagrad"
-    weight_decay: float = 0.0
-    embedding_l2: float = 0.0
-    embedding_l2_mode: str = "table"
-    lr_decay: float = 1.0
-    min_lr: float = 1e-6
-    clip_grad_norm: Optional[float] = None
-    patience: int = 1
-    min_delta: float = 0.0
+    epochs: int = bounded(3, ge=1)
+    batch_size: int = bounded(512, ge=1)
+    eval_batch_size: int = bounded(8192, ge=1)
+    dense_lr: float = bounded(1e-3, ge=0)
+    sparse_lr: float = bounded(0.05, ge=0)
+    sparse_optimizer: str = one_of("rowwise_adagrad", *SPARSE_OPTIMIZERS)
+    weight_decay: float = bounded(0.0, ge=0)
+    embedding_l2: float = bounded(0.0, ge=0)
+    embedding_l2_mode: str = one_of("table", *L2_MODES)
+    lr_decay: float = bounded(1.0, gt=0, le=1)
+    min_lr: float = bounded(1e-6, ge=0)
+    clip_grad_norm: Optional[float] = bounded(None, gt=0)
+    patience: int = bounded(1, ge=1)
+    min_delta: float = bounded(0.0, ge=0)
     device: str = "auto"
-    num_threads: Optional[int] = None
-    log_every_steps: int = 50
-    checkpoint_every_steps: int = 0
-    max_steps_per_epoch: Optional[int] = None
-    progress: str = "auto"
+    num_threads: Optional[int] = bounded(None, ge=1)
+    log_every_steps: int = bounded(50, ge=0)
+    checkpoint_every_steps: int = bounded(0, ge=0)
+    max_steps_per_epoch: Optional[int] = bounded(None, ge=1)
+    progress: str = one_of("auto", "auto", "on", "off")
     seed: int = 0
     # hold each split in memory (None: when its file is under 2 GiB; False: stream row groups)
     in_memory: Optional[bool] = None
@@ -317,10 +318,10 @@ class Trainer:
                 epoch_metrics["lr"] = opts.decay_lr(cfg.lr_decay, cfg.min_lr)
             epoch_metrics.update(module.training_metrics())  # e.g. OptEmbed's thresholds
             state.wall_time += time.perf_counter() - epoch_start
+            if state_path:  # the checkpoint first: a failing callback (tracking) costs no training
+                checkpoint.save_atomic(state.snapshot(model, opts), state_path)
             for cb in self.callbacks:
                 cb.on_epoch_end(state.epoch, epoch_metrics, state.global_step)
-            if state_path:
-                checkpoint.save_atomic(state.snapshot(model, opts), state_path)
 
         if state.best_state is not None and state.best_epoch != state.epoch:
             self._restore(model, state.best_state)

@@ -37,7 +37,7 @@ def test_killed_job_resumes_to_the_same_result(tmp_path):
     proc.wait()
     assert ckpt.exists(), "the job never wrote a checkpoint"
     assert not (run_dir / "summary.json").exists(), "killed too late: the job had finished"
-    run_id = (run_dir / "checkpoints" / "mlflow_run_id").read_text()
+    run_id = json.loads((run_dir / "checkpoints" / "record.jsonl.state").read_text())["run_ids"]["job"]
 
     resumed = run_cli(*common, f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -36,7 +36,8 @@ def test_multirun_has_a_parent_run_nested_jobs_and_a_report(tmp_path):
     assert all(g.data.tags["embcomp.kind"] == "seed_group" for g in groups.values())
     # the baseline ignores the budget: its group ran once, its duplicates trained nothing
     assert [k for k in groups if k[0] == "none"] == [("none", "none")]
-    seeds = [x for x in runs if x.data.tags.get("embcomp.sweep") == parent]
+    seeds = [x for x in runs if x.data.tags.get("embcomp.sweep") == parent and "seed" in x.data.tags]
+    assert all(x.data.tags.get("embcomp.kind") != "seed_group" for x in seeds)
     by = {}
     for x in seeds:
         by.setdefault((x.data.tags["method"], x.data.tags["budget"]), []).append(x)

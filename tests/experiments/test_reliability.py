@@ -1,0 +1,103 @@
+"""The tracking store failing around a job, and jobs started together on one store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.experiments.conftest import REPO, run_cli, smoke_overrides
+
+SLOW_JOB = ("dataset=criteo_sample", "model.deep_layers=[32]", "model.cross_layers=1", "trainer.epochs=4",
+            "trainer.batch_size=64", "trainer.patience=10", "trainer.log_every_steps=10")  # fmt: skip
+
+
+def _read_store(uri: str, code: str) -> object:
+    """Query the store in a fresh process (this one's MLflow may hold a deleted file)."""
+    out = subprocess.run([sys.executable, "-c", f"import json, mlflow; c = mlflow.MlflowClient({uri!r}); {code}"],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout  # fmt: skip
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_store_deleted_mid_run_costs_no_training_and_the_rerun_records_it_all(tmp_path):
+    db = tmp_path / "mlflow.db"
+    run_dir = tmp_path / "run"
+    args = [*SLOW_JOB, *smoke_overrides(tmp_path), f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    record = run_dir / "checkpoints" / "record.jsonl"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:  # the first epoch's metrics recorded
+        if record.is_file() and '"val_auc"' in record.read_text():
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the job finished before its store could be deleted"
+    db.unlink()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]  # training went on
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "training goes on" in warnings[0], err[-2000:]
+    assert "Traceback" not in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["history"]) == 4  # every epoch trained
+    # the rerun in the same directory: the store answers again (a new, empty one)
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    runs = _read_store(f"sqlite:///{db}", "print(json.dumps([[r.info.run_id, r.info.status, r.data.tags.get('embcomp.status')] "
+                       "for r in c.search_runs([e.experiment_id for e in c.search_experiments()])]))")  # fmt: skip
+    assert len(runs) == 1 and runs[0][1:] == ["FINISHED", "complete"]
+    history = _read_store(f"sqlite:///{db}", f"print(json.dumps([m.step for m in c.get_metric_history({runs[0][0]!r}, 'val_auc')]))")
+    assert len(history) >= 4  # every epoch recorded after recovery, no gap
+    assert sorted(set(history)) == sorted({h for h in history})
+    loss = _read_store(f"sqlite:///{db}", f"print(json.dumps([m.step for m in c.get_metric_history({runs[0][0]!r}, 'train_loss')]))")
+    assert min(loss) == 10 and max(loss) >= 4 * 125 - 10
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr")
+def test_a_read_only_store_is_refused_in_one_line_before_any_data_is_read(tmp_path):
+    first = run_cli("dataset=criteo_sample", *smoke_overrides(tmp_path), "trainer.max_steps_per_epoch=2",
+                    f"hydra.run.dir={tmp_path}/a")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    db = tmp_path / "mlflow.db"
+    if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem has no immutable flag")
+    try:
+        cache = tmp_path / "cache2"
+        r = run_cli("dataset=criteo_sample", *smoke_overrides(tmp_path), f"cache_dir={cache}", f"hydra.run.dir={tmp_path}/b")
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=True)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: MLflow store sqlite:///{db}: cannot write to {db}"), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not cache.exists()  # no data read
+
+
+def test_jobs_started_together_on_a_new_store_all_complete(tmp_path):
+    n = 8
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    # the dataset's cache first: the race under test is the store's, not the cache's
+    prep = run_cli("dataset=criteo_sample", *smoke_overrides(tmp_path / "prep"), f"cache_dir={tmp_path}/cache",
+                   "trainer.max_steps_per_epoch=1", f"hydra.run.dir={tmp_path}/prep/run")  # fmt: skip
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "experiments.run", "dataset=criteo_sample", *smoke_overrides(tmp_path),
+             f"cache_dir={tmp_path}/cache", "trainer.max_steps_per_epoch=2", f"seed={i}",
+             "trainer.num_threads=1", f"hydra.run.dir={tmp_path}/job{i}"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for i in range(n)
+    ]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, "\n".join(e[-800:] for e in errors)
+    runs = _read_store(f"sqlite:///{tmp_path}/mlflow.db", "print(json.dumps([[r.info.status, r.data.tags.get('embcomp.status')] "
+                       "for r in c.search_runs([c.get_experiment_by_name('test').experiment_id])]))")  # fmt: skip
+    assert runs == [["FINISHED", "complete"]] * n
+    assert all((tmp_path / f"job{i}" / "summary.json").is_file() for i in range(n))
