@@ -25,7 +25,7 @@ TRACKING_URI ?= sqlite:///mlflow.db
 EXPERIMENTS := $(basename $(notdir $(wildcard experiments/conf/experiment/*.yaml)))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-all experiment experiment-distributed sweep report readme-table ui lint clean peer-setup peer-compare
+.PHONY: help setup test test-all experiment experiment-distributed sweep report readme-table ui lint clean peer-setup peer-compare bench-step bench-lookup
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -90,6 +90,12 @@ peer-compare: $(STAMP) $(PEER_VENV)/.setup ## embcomp vs FuxiCTR, same split: ma
 	@test -n "$(PEER)" || { echo "error: set PEER=<path to fuxictr_peer.py> (the FuxiCTR peer script)"; exit 1; }
 	$(PY) -m experiments.peer --peer-python $(PEER_VENV)/bin/python --peer-script $(PEER) \
 	  --dataset $(DATASET) --model $(MODEL) --seeds $(SEEDS) $(ARGS)
+
+bench-step: $(STAMP) ## training step time of every method against none, same batches (ARGS="--ratio 10")
+	$(PY) -m experiments.benches.step $(ARGS)
+
+bench-lookup: $(STAMP) ## inference lookup time of quantized tables against fp32
+	$(PY) -m experiments.benches.lookup $(ARGS)
 
 ui: $(STAMP) ## serve the MLflow UI for ./mlflow.db on 127.0.0.1 (PORT=5000)
 	@echo "MLflow UI: http://127.0.0.1:$(PORT)"

@@ -27,7 +27,8 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from compression.base import CompressedEmbeddingBagCollection, MethodConfigError  # noqa: F401  (re-exported)
-from compression.quantization import Quantization, as_quantization, prepare  # noqa: F401  (Quantization re-exported)
+from compression.quantization import Quantization, as_quantization, prepare, quantize_stage  # noqa: F401  (Quantization re-exported)
+from compression.stages import Stage
 
 if TYPE_CHECKING:
     from compression.budget import Budget
@@ -55,6 +56,11 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         self.quantization = as_quantization(self.quantization)
+
+    def post_training_stages(self) -> list[Stage]:
+        """Stages every method's schedule ends with when this config asks: ``quantize``
+        (the TorchRec tables inside become quantized ones, the same for every method)."""
+        return [] if self.quantization is None else [quantize_stage(self.quantization, self.method)]
 
     def with_budget(self: C, budget: Budget | None) -> C:
         """This config under ``budget`` (a copy); a method that takes no budget ignores it.
@@ -87,6 +93,8 @@ class BuildContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     table_device: Optional[torch.device] = None
+    # the config being built: every module passes it to its base class's constructor
+    config: Optional[CompressionConfig] = None
 
     def __post_init__(self) -> None:
         if self.table_device is None:
@@ -192,21 +200,25 @@ def compress(
     tables = list(tables)
     if not tables:
         raise ValueError("compress() needs at least one EmbeddingBagConfig")
+    # (again: a subclass's own __post_init__ may not call this one)
+    config.quantization = as_quantization(config.quantization)
     ctx = BuildContext(
         counts=counts if counts is not None else {},
         device=torch.device(device) if device is not None else torch.device("cpu"),
         seed=seed,
         table_device=torch.device(table_device) if table_device is not None else None,
+        config=config,
     )
-    wanted_q = as_quantization(config.quantization)
-    if wanted_q is not None:  # before any table is made on the device
-        require_fbgemm_cuda(f"{type(config).method} with {wanted_q.precision} tables", ctx.device)
+    if config.quantization is not None:  # before any table is made on the device
+        require_fbgemm_cuda(f"{type(config).method} with {config.quantization.precision} tables", ctx.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = builder(tables, config, ctx)
-    module.compression_config = config  # type: ignore[assignment]
-    # (again: a subclass's own __post_init__ may not call this one)
-    config.quantization = as_quantization(config.quantization)
+    if module.compression_config is not config:
+        raise TypeError(
+            f"the {type(config).method} builder made a module without its config: pass "
+            "config=ctx.config to CompressedEmbeddingBagCollection.__init__"
+        )
     if config.quantization is not None:  # checked now, not after a whole training run
         prepare(module, config.quantization, type(config).method)
     return module

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,8 +28,14 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from compression.stages import Stage, schedule
+
 if TYPE_CHECKING:  # the planner's types pull in torchrec.distributed: only for hints
     from torchrec.distributed.planner.types import ParameterConstraints
+
+    from compression.api import CompressionConfig
+
+__all__ = ["CompressedEmbeddingBagCollection", "IdOutOfRangeError", "MethodConfigError", "Stage", "table_named"]
 
 
 class IdOutOfRangeError(IndexError):
@@ -39,23 +44,6 @@ class IdOutOfRangeError(IndexError):
 
 class MethodConfigError(ValueError):
     """A method's config that cannot work with these tables (the message says why)."""
-
-
-@dataclass
-class Stage:
-    """One named step of a method's training schedule.
-
-    ``run`` is called by the trainer with a ``recsys.training.StageContext`` and
-    returns a dict of metrics; ``None`` means the trainer's standard training loop.
-    The trainer logs every stage of a multi-stage schedule as a nested MLflow run.
-    ``checkpoint=False``: a cheap stage that changes the module's structure (e.g.
-    ``quantize``), re-run after an interruption instead of restored from a checkpoint.
-    """
-
-    name: str
-    run: Callable[[Any], dict[str, float]] | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    checkpoint: bool = True
 
 
 def _tracing() -> bool:
@@ -71,6 +59,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             ``embedding_dim`` (e.g. multi-probe methods that concatenate chunks).
         validate_ids: refuse ids outside ``[0, num_embeddings)`` with a message naming
             the feature; methods that hash arbitrary ids set this to False.
+        config: the config the module is built from (``compress`` passes it as
+            ``ctx.config``); its post-training stages end the schedule.
     """
 
     def __init__(
@@ -78,8 +68,10 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         tables: Sequence[EmbeddingBagConfig],
         output_dims: Mapping[str, int] | None = None,
         validate_ids: bool = True,
+        config: CompressionConfig | None = None,
     ) -> None:
         super().__init__()
+        self.compression_config = config
         if not tables:
             raise ValueError("compress() needs at least one EmbeddingBagConfig")
         names = [t.name for t in tables]
@@ -145,12 +137,14 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         Post-training quantization is the same for every method (the TorchRec tables
         inside become quantized TorchRec tables), so no method lists it itself.
         """
-        quantization = getattr(getattr(self, "compression_config", None), "quantization", None)
-        if quantization is None:
-            return self.stages()
-        from compression.quantization import quantize_stage
+        post = self.compression_config.post_training_stages() if self.compression_config is not None else []
+        return schedule(self.stages(), post)
 
-        return [*self.stages(), quantize_stage(quantization)]
+    def extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Optimizers of the module's own non-table parameters (e.g. OptEmbed's
+        thresholds on plain SGD), stepped beside the trainer's; none by default. The
+        trainer leaves their parameters out of its dense optimizer."""
+        return []
 
     def regularization(self) -> torch.Tensor | None:
         """Extra loss term added to the task loss during training (None: nothing)."""
@@ -173,7 +167,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
         Table name (of an inner TorchRec collection) -> ``ParameterConstraints``
         (allowed sharding types, compute kernels ...). Empty by default: the planner
-        chooses among the sharder's types. ``recsys.training.distributed`` applies
+        chooses among the sharder's types. The sharded training path applies
         these, then the job config's ``distributed.constraints`` over them.
 
         Example::

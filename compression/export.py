@@ -12,7 +12,7 @@ exported non-strict (the id transforms run as Python over fake tensors; their
 data-dependent branches and checks are skipped while tracing, see
 ``compression.base._tracing``), with fbgemm's TBE script objects (``AtomicCounter``,
 ``TensorQueue``) given TorchRec's fake classes. It lives in ``compression`` rather
-than ``recsys`` because what makes exporting hard (the id transforms, fbgemm's
+than with the models because what makes exporting hard (the id transforms, fbgemm's
 quantized kernels) is compression's; the model is only wrapped.
 
 Example::

@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.base import CompressedEmbeddingBagCollection, _tracing
 from compression.hashing import UniversalHash
 from compression.sizing import Plan
+
+if TYPE_CHECKING:
+    from compression.api import CompressionConfig
 
 
 class KeyParams(nn.Module):
@@ -165,8 +168,9 @@ class IdMappedCollection(CompressedEmbeddingBagCollection):
         knob: str,
         validate_ids: bool = False,
         output_dims: Mapping[str, int] | None = None,
+        config: CompressionConfig | None = None,
     ) -> None:
-        super().__init__(tables, output_dims=output_dims, validate_ids=validate_ids)
+        super().__init__(tables, output_dims=output_dims, validate_ids=validate_ids, config=config)
         self.plan = plan
         self._knob = knob
         dims = self.output_dims()

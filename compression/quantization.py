@@ -45,10 +45,12 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
-from compression.base import MethodConfigError, Stage
+from compression.base import MethodConfigError
 from compression.formats import BITS, SCALE_BIAS_BYTES, TABLE_ALIGNMENT, row_bytes  # noqa: F401  (re-exported)
 from compression.formats import table_bytes as _table_bytes
+from compression.memory import memory_report
 from compression.qat import FakeQuantEmbeddingBagCollection
+from compression.stages import Stage, StageContext
 
 # precision -> bits per value (the formats a table can be quantized to: fp32 is none)
 PRECISIONS: dict[str, int] = {p: b for p, b in BITS.items() if p != "fp32"}
@@ -276,17 +278,15 @@ def table_bytes(table: EmbeddingBagConfig, precision: str, alignment: int = 1) -
 
 
 # -- the stage ---------------------------------------------------------------------------
-def quantize_stage(q: Quantization) -> Stage:
-    """The ``quantize`` stage the trainer runs after training (``base.schedule()``)."""
+def quantize_stage(q: Quantization, method: str = "") -> Stage:
+    """The ``quantize`` stage that ends a schedule after training (what
+    ``CompressionConfig.post_training_stages()`` lists); ``method`` names the method in errors."""
 
-    def run(ctx: Any) -> dict[str, float]:
-        from compression.memory import memory_report
-        from recsys.training.metrics import evaluate
-
+    def run(ctx: StageContext) -> dict[str, float]:
         before = memory_report(ctx.module).bytes
-        quantize_(ctx.module, q, getattr(type(getattr(ctx.module, "compression_config", None)), "method", ""))
+        quantize_(ctx.module, q, method)
         after = memory_report(ctx.module)
-        metrics = {f"val_{k}": v for k, v in evaluate(ctx.model, ctx.val, ctx.trainer.device).items()}
+        metrics = {f"val_{k}": v for k, v in ctx.evaluate().items()}
         metrics.update(embedding_bytes_before=float(before), embedding_bytes=float(after.bytes))
         return metrics
 

@@ -24,7 +24,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
-from compression.base import Stage
+from compression.stages import Stage
 from experiments.record import RunRecord
 from recsys.data.schema import ProcessedDataset
 from recsys.training.callbacks import Callback
@@ -193,6 +193,9 @@ class RecordCallback(Callback):
         self._steps += 1
         if self._steps % self.flush_every == 0:
             self.record.flush()
+
+    def on_params(self, params: dict[str, object]) -> None:
+        self.record.params(self._slot, flatten(params))
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], step: int) -> None:
         # the trainer saved the epoch's checkpoint before this: the record follows it to disk

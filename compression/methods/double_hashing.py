@@ -110,7 +110,7 @@ class DoubleHashedEmbeddingBagCollection(IdMappedCollection):
     """k seeded hashes per id into TorchRec tables; sum or concatenation of the k rows."""
 
     def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, config: DoubleHashingConfig, ctx: BuildContext) -> None:
-        super().__init__(tables, plan, knob="rows_per_hash")
+        super().__init__(tables, plan, knob="rows_per_hash", config=ctx.config)
         k = self.k = config.num_hashes
         self.concat = config.combine == "concat"
         self.separate = config.tables == "separate"

@@ -99,7 +99,7 @@ class HybridEmbeddingBagCollection(IdMappedCollection):
         counts: Mapping[str, np.ndarray],
         ctx: BuildContext,
     ) -> None:
-        super().__init__(tables, plan, knob="rows")
+        super().__init__(tables, plan, knob="rows", config=ctx.config)
         self.top_k: dict[str, int] = {}
         per_table: dict[str, dict[str, int]] = {}
         exact_ids, key_off, start = [], 0, 0

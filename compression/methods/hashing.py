@@ -53,7 +53,7 @@ class HashedEmbeddingBagCollection(IdMappedCollection):
     """One TorchRec table of M rows per source table; ids hashed on the way in."""
 
     def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, ctx: BuildContext) -> None:
-        super().__init__(tables, plan, knob="rows")
+        super().__init__(tables, plan, knob="rows", config=ctx.config)
         inner = [inner_table(t, rows=plan.sizes[t.name] or t.num_embeddings) for t in tables]
         self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.table_device)
         self.hasher = UniversalHash(1, seed=ctx.seed, device=ctx.device)

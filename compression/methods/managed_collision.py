@@ -110,7 +110,7 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
     """TorchRec's MC-EBC for the compressed tables, a plain EBC for the exact ones."""
 
     def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, config: ManagedCollisionConfig, ctx: BuildContext) -> None:
-        super().__init__(tables, plan, knob="zch_size")
+        super().__init__(tables, plan, knob="zch_size", config=ctx.config)
         mc = [inner_table(t, rows=plan.sizes[t.name]) for t in tables if plan.sizes[t.name] is not None]
         exact = [inner_table(t) for t in tables if plan.sizes[t.name] is None]
         self.mc_ebc = (

@@ -105,7 +105,7 @@ class MixedDimEmbeddingBagCollection(IdMappedCollection):
     """Per source table: rows [0, r) at dim d_t, rows [r, N) at d_t - 1, projected to d."""
 
     def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, ctx: BuildContext) -> None:
-        super().__init__(tables, plan, knob="scalars", validate_ids=True)
+        super().__init__(tables, plan, knob="scalars", validate_ids=True, config=ctx.config)
         inner: list[EmbeddingBagConfig] = []
         self._split: dict[str, tuple[int, int]] = {}
         per_feature = []  # (table, dim, has lower block) per feature, source order

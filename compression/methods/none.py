@@ -29,7 +29,7 @@ class UncompressedEmbeddingBagCollection(CompressedEmbeddingBagCollection):
     """The source tables as one TorchRec ``EmbeddingBagCollection``."""
 
     def __init__(self, tables: list[EmbeddingBagConfig], ctx: BuildContext) -> None:
-        super().__init__(tables)
+        super().__init__(tables, config=ctx.config)
         self.ebc = EmbeddingBagCollection(tables=tables, device=ctx.table_device)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:

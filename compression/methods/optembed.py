@@ -44,9 +44,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, register
-from compression.base import CompressedEmbeddingBagCollection, MethodConfigError, Stage
+from compression.base import CompressedEmbeddingBagCollection, MethodConfigError
 from compression.budget import Budget, BudgetError
 from compression.sizing import BudgetedConfig
+from compression.stages import Stage, StageContext
 
 ID_BYTES = 4  # kept ids are stored as int32
 # rows drawn to estimate a table's initial row norm when its tables are on meta (no values)
@@ -102,7 +103,7 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
     keeps its table's full dim D_t, zero-padded."""
 
     def __init__(self, tables: list[EmbeddingBagConfig], config: OptEmbedConfig, ctx: BuildContext) -> None:
-        super().__init__(tables)
+        super().__init__(tables, config=ctx.config)
         if config.retrain_from not in ("scratch", "supernet"):
             raise MethodConfigError(f"optembed: retrain_from must be 'scratch' or 'supernet', got '{config.retrain_from}'")
         self.config = config
@@ -211,40 +212,26 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         )
 
     # -- the stages --------------------------------------------------------------------
-    def _fit(self, ctx: Any, epochs: Optional[int]) -> dict[str, float]:
-        cfg = ctx.trainer.cfg
-        saved = cfg.epochs
-        cfg.epochs = epochs or saved
-        try:
-            fit = ctx.trainer.fit(ctx.model, self, ctx.train, ctx.val, ctx.checkpoint_dir)
-        finally:
-            cfg.epochs = saved
-        return {**{f"val_{k}": v for k, v in fit.best_val.items()}, "samples_per_s": fit.samples_per_s,
-                "step_time_ms": fit.step_time_ms, "epochs_run": float(fit.epochs_run)}
-
-    def _run_supernet(self, ctx: Any) -> dict[str, float]:
+    def _run_supernet(self, ctx: StageContext) -> dict[str, float]:
         self.mode = "supernet"
         self.unit_dims.copy_(torch.tensor(self.full_dims))
         self.thresholds.requires_grad_(True)
-        metrics = self._fit(ctx, self.config.supernet_epochs)
+        metrics = ctx.fit(self.config.supernet_epochs)
         self.freeze_rows()
         metrics.update(self.threshold_metrics())
         return metrics
 
-    def _run_search(self, ctx: Any) -> dict[str, float]:
-        from recsys.training.metrics import evaluate
-
+    def _run_search(self, ctx: StageContext) -> dict[str, float]:
         self.mode = "fixed"
         ctx.model.eval()
 
         def fitness(dims: tuple[int, ...]) -> float:
             self.unit_dims.copy_(torch.tensor(dims, dtype=torch.int64))
-            return evaluate(ctx.model, ctx.val, ctx.trainer.device, max_batches=self.config.search_val_batches)["auc"]
+            return ctx.evaluate(max_batches=self.config.search_val_batches)["auc"]
 
         def log(gen: int, best: float) -> None:
             self.history["fitness"].append(best)
-            for cb in ctx.trainer.callbacks:
-                cb.on_step(gen, {"search_best_auc": best})
+            ctx.log({"search_best_auc": best}, step=gen)
 
         best, best_auc = evolutionary_search(
             self.search_space(), self.full_dims, fitness, self.candidate_bytes, self.target_bytes(),
@@ -276,7 +263,7 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         auc, arch = max(scored, key=lambda x: (x[0], self.candidate_bytes(list(x[1]))))
         return arch, auc
 
-    def _run_retrain(self, ctx: Any) -> dict[str, float]:
+    def _run_retrain(self, ctx: StageContext) -> dict[str, float]:
         self.mode = "fixed"
         self.thresholds.requires_grad_(False)
         if self.config.retrain_from == "scratch":  # TorchRec's default init, seeded
@@ -285,13 +272,13 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
                 for w, rows in zip(self.weights(), self.rows):
                     bound = math.sqrt(1.0 / rows)
                     w.copy_(torch.empty(w.shape).uniform_(-bound, bound, generator=g))
-        return self._fit(ctx, self.config.retrain_epochs)
+        return ctx.fit(self.config.retrain_epochs)
 
-    def _run_compact(self, ctx: Any) -> dict[str, float]:
+    def _run_compact(self, ctx: StageContext) -> dict[str, float]:
         kept_before = self.kept_counts()
         self.compact()
         assert self.kept_counts() == [k if d > 0 else 0 for k, d in zip(kept_before, self.unit_dims.tolist())]
-        ctx.model.to(ctx.trainer.device)
+        ctx.model.to(ctx.device)
         kept = self.kept_counts()
         return {"kept_rows": float(sum(kept)), "kept_row_ratio": sum(kept) / sum(self.rows),
                 **{f"kept_rows.{u}": float(k) for u, k in zip(self.units, kept)}}

@@ -88,7 +88,7 @@ class QREmbeddingBagCollection(IdMappedCollection):
     """Quotient and remainder TorchRec tables per source table, combined per id."""
 
     def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, combine: str, ctx: BuildContext) -> None:
-        super().__init__(tables, plan, knob="collisions")
+        super().__init__(tables, plan, knob="collisions", config=ctx.config)
         self.combine = combine
         for t in tables:
             if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):

@@ -298,7 +298,8 @@ class UnifiedEmbeddingBagCollection(IdMappedCollection):
 
     def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, lay: Layout, ctx: BuildContext) -> None:
         d, chunks = lay.d, lay.chunks
-        super().__init__(tables, plan, knob="rows", output_dims={t.name: chunks[t.name] * d for t in tables})
+        super().__init__(tables, plan, knob="rows", output_dims={t.name: chunks[t.name] * d for t in tables},
+                         config=ctx.config)
         self.layout = lay
         first_hash, h = {}, 0
         for t in tables:  # hash (t, j) is first_hash[t] + j, whatever the grouping

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compression.base import Stage
+from compression.stages import Stage
 
 
 class Callback:
@@ -13,5 +13,7 @@ class Callback:
     def on_stage_end(self, stage: Stage, metrics: dict[str, float], n_stages: int) -> None: ...
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_params(self, params: dict[str, object]) -> None: ...
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], step: int) -> None: ...

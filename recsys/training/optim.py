@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from compression.base import CompressedEmbeddingBagCollection
+
 SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rowwise_adagrad": RowWiseAdagrad,
     "adam": torch.optim.Adam,
@@ -94,11 +96,11 @@ def sparse_optimizer(params: Sequence[nn.Parameter], name: str, lr: float) -> to
     return cls(params, lr=lr)  # type: ignore[call-arg]
 
 
-def build_optimizers(model: nn.Module, module: nn.Module, cfg: Any) -> Optimizers:
+def build_optimizers(model: nn.Module, module: CompressedEmbeddingBagCollection, cfg: Any) -> Optimizers:
     """``cfg.sparse_optimizer`` (default row-wise Adagrad) over ``module.table_parameters()``,
     Adam over the rest of ``model``, the module's own optimizers beside them."""
-    tables = [p for p in module.table_parameters() if p.requires_grad]  # type: ignore[operator]
-    extra: list[torch.optim.Optimizer] = list(getattr(module, "extra_optimizers", lambda: [])())
+    tables = [p for p in module.table_parameters() if p.requires_grad]
+    extra: list[torch.optim.Optimizer] = module.extra_optimizers()
     taken = {id(p) for p in tables}
     for opt in extra:
         taken.update(id(p) for g in opt.param_groups for p in g["params"])

@@ -25,6 +25,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from compression.base import CompressedEmbeddingBagCollection
 from recsys.data.loader import PAD_LABEL, BatchLoader
 from recsys.training.distributed import Sharded
 from recsys.training.metrics import predict as local_predict
@@ -48,11 +49,11 @@ def global_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return loss, float(value), int(count)
 
 
-def build_optimizers(sharded: Sharded, module: nn.Module, cfg: Any) -> Optimizers:
+def build_optimizers(sharded: Sharded, module: CompressedEmbeddingBagCollection, cfg: Any) -> Optimizers:
     """The fused optimizer of the sharded tables (a no-op step: it ran in the backward),
     ``cfg.sparse_optimizer`` for replicated tables, Adam for the dense rest."""
     named: dict[str, torch.optim.Optimizer] = {"sparse": sharded.dmp.fused_optimizer}
-    extra: list[torch.optim.Optimizer] = list(getattr(module, "extra_optimizers", lambda: [])())
+    extra: list[torch.optim.Optimizer] = module.extra_optimizers()
     taken = {id(p) for opt in extra for g in opt.param_groups for p in g["params"]}
     rest = [(n, p) for n, p in in_backward_optimizer_filter(sharded.dmp.named_parameters())
             if p.requires_grad and id(p) not in taken]  # fmt: skip

@@ -20,7 +20,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,9 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compression.base import CompressedEmbeddingBagCollection, Stage
+from compression.base import CompressedEmbeddingBagCollection
 from compression.config_checks import bounded, one_of
 from compression.memory import optimizer_state_bytes
+from compression.stages import Stage
 from recsys.data.loader import BatchLoader
 from recsys.training import checkpoint
 from recsys.training.callbacks import Callback
@@ -121,7 +122,8 @@ class RunResult:
 
 @dataclass
 class StageContext:
-    """What a custom stage's ``run`` gets: the trainer, model, module and data."""
+    """The trainer's side of ``compression.stages.StageContext``: what a stage's ``run``
+    gets (the model and module, the loop on this job's data, the callbacks to log to)."""
 
     trainer: Trainer
     model: nn.Module
@@ -130,6 +132,26 @@ class StageContext:
     val: BatchLoader
     stage: Stage
     checkpoint_dir: Path | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.device
+
+    def fit(self, epochs: Optional[int] = None) -> dict[str, float]:
+        fit = self.trainer.fit(self.model, self.module, self.train, self.val, self.checkpoint_dir, epochs=epochs)
+        return {**{f"val_{k}": v for k, v in fit.best_val.items()}, "samples_per_s": fit.samples_per_s,
+                "step_time_ms": fit.step_time_ms, "epochs_run": float(fit.epochs_run)}
+
+    def evaluate(self, max_batches: Optional[int] = None) -> dict[str, float]:
+        return evaluate(self.model, self.val, self.trainer.device, max_batches=max_batches)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        for cb in self.trainer.callbacks:
+            cb.on_step(step, dict(metrics))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        for cb in self.trainer.callbacks:
+            cb.on_params(dict(params))
 
 
 class Trainer:
@@ -259,9 +281,12 @@ class Trainer:
         train: BatchLoader,
         val: BatchLoader,
         ckdir: Path | None = None,
+        epochs: Optional[int] = None,
     ) -> FitResult:
-        """Train with early stopping on validation AUC; the best epoch's weights are kept."""
+        """Train for ``epochs`` (default ``cfg.epochs``) with early stopping on validation
+        AUC; the best epoch's weights are kept."""
         cfg = self.cfg
+        epochs = epochs or cfg.epochs
         if self.sharded is None:
             model.to(self.device).train()
             opts = build_optimizers(model, module, cfg)
@@ -280,11 +305,11 @@ class Trainer:
         reg_scale = 1.0 / self.sharded.world_size if self.sharded is not None else 1.0
         step = TrainStep(model, module, opts, cfg, self._loss, reg_scale)
 
-        while state.epoch < cfg.epochs and not state.stopped:
+        while state.epoch < epochs and not state.stopped:
             epoch_start = time.perf_counter()
             bar = tqdm(
                 total=steps_per_epoch, initial=state.batch, disable=not show,
-                desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False,
+                desc=f"epoch {state.epoch + 1}/{epochs}", leave=False,
             )
             for batch in train.epoch(state.epoch, start_batch=state.batch):
                 t0 = time.perf_counter()
@@ -311,7 +336,7 @@ class Trainer:
                     checkpoint.save_atomic(state.snapshot(model, opts), state_path)
             bar.close()
             val_metrics = self._evaluate(model, val)
-            state.end_epoch(val_metrics, model, cfg, self._snapshot)
+            state.end_epoch(val_metrics, model, cfg, epochs, self._snapshot)
             epoch_metrics = {f"val_{k}": v for k, v in val_metrics.items()}
             epoch_metrics["epoch"] = float(state.epoch)
             if state.bad_epochs and cfg.lr_decay != 1.0:  # a plateau: every rate x lr_decay
@@ -362,7 +387,8 @@ class _LoopState:
     step_times: list[float] = field(default_factory=list)
 
     def end_epoch(
-        self, val: dict[str, float], model: nn.Module, cfg: TrainerConfig, snapshot: Callable[[nn.Module], Any]
+        self, val: dict[str, float], model: nn.Module, cfg: TrainerConfig, epochs: int,
+        snapshot: Callable[[nn.Module], Any],
     ) -> None:
         self.epoch += 1
         self.batch = 0
@@ -371,7 +397,7 @@ class _LoopState:
         if auc > self.best_auc + cfg.min_delta or self.best_epoch == 0:
             self.best_auc, self.best_epoch, self.best_val = auc, self.epoch, val
             # a copy is needed only if a later epoch may be worse: none after the last one
-            self.best_state = snapshot(model) if self.epoch < cfg.epochs else None
+            self.best_state = snapshot(model) if self.epoch < epochs else None
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1

@@ -347,7 +347,7 @@ def test_hydra_composes_quantization_with_any_method(overrides, expected):
 
 
 def test_lookup_benchmark_runs(capsys):
-    from compression.bench_lookup import main
+    from experiments.benches.lookup import main
 
     main(["--batch", "64", "--dims", "8", "--scenarios", "sample", "--steps", "2", "--rounds", "1", "--ids", "uniform"])
     out = capsys.readouterr().out

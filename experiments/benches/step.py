@@ -10,9 +10,9 @@ shows each one's median over every timed step.
 
 Usage::
 
-    python -m compression.bench_step [--ratio 10] [--scale 1] [--steps 10] [--rounds 5]
+    python -m experiments.benches.step [--ratio 10] [--scale 1] [--steps 10] [--rounds 5]
     # only some methods, plus a variant of one (its fields as OmegaConf dot-list overrides)
-    python -m compression.bench_step --methods none hashing \
+    python -m experiments.benches.step --methods none hashing \
         --variant unified_embedding:chunk_dim=8,chunk_rule=cardinality
 """
 

@@ -6,7 +6,7 @@ The lookup is an embedding collection's forward (eval mode, no autograd) on a ba
 - ``sample``: the Criteo sample's vocabularies (all tables fit in cache);
 - ``large``: the same, with the 8 largest made 1M rows (lookups go to memory).
 
-Ids follow a power law (``zipf(1.2)``, as ``bench_step``'s: most lookups hit a few
+Ids follow a power law (``zipf(1.2)``, as ``experiments.benches.step``'s: most lookups hit a few
 hot rows, which stay in cache) or, with ``--ids uniform``, are uniform over each
 table (lookups in the 1M-row tables go to memory). Rows are compared as:
 ``fp32`` (TorchRec's ``EmbeddingBagCollection``: ``nn.EmbeddingBag`` per table, the
@@ -18,7 +18,7 @@ batch, with its ratio to ``fp32``.
 
 Usage::
 
-    python -m compression.bench_lookup [--batch 4096] [--dims 16 64] [--rounds 5] [--threads 0]
+    python -m experiments.benches.lookup [--batch 4096] [--dims 16 64] [--rounds 5] [--threads 0]
         [--ids zipf|uniform] [--scenarios sample large]
 """
 
@@ -35,9 +35,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compression.bench_step import CRITEO_SAMPLE_VOCAB
 from compression.memory import tbe_attributes, tensor_bytes
 from compression.quantization import fbgemm_rows, quantized_collection
+from experiments.benches.step import CRITEO_SAMPLE_VOCAB
 
 LARGE_ROWS = 1_000_000
 VARIANTS = ("fp32", "fp32-tbe", "fp16", "int8", "int4")

@@ -16,7 +16,7 @@ One command that answers, on a machine with a GPU (the CPU alone works too):
 
 Usage::
 
-    python -m recsys.training.bench_device --out device.json \
+    python -m experiments.benches.device --out device.json \
         [--data data/cache/criteo_sample-<digest>] [--methods none hashing unified_embedding]
 """
 
@@ -39,7 +39,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import compression
 from compression import Budget, compress
-from compression.bench_step import batches, counts, tables
+from experiments.benches.step import batches, counts, tables
 from recsys.models import DLRMConfig
 from recsys.training.optim import build_optimizers
 
@@ -86,7 +86,7 @@ def stack() -> dict[str, Any]:
 
 
 def synthetic(tabs: list[EmbeddingBagConfig], batch: int, n: int, seed: int = 0) -> list[tuple[Any, ...]]:
-    """bench_step's power-law batches over ``tabs`` (CPU tensors), labels flat."""
+    """the step benchmark's power-law batches over ``tabs`` (CPU tensors), labels flat."""
     return [(dense, kjt, labels.reshape(-1)) for dense, kjt, labels in batches(tabs, n, seed, batch)]
 
 
