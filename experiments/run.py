@@ -33,20 +33,37 @@ USER_ERRORS = (
     DistributedError, CheckpointMismatch, SeedsError, ConfigError,
 )
 log = logging.getLogger("experiments.run")
-# torch.fx warns once per process that is_fx_tracing() covers torch.export too, when the
-# first KeyedJaggedTensor is built (its metaclass asks); nothing here traces with fx
-logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
+class _NotFxTracingNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is_fx_tracing will return true" not in record.getMessage()
+
+
+def _quiet_libraries() -> None:
+    """Per process that runs a job (a launcher's worker does not run this module's top)."""
+    # torch.fx warns once per process that is_fx_tracing() covers torch.export too, when
+    # the first KeyedJaggedTensor is built (its metaclass asks); nothing here traces with
+    # fx. A filter, not a level: torch's logging setup resets its loggers' levels.
+    fx = logging.getLogger("torch.fx._symbolic_trace")
+    if not any(isinstance(f, _NotFxTracingNote) for f in fx.filters):
+        fx.addFilter(_NotFxTracingNote())
+    # MLflow's SQL store logs the whole SQLAlchemy traceback of a failed write before it
+    # raises; the job's record catches that error and says it in one warning line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def _terminated(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 register_configs()
+_quiet_libraries()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | list[float]:
     """Run one job; returns ``cfg.objective`` (test AUC by default), what a sweeper optimises."""
+    _quiet_libraries()
     if threading.current_thread() is threading.main_thread():  # (signals go to the main thread only)
         signal.signal(signal.SIGTERM, _terminated)
     try:

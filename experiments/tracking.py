@@ -71,7 +71,10 @@ def _check_writable(uri: str, db: Path) -> None:
     try:
         if db.exists():
             with contextlib.closing(sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=30)) as con:
-                con.execute("BEGIN IMMEDIATE")  # takes the write lock, as any write would
+                # a real write, rolled back: SQLite opens a file it may not write read-only
+                # without a word, and a read-only connection still takes the write lock
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("CREATE TABLE embcomp_write_probe (x INTEGER)")
                 con.rollback()
         else:
             probe = db.with_name(f".{db.name}.probe-{os.getpid()}")

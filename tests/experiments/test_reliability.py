@@ -79,8 +79,8 @@ def test_a_read_only_store_is_refused_in_one_line_before_any_data_is_read(tmp_pa
     assert not cache.exists()  # no data read
 
 
-def test_jobs_started_together_on_a_new_store_all_complete(tmp_path):
-    n = 8
+@pytest.mark.parametrize("n", [4, pytest.param(8, marks=pytest.mark.slow)])
+def test_jobs_started_together_on_a_new_store_all_complete(tmp_path, n):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     # the dataset's cache first: the race under test is the store's, not the cache's
     prep = run_cli("dataset=criteo_sample", *smoke_overrides(tmp_path / "prep"), f"cache_dir={tmp_path}/cache",
@@ -101,3 +101,27 @@ def test_jobs_started_together_on_a_new_store_all_complete(tmp_path):
                        "for r in c.search_runs([c.get_experiment_by_name('test').experiment_id])]))")  # fmt: skip
     assert runs == [["FINISHED", "complete"]] * n
     assert all((tmp_path / f"job{i}" / "summary.json").is_file() for i in range(n))
+
+
+def test_a_sweep_runs_in_parallel_through_the_joblib_and_submitit_local_launchers(tmp_path):
+    """Hydra's launchers as a user picks them: every job a complete run under the one
+    parent, each method's figures the same whichever launcher ran it (seeded jobs)."""
+    aucs = {}
+    for launcher, extra in (("joblib", "hydra.launcher.n_jobs=2"), ("submitit_local", "hydra.launcher.timeout_min=10")):
+        name = f"launch-{launcher}"
+        r = run_cli("--multirun", f"hydra/launcher={launcher}", extra, "dataset=criteo_sample", "compression=none,hashing",
+                    "budget=10x", "trainer.max_steps_per_epoch=2", "trainer.num_threads=1",
+                    "hydra.callbacks.mlflow_sweep.overhead_rounds=0", *smoke_overrides(tmp_path),
+                    f"mlflow.experiment_name={name}", f"hydra.sweep.dir={tmp_path}/{launcher}",
+                    f"report_dir={tmp_path}/reports", cwd=tmp_path)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "is_fx_tracing" not in r.stderr  # quiet in the launcher's worker processes too
+        runs = _read_store(f"sqlite:///{tmp_path}/mlflow.db", (
+            f"e = c.get_experiment_by_name({name!r}).experiment_id; print(json.dumps([[r.data.tags.get('embcomp.kind'), "
+            "r.data.tags.get('method'), r.info.status, r.data.metrics.get('test_auc')] for r in c.search_runs([e])]))"))  # fmt: skip
+        jobs = sorted(x for x in runs if x[0] != "sweep")
+        assert [(m, s) for _, m, s, _ in jobs] == [("hashing", "FINISHED"), ("none", "FINISHED")], runs
+        assert [x[2] for x in runs if x[0] == "sweep"] == ["FINISHED"]
+        aucs[launcher] = [a for *_, a in jobs]
+        assert (tmp_path / "reports" / name / "table.md").is_file()
+    assert aucs["joblib"] == aucs["submitit_local"]
