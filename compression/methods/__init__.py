@@ -5,7 +5,9 @@ Adding a method: its module here, one import line below, a Hydra config in
 """
 
 from compression.methods import (  # noqa: F401
+    dedup,
     double_hashing,
+    dpq,
     frequency_hybrid,
     hashing,
     managed_collision,

@@ -175,11 +175,16 @@ LARGE = [dataclasses.replace(t, num_embeddings=n) for t, n in zip(TABLES, (7, 20
 QUANT_RATIO = 5  # reachable by every sized method at dim 8 in int8 and int4 (mixed_dim: int8)
 
 
+# methods whose module holds its budgeted (deployed) form only after a stage of its schedule
+STAGED_DEPLOYMENT = ("optembed", "dpq", "mgqe", "dedup")
+
+
 def sized_examples():
     """Every example whose method sizes itself from its budget when it is built (OptEmbed
-    sizes in its search, after training: tests/compression/test_optembed.py)."""
+    sizes in its search, after training: tests/compression/test_optembed.py; DPQ/MGQE and
+    dedup reach their deployed form in a stage: tests/compression/test_dpq.py, test_dedup.py)."""
     return [p for p in examples() if isinstance(p.values[0], BudgetedConfig) and p.values[0].budget is not None
-            and type(p.values[0]).method != "optembed"]  # fmt: skip
+            and type(p.values[0]).method not in STAGED_DEPLOYMENT]  # fmt: skip
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

@@ -32,7 +32,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import compression
 from compression import Budget, compress
+from compression.methods.dedup import DedupConfig
 from compression.methods.double_hashing import DoubleHashingConfig
+from compression.methods.dpq import DPQConfig, MGQEConfig
 from compression.methods.frequency_hybrid import FrequencyHybridConfig
 from compression.methods.hashing import HashingConfig
 from compression.methods.managed_collision import ManagedCollisionConfig
@@ -67,6 +69,11 @@ CONFIGS = {
     "mixed_dim": MixedDimConfig(budget=Budget(ratio=3)),
     "unified_embedding": UnifiedEmbeddingConfig(budget=Budget(ratio=8), chunk_dim=4, num_tables=2),
     "optembed": OptEmbedConfig(),
+    # their training form: DPQ's query tables (an EmbeddingCollection) sharded, codebooks
+    # data-parallel; dedup's full tables; pack / merge and after run on rank 0 unsharded
+    "dpq": DPQConfig(budget=Budget(ratio=8)),
+    "mgqe": MGQEConfig(budget=Budget(ratio=8)),
+    "dedup": DedupConfig(budget=Budget(ratio=2)),
 }
 # mixed_dim's dims here are not all multiples of 4: those tables are replicated
 # (data-parallel), the others sharded; qr_add pools before combining (one bag per sample)

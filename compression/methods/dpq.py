@@ -1,0 +1,520 @@
+"""Differentiable product quantization (DPQ, Chen et al., ICML 2020) and its frequency-aware
+variant MGQE (Kang et al., WWW 2020): per-table codebooks and per-id codes.
+
+A table of N ids at dim d is cut into D subspaces of s = d/D dims. Each subspace j has
+K centroids V_j (a codebook of D·K rows of s dims, TorchRec's table ``<t>__codebook``),
+and each id x has D codes c_j(x) in [0, K); its embedding is the concatenation of
+V_j[c_j(x)] (DPQ §2, eq. 1). Codes take log2 K bits each, stored packed.
+
+Training (the paper's DPQ-VQ variant, §2.2, eqs. 4-5 and its VQ regulariser): each id
+keeps a continuous query row q(x) (a TorchRec ``EmbeddingCollection`` of the full N x d,
+trained by the sparse optimizer); c_j(x) = argmin_k ||q_j(x) - V_j[k]||²; the forward
+gives V_j[c_j] with the straight-through gradient to q (h = q + sg(V_c - q)), and the
+centroids learn from ``regularization()``: mean (V_c - sg(q))² + beta · mean (sg(V_c) - q)²
+(the authors' reference sets alpha = 1 on the first term). The training-time module
+therefore holds the whole query table plus the codebooks (fp32, dense parameters
+trained by the dense optimizer): more than the uncompressed table, counted as such by
+``memory_report`` until the ``pack`` stage. (DPQ-SX, the softmax variant, needs the
+same query table and a second key codebook; it is not built here.)
+
+Deployed (after ``pack``): per table the codes, packed LSB-first into one uint8 array of
+ceil(N·D·log2 K / 8) bytes, and the codebook as a TorchRec ``EmbeddingBagCollection``
+table (so post-training quantization applies to it, and pooling is TorchRec's: an id's
+D codes become D lookups, one per subspace feature ``<f>__s<j>``, whose pooled outputs
+concatenate to the feature's d dims). That is all it holds; ``memory_report`` counts
+exactly those tensors, and the budget is met by them.
+
+MGQE (``MGQEConfig``, Kang et al. §3.2): the ``hot_fraction`` most frequent ids of a table
+(train counts) may use all K centroids, the others only the first K / ``cold_divisor``.
+Stored as the low log2(K/cold_divisor) bits of every id's codes in the packed array,
+a sorted int32 list of the hot ids (4 bytes each), and the hot ids' remaining high bits
+packed beside it: code = low + high · (K/cold_divisor).
+
+The budget picks (D, K) per table among D dividing d and K in {2, 4, ..., 256} (K at
+most N), by the deployed bytes; tables that fit their share stay exact (their full
+table is the deployed form). DPQ cannot go below N·log2 2 bits a table: at d=16 about
+500x, so 1000x is refused with the smallest reachable ratio.
+
+Schedule: ``train`` (the trainer's loop), ``pack`` (query rows -> codes, the query table
+dropped), optionally ``finetune`` (the codebooks with fixed codes).
+
+Example::
+
+    ebc = compress(tables, DPQConfig(budget=Budget(ratio=100)))
+    ...train...; ebc.pack()          # the trainer's ``pack`` stage does this
+    memory_report(ebc).bytes         # packed codes + codebooks
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from compression.api import BuildContext, MethodConfigError, register
+from compression.base import CompressedEmbeddingBagCollection
+from compression.deployed import TableFormat, deployed_bytes
+from compression.idmap import in_order, inner_table
+from compression.memory import memory_report
+from compression.quantization import as_quantization, check_quantizable
+from compression.sizing import (
+    BudgetedConfig,
+    FieldCost,
+    Plan,
+    check_exclusive,
+    plan_budget,
+    plan_explicit,
+    verify,
+)
+from compression.stages import Stage, StageContext
+
+ID_BYTES = 4  # hot ids are stored as int32
+MAX_CENTROIDS = 256  # codes of at most 8 bits
+PACK_CHUNK = 1 << 16  # query rows coded at a time by ``pack``
+
+
+@dataclass
+class DPQConfig(BudgetedConfig):
+    """DPQ-VQ. ``budget`` picks (subspaces D, centroids K) per table; or give both (budget: null).
+
+    ``beta``: weight of the commitment term pulling query rows to their centroids.
+    ``finetune_epochs``: after ``pack``, train the codebooks (codes fixed) this long.
+    """
+
+    method: ClassVar[str] = "dpq"
+    subspaces: Optional[int] = None
+    centroids: Optional[int] = None
+    beta: float = 0.25
+    finetune_epochs: int = 0
+
+    def explicit_sizes(self) -> dict[str, Any]:
+        return {"subspaces": self.subspaces, "centroids": self.centroids}
+
+    def tiers(self) -> tuple[float, int]:
+        """(share of ids that are hot, divisor of K for the others); DPQ: one tier."""
+        return 0.0, 1
+
+    @classmethod
+    def contract_examples(cls) -> list[DPQConfig]:
+        return [cls()]
+
+
+@dataclass
+class MGQEConfig(DPQConfig):
+    """MGQE: DPQ where the ``hot_fraction`` most frequent ids use all K centroids and the
+    rest the first K / ``cold_divisor`` (needs the train counts)."""
+
+    method: ClassVar[str] = "mgqe"
+    hot_fraction: float = 0.1
+    cold_divisor: int = 4
+
+    def tiers(self) -> tuple[float, int]:
+        return self.hot_fraction, self.cold_divisor
+
+    @classmethod
+    def contract_examples(cls) -> list[DPQConfig]:
+        return [cls()]
+
+
+class Shape(NamedTuple):
+    """One table's quantization: D subspaces, K centroids, cold ids' K, hot ids kept."""
+
+    subspaces: int
+    centroids: int
+    cold_centroids: int
+    hot: int
+
+    @property
+    def bits(self) -> int:
+        return self.centroids.bit_length() - 1
+
+    @property
+    def cold_bits(self) -> int:
+        return self.cold_centroids.bit_length() - 1
+
+
+# -- packed codes -------------------------------------------------------------------------
+def packed_bytes(values: int, bits: int) -> int:
+    """Bytes of ``values`` codes of ``bits`` bits packed back to back."""
+    return -(-values * bits // 8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (< 2^bits) as one uint8 array, code i at bits [i·bits, (i+1)·bits), LSB first."""
+    flat = codes.reshape(-1).to(torch.int64)
+    if bits == 0 or flat.numel() == 0:
+        return torch.zeros(packed_bytes(flat.numel(), bits), dtype=torch.uint8, device=codes.device)
+    stream = ((flat.unsqueeze(1) >> torch.arange(bits, device=flat.device)) & 1).reshape(-1)
+    stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8))
+    weights = 1 << torch.arange(8, device=flat.device)
+    return (stream.view(-1, 8) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, index: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes number ``index`` (int64) of ``packed``: a code spans at most two bytes."""
+    if bits == 0 or packed.numel() == 0:
+        return torch.zeros_like(index)
+    pos = index * bits
+    byte = pos >> 3
+    lo = packed[byte].to(torch.int64)
+    hi = packed[(byte + 1).clamp(max=packed.numel() - 1)].to(torch.int64)
+    return ((lo | (hi << 8)) >> (pos & 7)) & ((1 << bits) - 1)
+
+
+# -- sizing --------------------------------------------------------------------------------
+def shapes_for(t: EmbeddingBagConfig, hot_fraction: float, cold_divisor: int, per_byte: int) -> list[Shape]:
+    """Every (D, K) a table can take: D dividing d (sub-dims that pack ``per_byte``), K a
+    power of two from 2 to min(256, N)."""
+    n, d = t.num_embeddings, t.embedding_dim
+    out = []
+    for D in range(1, d + 1):
+        if d % D or (d // D) % per_byte:
+            continue
+        K = 2
+        while min(MAX_CENTROIDS, max(2, n)) >= K:
+            cold = max(2, K // cold_divisor) if hot_fraction > 0 else K
+            hot = min(n, int(hot_fraction * n)) if cold < K else 0
+            out.append(Shape(D, K, cold, hot))
+            K *= 2
+    return out
+
+
+def shape_bytes(t: EmbeddingBagConfig, s: Shape, fmt: TableFormat) -> int:
+    """Deployed bytes of a table as ``s``: codebook table, packed codes, hot ids and their high bits."""
+    D, n = s.subspaces, t.num_embeddings
+    codebook = fmt.table(D * s.centroids, t.embedding_dim // D, D * len(t.feature_names))
+    return codebook + packed_bytes(n * D, s.cold_bits) + ID_BYTES * s.hot + packed_bytes(s.hot * D, s.bits - s.cold_bits)
+
+
+def _cost(t: EmbeddingBagConfig, shapes: list[tuple[int, Shape]], fmt: TableFormat) -> FieldCost:
+    full = fmt.table(t.num_embeddings, t.embedding_dim, len(t.feature_names))
+    return FieldCost(t.name, full, 0, len(shapes) - 1, lambda i: shapes[i][0])
+
+
+def table_counts(t: EmbeddingBagConfig, counts: Mapping[str, np.ndarray], method: str) -> np.ndarray:
+    """Train count of every id of ``t``, summed over its features."""
+    total = np.zeros(t.num_embeddings, dtype=np.int64)
+    for f in t.feature_names:
+        if f not in counts:
+            raise MethodConfigError(
+                f"{method} needs the train counts of feature '{f}' (compress(..., counts=...)); "
+                f"it has counts for {sorted(counts) or 'none'}"
+            )
+        c = np.asarray(counts[f]).astype(np.int64)[: t.num_embeddings]
+        total[: len(c)] += c
+    return total
+
+
+# -- the deployed form ---------------------------------------------------------------------
+def _inner(tables: list[EmbeddingBagConfig], shapes: Mapping[str, Optional[Shape]]) -> list[EmbeddingBagConfig]:
+    """The deployed collection's tables: each compressed table's codebook, each exact table whole."""
+    out = []
+    for t in tables:
+        s = shapes[t.name]
+        if s is None:
+            out.append(inner_table(t))
+        else:
+            features = [f"{f}__s{j}" for f in t.feature_names for j in range(s.subspaces)]
+            out.append(inner_table(t, f"{t.name}__codebook", s.subspaces * s.centroids, t.embedding_dim // s.subspaces, features))
+    return out
+
+
+class PackedCodes(nn.Module):
+    """Packed codes, hot ids and the codebook collection: what a DPQ module deploys."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], shapes: Mapping[str, Optional[Shape]], device: torch.device,
+                 table_device: torch.device) -> None:  # fmt: skip
+        super().__init__()
+        self.shapes = dict(shapes)
+        self.table_of = {f: t for t in tables for f in t.feature_names}
+        self.features = [f for t in tables for f in t.feature_names]
+        self.dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self.ebc = EmbeddingBagCollection(tables=_inner(tables, shapes), device=table_device)
+        self._inner_keys = [f for c in self.ebc.embedding_bag_configs() for f in c.feature_names]
+        for t in tables:
+            s = shapes[t.name]
+            if s is None:
+                continue
+            n, D = t.num_embeddings, s.subspaces
+            self.register_buffer(f"codes_{t.name}", torch.zeros(packed_bytes(n * D, s.cold_bits), dtype=torch.uint8, device=device))
+            self.register_buffer(f"hot_{t.name}", torch.zeros(s.hot, dtype=torch.int32, device=device))
+            self.register_buffer(f"high_{t.name}", torch.zeros(packed_bytes(s.hot * D, s.bits - s.cold_bits),
+                                                               dtype=torch.uint8, device=device))  # fmt: skip
+
+    def codes(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        """The [n, D] codes of ``ids`` in ``table``."""
+        s = self.shapes[table]
+        assert s is not None
+        D = s.subspaces
+        pos = (ids.unsqueeze(1) * D + torch.arange(D, device=ids.device)).reshape(-1)
+        codes = unpack_codes(getattr(self, f"codes_{table}"), pos, s.cold_bits).view(-1, D)
+        hot: torch.Tensor = getattr(self, f"hot_{table}")
+        if hot.numel() and s.bits > s.cold_bits:
+            at = torch.searchsorted(hot, ids.to(torch.int32)).clamp(max=hot.numel() - 1)
+            hit = hot[at] == ids
+            hpos = (at.unsqueeze(1) * D + torch.arange(D, device=ids.device)).reshape(-1)
+            high = unpack_codes(getattr(self, f"high_{table}"), hpos, s.bits - s.cold_bits).view(-1, D)
+            codes = codes + torch.where(hit.unsqueeze(1), high * s.cold_centroids, 0)
+        return codes
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        d = features.to_dict()
+        keys: list[str] = []
+        values: list[torch.Tensor] = []
+        lengths: list[torch.Tensor] = []
+        for f in self.features:
+            jt, t = d[f], self.table_of[f]
+            s = self.shapes[t.name]
+            if s is None:
+                keys.append(f)
+                values.append(jt.values())
+                lengths.append(jt.lengths())
+                continue
+            rows = self.codes(t.name, jt.values()) + torch.arange(s.subspaces, device=jt.values().device) * s.centroids
+            for j in range(s.subspaces):
+                keys.append(f"{f}__s{j}")
+                values.append(rows[:, j])
+                lengths.append(jt.lengths())
+        kjt = KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=features.stride())
+        out = in_order(self.ebc(kjt), self._inner_keys)
+        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=out)
+
+
+# -- the module ----------------------------------------------------------------------------
+class DPQEmbeddingBagCollection(CompressedEmbeddingBagCollection):
+    """DPQ-VQ's training form (query tables, codebooks) and, after ``pack()``, its deployed
+    form (``PackedCodes``). Tables the plan keeps exact are plain tables in both."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, shapes: Mapping[str, Optional[Shape]],
+                 hot_ids: Mapping[str, np.ndarray], config: DPQConfig, ctx: BuildContext) -> None:  # fmt: skip
+        super().__init__(tables, config=ctx.config)
+        for t in tables:
+            if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+                raise MethodConfigError(f"{config.method}: table '{t.name}' pools by {t.pooling}; it supports SUM and MEAN")
+        self.config, self.plan, self.shapes = config, plan, dict(shapes)
+        self._tables = {t.name: t for t in tables}
+        self._table_of = {f: t for t in tables for f in t.feature_names}
+        self.ec: nn.ModuleDict | None = nn.ModuleDict({
+            f"d{dim}": EmbeddingCollection(
+                tables=[EmbeddingConfig(name=t.name, embedding_dim=dim, num_embeddings=t.num_embeddings,
+                                        feature_names=list(t.feature_names), init_fn=t.init_fn)
+                        for t in tables if t.embedding_dim == dim],
+                device=ctx.table_device,
+            )
+            for dim in sorted({t.embedding_dim for t in tables})
+        })  # fmt: skip
+        init = {c.name: c.init_fn for ec in self.ec.values() for c in ec.embedding_configs()}  # type: ignore[operator]
+        books = {}
+        for t in tables:
+            s = shapes[t.name]
+            if s is None:
+                continue
+            sample = torch.empty(s.centroids, t.embedding_dim)
+            init[t.name](sample)  # centroids drawn as rows are: each subspace's K from K rows
+            sub = t.embedding_dim // s.subspaces
+            books[t.name] = nn.Parameter(sample.view(s.centroids, s.subspaces, sub).transpose(0, 1).reshape(-1, sub)
+                                         .contiguous().to(ctx.device))  # fmt: skip
+        self.codebooks: nn.ParameterDict | None = nn.ParameterDict(books)
+        for t in tables:  # hot ids (MGQE), sorted, where the codes are
+            self.register_buffer(f"hot_{t.name}", torch.from_numpy(hot_ids.get(t.name, np.zeros(0, np.int32))).to(
+                torch.int32).to(ctx.device))  # fmt: skip
+        self.packed: PackedCodes | None = None
+        self._reg: torch.Tensor | None = None
+
+    # -- training form -------------------------------------------------------------------
+    def query_table(self, name: str) -> torch.Tensor:
+        assert self.ec is not None, "packed: the query tables are gone"
+        return self.ec[f"d{self._tables[name].embedding_dim}"].embeddings[name].weight  # type: ignore[index,union-attr]
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        if self.packed is not None:
+            return super().table_parameters()
+        assert self.ec is not None
+        return list(self.ec.parameters())
+
+    def _hot(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        hot: torch.Tensor = getattr(self, f"hot_{name}")
+        if not hot.numel():
+            return torch.zeros_like(ids, dtype=torch.bool)
+        at = torch.searchsorted(hot, ids.to(torch.int32)).clamp(max=hot.numel() - 1)
+        return hot[at] == ids
+
+    def assign(self, name: str, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The [n, D] codes of query ``rows`` (of ``ids``): the nearest centroid per subspace
+        (eq. 4), cold ids choosing among the first ``cold_centroids`` only (MGQE)."""
+        s = self.shapes[name]
+        assert s is not None and self.codebooks is not None
+        D, K = s.subspaces, s.centroids
+        with torch.no_grad():
+            q = rows.detach().view(len(rows), D, -1)
+            c = self.codebooks[name].detach().view(D, K, -1)
+            dist = c.pow(2).sum(-1).unsqueeze(0) - 2 * torch.einsum("nds,dks->ndk", q, c)
+            if s.cold_centroids < K:
+                cold = ~self._hot(name, ids)
+                dist[:, :, s.cold_centroids :] += torch.where(cold, math.inf, 0.0).view(-1, 1, 1)
+            return dist.argmin(-1)
+
+    def _quantize(self, name: str, rows: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s = self.shapes[name]
+        assert s is not None and self.codebooks is not None
+        D, K = s.subspaces, s.centroids
+        codes = self.assign(name, rows, ids)
+        q = rows.view(len(rows), D, -1)
+        v = self.codebooks[name].view(D, K, -1)[torch.arange(D, device=rows.device), codes]  # [n, D, s]
+        out = q + (v - q).detach()  # straight-through: the forward is V_c, the gradient reaches q
+        reg = None
+        if self.training and len(rows):
+            reg = (v - q.detach()).pow(2).mean() + self.config.beta * (v.detach() - q).pow(2).mean()
+        return out.reshape(len(rows), -1), reg
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        self.check_ids(features)
+        if self.packed is not None:
+            return self.packed(features)
+        assert self.ec is not None
+        lookups = {f: jt for ec in self.ec.values() for f, jt in ec(features).items()}
+        ids = features.to_dict()
+        batch = features.stride()
+        pooled, reg = [], None
+        for f in self.feature_names:
+            t, jt = self._table_of[f], lookups[f]
+            e = jt.values()
+            if self.shapes[t.name] is not None:
+                e, r = self._quantize(t.name, e, ids[f].values())
+                reg = r if reg is None or r is None else reg + r
+            lengths = jt.lengths()
+            seg = torch.repeat_interleave(torch.arange(batch, device=e.device), lengths, output_size=len(e))
+            bag = torch.zeros(batch, t.embedding_dim, device=e.device, dtype=e.dtype).index_add(0, seg, e)
+            if t.pooling == PoolingType.MEAN:
+                bag = bag / lengths.clamp(min=1).unsqueeze(1).to(bag.dtype)
+            pooled.append(bag)
+        self._reg = reg if self.training else None
+        dims = [p.shape[1] for p in pooled]
+        return KeyedTensor(keys=self.feature_names, length_per_key=dims, values=torch.cat(pooled, dim=1))
+
+    def regularization(self) -> torch.Tensor | None:
+        return self._reg if self.training and self.packed is None else None
+
+    # -- schedule ---------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        out = [Stage("train"), Stage("pack", run=self._run_pack, checkpoint=False)]
+        if self.config.finetune_epochs:
+            out.append(Stage("finetune", run=lambda ctx: ctx.fit(self.config.finetune_epochs),
+                             params={"epochs": self.config.finetune_epochs}))  # fmt: skip
+        return out
+
+    def _run_pack(self, ctx: StageContext) -> dict[str, float]:
+        training = memory_report(self).bytes
+        self.pack()
+        ctx.model.to(ctx.device)
+        metrics = {f"val_{k}": v for k, v in ctx.evaluate().items()}
+        return {**metrics, "training_bytes": float(training), "embedding_bytes": float(memory_report(self).bytes)}
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Replace the query tables by each id's packed codes and the codebooks by a TorchRec
+        collection (in place): the deployed form."""
+        if self.packed is not None:
+            return
+        assert self.codebooks is not None
+        tables = list(self._tables.values())
+        device = getattr(self, f"hot_{tables[0].name}").device
+        packed = PackedCodes(tables, self.shapes, device, self.query_table(tables[0].name).device)
+        for t in tables:
+            s, w = self.shapes[t.name], self.query_table(t.name)
+            inner = packed.ebc.embedding_bags[t.name if s is None else f"{t.name}__codebook"].weight
+            if s is None:
+                inner.copy_(w)
+                continue
+            inner.copy_(self.codebooks[t.name])
+            codes = torch.cat([self.assign(t.name, w[i : i + PACK_CHUNK], torch.arange(i, min(i + PACK_CHUNK, len(w)), device=w.device))
+                               for i in range(0, len(w), PACK_CHUNK)])  # fmt: skip
+            hot: torch.Tensor = getattr(self, f"hot_{t.name}")
+            getattr(packed, f"codes_{t.name}").copy_(pack_codes(codes % s.cold_centroids, s.cold_bits))
+            getattr(packed, f"hot_{t.name}").copy_(hot)
+            if hot.numel():
+                high = codes[hot.long()] // s.cold_centroids
+                getattr(packed, f"high_{t.name}").copy_(pack_codes(high, s.bits - s.cold_bits))
+        for t in tables:
+            delattr(self, f"hot_{t.name}")
+        self.packed, self.ec, self.codebooks = packed, None, None
+
+    def describe(self) -> dict[str, Any]:
+        out = self.plan.describe("shape", {t.name: t.feature_names for t in self.source_tables()})
+        for name, s in self.shapes.items():
+            out[f"{name}.shape"] = "exact" if s is None else f"D{s.subspaces}xK{s.centroids}"
+            if s is not None:
+                out.update({f"{name}.subspaces": s.subspaces, f"{name}.centroids": s.centroids})
+                if s.hot:
+                    out.update({f"{name}.cold_centroids": s.cold_centroids, f"{name}.hot_ids": s.hot})
+        return out
+
+
+# -- build ---------------------------------------------------------------------------------
+def _check(config: DPQConfig, tables: list[EmbeddingBagConfig]) -> int:
+    """The config against the tables; values per byte of the quantized codebooks (1: none)."""
+    method = config.method
+    check_exclusive(method, config.budget, **config.explicit_sizes())
+    if config.budget is None and (config.subspaces is None or config.centroids is None):
+        raise MethodConfigError(f"{method}: explicit sizes need both subspaces and centroids (or a budget)")
+    if not config.beta >= 0 or config.finetune_epochs < 0:
+        raise MethodConfigError(f"{method}: beta and finetune_epochs must be >= 0")
+    hot, divisor = config.tiers()
+    if not 0 <= hot < 1 or divisor < 1 or divisor & (divisor - 1):
+        raise MethodConfigError(f"{method}: hot_fraction must be in [0, 1) and cold_divisor a power of two, got {hot}, {divisor}")
+    q = as_quantization(config.quantization)
+    if q is not None and q.aware:
+        raise MethodConfigError(
+            f"{method}: quantization-aware training is refused: the codebooks become TorchRec tables only at the "
+            "pack stage; use post-training quantization (aware: false)"
+        )
+    return 1 if q is None or q.bits >= 8 else 8 // q.bits
+
+
+@register(DPQConfig)
+@register(MGQEConfig)
+def build(tables: list[EmbeddingBagConfig], config: DPQConfig, ctx: BuildContext) -> DPQEmbeddingBagCollection:
+    method = config.method
+    per_byte = _check(config, tables)
+    hot_fraction, divisor = config.tiers()
+    fmt = config.table_format(ctx.device)
+    options = {t.name: sorted(((shape_bytes(t, s, fmt), s) for s in shapes_for(t, hot_fraction, divisor, per_byte)),
+                              key=lambda x: (x[0], x[1].subspaces, x[1].centroids)) for t in tables}  # fmt: skip
+    costs = [_cost(t, options[t.name], fmt) for t in tables]
+    fixed = fmt.collection(tables)
+    if config.budget is not None:
+        plan = plan_budget(method, costs, config.budget, tables, fixed, precision=fmt.precision)
+    else:
+        index = {}
+        for t in tables:
+            found = [i for i, (_, s) in enumerate(options[t.name]) if (s.subspaces, s.centroids) == (config.subspaces, config.centroids)]
+            if not found:
+                raise MethodConfigError(
+                    f"{method}: table '{t.name}' (dim {t.embedding_dim}, {t.num_embeddings} ids) cannot take "
+                    f"{config.subspaces} subspaces x {config.centroids} centroids: subspaces must divide the dim and "
+                    f"centroids be a power of two from 2 to min({MAX_CENTROIDS}, ids)"
+                )
+            index[t.name] = found[0]
+        plan = plan_explicit(method, costs, index, tables, fixed)
+    shapes = {t.name: None if plan.sizes[t.name] is None else options[t.name][plan.sizes[t.name]][1] for t in tables}  # type: ignore[index]
+    hot_ids = {}
+    for t in tables:
+        s = shapes[t.name]
+        if s is not None and s.hot:
+            counts = table_counts(t, ctx.counts, method)
+            hot_ids[t.name] = np.sort(np.argsort(-counts, kind="stable")[: s.hot]).astype(np.int32)
+    module = DPQEmbeddingBagCollection(tables, plan, shapes, hot_ids, config, ctx)
+    deployed = PackedCodes(tables, shapes, torch.device("meta"), torch.device("meta"))
+    q = as_quantization(config.quantization)
+    if q is not None:  # the codebooks and exact tables must take it: said now, not after training
+        check_quantizable(deployed, q, method)
+    verify(method, plan, deployed_bytes(deployed, fmt))
+    return module
