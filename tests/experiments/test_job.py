@@ -6,6 +6,7 @@ import json
 
 import mlflow
 import pytest
+from hydra.errors import ConfigCompositionException
 
 from experiments.job import run_job
 from experiments.tracking import TrackingError
@@ -68,7 +69,7 @@ def test_cli_runs_one_configured_job(tmp_path):
     ],
 )
 def test_bad_config_fails_at_composition(compose_cfg, tmp_path, override, expected):
-    with pytest.raises(Exception, match=expected):
+    with pytest.raises(ConfigCompositionException, match=expected):  # Hydra's, naming the key
         compose_cfg(smoke_overrides(tmp_path, override))
 
 

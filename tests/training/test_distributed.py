@@ -163,6 +163,7 @@ def _compare(rank: int, runtime: D.Runtime, name: str) -> dict[str, float]:
     with torch.no_grad():  # how far one step moved the logits: the scale of the step's error
         out["moved"] = float((ref(whole.dense_features, whole.sparse_features) - before).abs().max())
     out["bytes"] = D.rank_bytes(sharded, model.ebc, "ebc")  # type: ignore[assignment]
+    out["table_bytes"] = sum(p.numel() * p.element_size() for p in module.table_parameters())
     return out
 
 
@@ -216,3 +217,25 @@ def test_methods_torchrec_cannot_shard_on_cpu_are_refused_clearly(results, name)
     for res in results:
         error = res[name].get("error", "")
         assert error.startswith("DistributedError: ") and REFUSED_ON_CPU[name] in error, res[name]
+
+
+SHARDING_TYPES = {"table_wise", "column_wise", "row_wise", "table_row_wise", "data_parallel"}
+
+
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - set(REFUSED_ON_CPU)))
+def test_the_plan_and_what_each_rank_holds(results, name):
+    """Every table planned, the same plan on every rank; the ranks' table bytes are the
+    unsharded tables split (each data-parallel table whole on every rank), counted from
+    the shards held, and the fused optimizer holds state for the sharded rows."""
+    plans = [res[name]["plan"] for res in results]
+    assert plans[0] and all(p == plans[0] for p in plans) and set(plans[0].values()) <= SHARDING_TYPES, plans
+    full = results[0][name]["table_bytes"]
+    held = [res[name]["bytes"]["table_bytes"] for res in results]
+    if "data_parallel" in plans[0].values():
+        assert full <= sum(held) <= WORLD * full, (name, held, full)
+    else:
+        assert sum(held) == full, (name, held, full)
+        assert all(res[name]["bytes"]["optimizer_bytes"] > 0 for res in results), name
+    for res in results:
+        b = res[name]["bytes"]
+        assert b["total_bytes"] == b["table_bytes"] + b["other_bytes"] + b["optimizer_bytes"]
