@@ -277,16 +277,59 @@ def _run_name(tags: dict[str, str]) -> str:
     )
 
 
+@dataclass
+class _Resolved:
+    """A job resolved, before any data is read: its configs, where it records and resumes."""
+
+    cfg: DictConfig
+    dataset: Any
+    model: Any
+    comp: CompressionConfig
+    trainer: Any
+    job: ShardedJob | None  # sharded: every rank trains, rank 0 alone records
+    tags: dict[str, str]
+    key: str
+    ckdir: Path
+    run_name: str
+    parent_run_id: str | None
+    in_sweep: bool
+    record: RunRecord | None
+
+    @property
+    def main(self) -> bool:
+        return self.job is None or self.job.main
+
+
+@dataclass
+class _Built:
+    """A job's data, module, model and loaders, and the trainer that will run them."""
+
+    ds: Any
+    module: CompressedEmbeddingBagCollection
+    model: torch.nn.Module
+    loaders: dict[str, BatchLoader]
+    trainer: Trainer
+    chosen: dict[str, Any]
+
+
 def _run_one(
     cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None, group: _Group | None = None
 ) -> dict[str, Any]:
     """One training run of one seed (``run_job`` without ``seeds``, or one of them):
     resolve the job, skip it if its sweep already has it, build, then train and record."""
-    dataset_cfg: Any = OmegaConf.to_object(cfg.dataset)
-    model_cfg: Any = OmegaConf.to_object(cfg.model)
+    job = _resolve(cfg, output_dir, parent_run_id, group)
+    built = _build(job)
+    if not job.main:  # the other ranks of a sharded job train and evaluate; rank 0 records
+        built.trainer.run(built.model, built.module, built.loaders["train"], built.loaders["val"], built.loaders["test"])
+        return {}
+    return _train_and_record(job, built, output_dir)
+
+
+def _resolve(cfg: DictConfig, output_dir: Path, parent_run_id: str | None, group: _Group | None) -> _Resolved:
+    """Configs, the tracking store (checked), tags, run name, the checkpoint dir; raises
+    ``JobSkipped`` if the sweep already holds this job complete."""
     comp_cfg = resolve_compression(cfg)
     trainer_cfg: Any = OmegaConf.to_object(cfg.trainer)
-    # sharded (torchrun, or distributed.mode=on): every rank trains, rank 0 alone records
     job = ShardedJob.start(cfg, trainer_cfg)
     main = job is None or job.main
     exp_id = None
@@ -309,145 +352,171 @@ def _run_one(
     run_name = cfg.mlflow.run_name or _run_name(tags)
     if group is not None:
         run_name = f"{run_name}-s{cfg.seed}"
-    skip = None
-    if parent_run_id:
-        done = mlflow.search_runs(
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`embcomp.job_key` = '{key}'",
-            output_format="list",
-        )
-        if any(r.info.status == "FINISHED" and r.data.tags.get("embcomp.status") == "complete" for r in done):
-            skip = f"{run_name}: same effective config already ran in this sweep"
+    skip = _already_ran(parent_run_id, key, run_name) if parent_run_id else None
     if job is not None:  # every rank skips, or none
         skip, in_sweep = job.broadcast((skip, in_sweep))
     if skip:
         raise JobSkipped(skip)
     record = RunRecord.open(ckdir / RECORD_FILE, cfg.mlflow.tracking_uri, exp_id) if exp_id is not None else None
+    return _Resolved(cfg, OmegaConf.to_object(cfg.dataset), OmegaConf.to_object(cfg.model), comp_cfg, trainer_cfg,
+                     job, tags, key, ckdir, run_name, parent_run_id, in_sweep, record)  # fmt: skip
 
+
+def _already_ran(parent_run_id: str, key: str, run_name: str) -> str | None:
+    done = mlflow.search_runs(
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`embcomp.job_key` = '{key}'",
+        output_format="list",
+    )
+    if any(r.info.status == "FINISHED" and r.data.tags.get("embcomp.status") == "complete" for r in done):
+        return f"{run_name}: same effective config already ran in this sweep"
+    return None
+
+
+def _build(r: _Resolved) -> _Built:
+    """Data (prepared or opened), the memory pre-flight, the compressed module, the model,
+    the loaders; sharded: the model wrapped by DMP under the method's constraints."""
+    cfg, job = r.cfg, r.job
     torch.manual_seed(cfg.seed)
     reset_peak_rss()  # this job's peak, not the sweep's so far
     if job is None:
-        ds = dataset_cfg.prepare(Path(cfg.cache_dir))
+        ds = r.dataset.prepare(Path(cfg.cache_dir))
     else:  # rank 0 builds the cache, the others open it
-        ds = job.prepared(lambda: dataset_cfg.prepare(Path(cfg.cache_dir)))
+        ds = job.prepared(lambda: r.dataset.prepare(Path(cfg.cache_dir)))
     schema = ds.schema
-    trainer = Trainer(trainer_cfg, callbacks=[], checkpoint_dir=None)
-    tables = embedding_tables(schema, model_cfg.table_dim(), model_cfg.embedding_init_std)
-    label = f"{tags['label']}" + (f" {tags['budget']}" if tags["budget"] != "none" else "")
+    trainer = Trainer(r.trainer, callbacks=[], checkpoint_dir=None)
+    tables = embedding_tables(schema, r.model.table_dim(), r.model.embedding_init_std)
+    label = f"{r.tags['label']}" + (f" {r.tags['budget']}" if r.tags["budget"] != "none" else "")
     try:
         if job is None:  # before any table exists (sharded: against the plan, in job.wrap)
-            need = training_bytes(tables, comp_cfg, cfg.seed, LazyCounts(ds), optimizer=trainer_cfg.sparse_optimizer)
+            need = training_bytes(tables, r.comp, cfg.seed, LazyCounts(ds), optimizer=r.trainer.sparse_optimizer)
             check_fits(need, available_bytes(trainer.device), label)
         module: CompressedEmbeddingBagCollection = compress(
-            tables, comp_cfg, counts=LazyCounts(ds), device=trainer.device, seed=cfg.seed,
+            tables, r.comp, counts=LazyCounts(ds), device=trainer.device, seed=cfg.seed,
             table_device="meta" if job is not None else None,
         )  # fmt: skip
     except BudgetError as e:
-        _out_of_reach(e, in_sweep, record, run_name, tags, parent_run_id)
+        _out_of_reach(e, r.in_sweep, r.record, r.run_name, r.tags, r.parent_run_id)
     chosen = module.describe()
-    model = model_cfg.build(module, len(schema.dense))
+    model = r.model.build(module, len(schema.dense))
     loaders = {
         split: BatchLoader(
             ds,
             split,
-            trainer_cfg.batch_size if split == "train" else trainer_cfg.eval_batch_size,
+            r.trainer.batch_size if split == "train" else r.trainer.eval_batch_size,
             shuffle=split == "train",
             seed=cfg.seed,
-            max_batches=trainer_cfg.max_steps_per_epoch if split == "train" else None,
+            max_batches=r.trainer.max_steps_per_epoch if split == "train" else None,
             shard=job.shard if job is not None else None,
-            in_memory=trainer_cfg.in_memory,
+            in_memory=r.trainer.in_memory,
         )
         for split in ("train", "val", "test")
     }
-    ckdir.mkdir(parents=True, exist_ok=True)
-    (ckdir / JOB_KEY_FILE).write_text(key)
-    trainer.checkpoint_dir = ckdir if job is None else None  # sharded runs do not resume
+    r.ckdir.mkdir(parents=True, exist_ok=True)
+    (r.ckdir / JOB_KEY_FILE).write_text(r.key)
+    trainer.checkpoint_dir = r.ckdir if job is None else None  # sharded runs do not resume
     if job is not None:
-        job.refuse_unsupported(module, type(comp_cfg).method)
+        job.refuse_unsupported(module, type(r.comp).method)
         if cfg.export:
             raise DistributedError("export=true needs the model unsharded: run the job in one process")
 
         def rebuild() -> torch.nn.Module:  # the model unsharded, for post-training stages on rank 0
-            whole = compress(tables, comp_cfg, counts=LazyCounts(ds), device=trainer.device, seed=cfg.seed)
-            return model_cfg.build(whole, len(schema.dense))
+            whole = compress(tables, r.comp, counts=LazyCounts(ds), device=trainer.device, seed=cfg.seed)
+            return r.model.build(whole, len(schema.dense))
 
         try:  # the memory pre-flight against the plan's per-rank estimate
             model = job.wrap(model, module, trainer, rebuild, label)
         except BudgetError as e:
-            _out_of_reach(e, in_sweep, record, run_name, tags, parent_run_id)
-        if not main:  # the other ranks train and evaluate; rank 0 records
-            trainer.run(model, module, loaders["train"], loaders["val"], loaders["test"])
-            return {}
+            _out_of_reach(e, r.in_sweep, r.record, r.run_name, r.tags, r.parent_run_id)
+    return _Built(ds, module, model, loaders, trainer, chosen)
+
+
+def _train_and_record(r: _Resolved, b: _Built, output_dir: Path) -> dict[str, Any]:
+    """Rank 0: the job's run opened (or resumed) in its record, the schedule trained, the
+    summary written to disk first, then the metrics, artifacts and status recorded."""
+    record, cfg = r.record, r.cfg
     assert record is not None
     resumed = record.started("job")
-    record.start("job", run_name=run_name, tags=tags, parent=parent_run_id)
+    record.start("job", run_name=r.run_name, tags=r.tags, parent=r.parent_run_id)
     if resumed:
-        log.info("resuming the MLflow run of %s from %s", run_name, ckdir)
+        log.info("resuming the MLflow run of %s from %s", r.run_name, r.ckdir)
     else:
-        record.params("job", job_params(cfg, comp_cfg, chosen, schema, str(ds.root), str(trainer.device)))
-        record.dataset("job", str(ds.root))
+        record.params("job", job_params(cfg, r.comp, b.chosen, b.ds.schema, str(b.ds.root), str(b.trainer.device)))
+        record.dataset("job", str(b.ds.root))
     monitor = _system_metrics(record) if cfg.mlflow.log_system_metrics else None
     callback = RecordCallback(record)
-    trainer.callbacks = [callback]
+    b.trainer.callbacks = [callback]
     try:
-        sharding_metrics = job.log(record, output_dir) if job is not None else {}
+        sharding_metrics = r.job.log(record, output_dir) if r.job is not None else {}
         try:
-            result = trainer.run(model, module, loaders["train"], loaders["val"], loaders["test"])
+            result = b.trainer.run(b.model, b.module, b.loaders["train"], b.loaders["val"], b.loaders["test"])
         except BaseException as e:
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
             callback.close(status)  # a stage's nested run left open ends with the job's status
-            if not isinstance(e, BudgetError) or not in_sweep:
+            if not isinstance(e, BudgetError) or not r.in_sweep:
                 record.end("job", status)
                 raise
             # a budget found out of reach in a later stage (OptEmbed's search)
             record.tags("job", {"embcomp.status": "unreachable", "embcomp.reason": str(e)})
             record.end("job")
             raise JobUnreachable(str(e)) from None
-        # bytes after every stage: a post-training quantize stage changes them
-        if result.module is not None:  # post-training stages ran on rank 0's unsharded copy
-            module = result.module
-        # sharded and not gathered: the whole module as built (each rank holds a part)
-        memory = memory_report(module) if job is None or result.module is not None or job.whole is None else job.whole
-        extra = {**sharding_metrics, "peak_rss_bytes": float(peak_rss_bytes())}
-        metrics = job_metrics(result, memory, model, module, extra)
-        exported = _export(model, loaders["test"], output_dir) if cfg.export else None
-        if exported is not None:
-            metrics["export_bytes"] = float(exported[0].bytes_on_disk)
-            metrics["export_max_abs_diff"] = exported[1]
-        summary = {
-            "run_id": record.run_id("job"),
-            "run_name": run_name,
-            "experiment": cfg.mlflow.experiment_name,
-            "parent_run_id": parent_run_id,
-            "tags": tags,
-            "metrics": metrics,
-            "memory_by_tensor": memory.by_tensor,
-            "chosen": chosen,
-            "stages": result.stages,
-            "history": result.fit.history if result.fit else [],
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "dataset": {"root": str(ds.root), "schema": asdict(schema)},
-        }
-        # the summary and the record land on disk first: a tracking failure below loses nothing
-        _write_json_atomic(summary, output_dir / "summary.json")
-        record.metrics("job", metrics)
-        record.artifact("job", output_dir / "summary.json")
-        if exported is not None:
-            record.artifact("job", exported[0].path, "model")
-        import matplotlib.pyplot as plt
-
-        for name, fig in module.figures().items():
-            path = output_dir / "figures" / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path)
-            plt.close(fig)  # a sweep would keep every job's figures open
-            record.artifact("job", path, "figures")
-        record.tags("job", {"embcomp.status": "complete"})
-        record.end("job")
+        summary = _record_result(r, b, result, sharding_metrics, output_dir)
     finally:
         if monitor is not None:
             monitor.finish()
     summary["run_id"] = record.run_id("job")
     return summary
+
+
+def _record_result(r: _Resolved, b: _Built, result: Any, sharding_metrics: dict[str, float],
+                   output_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """The finished job's metrics (``tracking.job_metrics``), summary.json, artifacts."""
+    record, cfg, job = r.record, r.cfg, r.job
+    assert record is not None
+    # bytes after every stage: a post-training quantize stage changes them
+    module = result.module if result.module is not None else b.module  # gathered on rank 0
+    # sharded and not gathered: the whole module as built (each rank holds a part)
+    memory = memory_report(module) if job is None or result.module is not None or job.whole is None else job.whole
+    extra = {**sharding_metrics, "peak_rss_bytes": float(peak_rss_bytes())}
+    metrics = job_metrics(result, memory, b.model, module, extra)
+    exported = _export(b.model, b.loaders["test"], output_dir) if cfg.export else None
+    if exported is not None:
+        metrics["export_bytes"] = float(exported[0].bytes_on_disk)
+        metrics["export_max_abs_diff"] = exported[1]
+    summary = {
+        "run_id": record.run_id("job"),
+        "run_name": r.run_name,
+        "experiment": cfg.mlflow.experiment_name,
+        "parent_run_id": r.parent_run_id,
+        "tags": r.tags,
+        "metrics": metrics,
+        "memory_by_tensor": memory.by_tensor,
+        "chosen": b.chosen,
+        "stages": result.stages,
+        "history": result.fit.history if result.fit else [],
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "dataset": {"root": str(b.ds.root), "schema": asdict(b.ds.schema)},
+    }
+    # the summary and the record land on disk first: a tracking failure below loses nothing
+    _write_json_atomic(summary, output_dir / "summary.json")
+    record.metrics("job", metrics)
+    record.artifact("job", output_dir / "summary.json")
+    if exported is not None:
+        record.artifact("job", exported[0].path, "model")
+    _save_figures(module, output_dir, record)
+    record.tags("job", {"embcomp.status": "complete"})
+    record.end("job")
+    return summary
+
+
+def _save_figures(module: CompressedEmbeddingBagCollection, output_dir: Path, record: RunRecord) -> None:
+    import matplotlib.pyplot as plt
+
+    for name, fig in module.figures().items():
+        path = output_dir / "figures" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)  # a sweep would keep every job's figures open
+        record.artifact("job", path, "figures")
 
 
 def _system_metrics(record: RunRecord) -> Any:
