@@ -30,10 +30,10 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -42,6 +42,8 @@ from compression import Budget, compress
 from experiments.benches.step import batches, counts, tables
 from recsys.models import DLRMConfig
 from recsys.training.optim import build_optimizers
+from recsys.training.step import TrainStep
+from recsys.training.trainer import TrainerConfig
 
 N_DENSE = 13
 
@@ -115,20 +117,15 @@ def kjt_probe(device: torch.device) -> dict[str, dict[str, Any]]:
 def build(name: str, device: torch.device, tabs: list[EmbeddingBagConfig], ratio: float) -> tuple[Any, Any, Callable]:
     """(module, model, step(dense, kjt, labels)) for method ``name`` on ``device``."""
     config = compression.config_class(name)()
-    if hasattr(config, "budget") and name != "none":
-        config.budget = Budget(ratio=ratio)
+    if name != "none":
+        config = config.with_budget(Budget(ratio=ratio))  # a method without a budget ignores it
     module = compress(tabs, config, counts=counts(tabs), device=device, seed=0)
     model = DLRMConfig(embedding_dim=tabs[0].embedding_dim).build(module, N_DENSE).to(device)
-    opts = build_optimizers(model, module, SimpleNamespace(sparse_lr=0.05, dense_lr=1e-3, weight_decay=0.0))
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    cfg = TrainerConfig(sparse_lr=0.05, dense_lr=1e-3, device=device.type)
+    train_step = TrainStep(model, module, build_optimizers(model, module, cfg), cfg)  # the trainer's step
 
     def step(dense: torch.Tensor, kjt: KeyedJaggedTensor, labels: torch.Tensor) -> float:
-        opts.zero_grad()
-        loss = loss_fn(model(dense, kjt).reshape(-1), labels)
-        reg = module.regularization()
-        (loss + reg if reg is not None else loss).backward()
-        opts.step()
-        return float(loss.detach())
+        return train_step(Batch(dense_features=dense, sparse_features=kjt, labels=labels))[0]
 
     return module, model, step
 

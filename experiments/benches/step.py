@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -33,6 +33,8 @@ import compression
 from compression import Budget, compress, memory_report
 from recsys.models import DCNv2
 from recsys.training.optim import build_optimizers
+from recsys.training.step import TrainStep
+from recsys.training.trainer import TrainerConfig
 
 # distinct values + 1 (the OOV id) of C1..C26 in data/criteo-sample/train.txt
 CRITEO_SAMPLE_VOCAB = [
@@ -75,13 +77,11 @@ def batches(
 def trainer_for(config: compression.CompressionConfig, tabs: list[EmbeddingBagConfig]):
     module = compress(tabs, config, counts=counts(tabs), seed=0)
     model = DCNv2(module, dense_in_features=13)
-    opt = build_optimizers(model, module, SimpleNamespace(sparse_lr=0.05, dense_lr=1e-3, weight_decay=0.0))
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    cfg = TrainerConfig(sparse_lr=0.05, dense_lr=1e-3)
+    train_step = TrainStep(model, module, build_optimizers(model, module, cfg), cfg)  # the trainer's step
 
     def step(dense: torch.Tensor, kjt: KeyedJaggedTensor, label: torch.Tensor) -> None:
-        opt.zero_grad()
-        loss_fn(model(dense, kjt), label).backward()
-        opt.step()
+        train_step(Batch(dense_features=dense, sparse_features=kjt, labels=label.reshape(-1)))
 
     def embedding_only(dense: torch.Tensor, kjt: KeyedJaggedTensor, label: torch.Tensor) -> None:
         module(kjt).values().sum().backward()
