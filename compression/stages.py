@@ -58,6 +58,11 @@ class StageContext(Protocol):
         and ``epochs_run``."""
         ...
 
+    def steps(self, epochs: Optional[int] = None) -> int:
+        """Training steps ``fit(epochs)`` takes at most (a schedule within a stage, e.g. a
+        pruning ramp, is laid out over them)."""
+        ...
+
     def evaluate(self, max_batches: Optional[int] = None) -> dict[str, float]:
         """Metrics (``auc``, ``logloss`` ...) on the validation split, or its first
         ``max_batches`` batches."""

@@ -16,18 +16,45 @@ retraining, and a compact export, as one method with its own four-stage schedule
    (``retrain_from="scratch"``) or from the supernet.
 4. ``compact``: each field becomes a TorchRec table of only its kept rows at its dim,
    plus one zero row for pruned ids, behind a sorted int32 list of kept ids
-   (``torch.searchsorted`` remap, 4 bytes per kept row, counted). Output is padded
-   with zeros back to D, exactly what the masked model computes, so DLRM takes it.
+   (``torch.searchsorted`` remap, 4 bytes per kept row, counted); a field that kept
+   every row needs neither. Output is padded with zeros back to D, exactly what the
+   masked model computes, so DLRM takes it.
 
 Threshold scale (the reference code's thresholds stayed ~1e-5 against row L1 norms
 of 0.1-1, so nothing but never-seen rows was pruned): importance here is the row's
 L1 norm divided by a running mean of the L1 norms of the rows the field looked up
 (a detached buffer), so t_f is in units of "the field's typical row" (0.5 prunes rows
-below half of it) whatever the embedding scale, with alpha and the SGD rate set for
-that scale (defaults alpha=0.01, SGD rate 0.1: on MovieLens-100K thresholds reach about
-0.4 in 4 epochs; alpha=0.1 reaches about 0.95 and prunes about half the rows). Defects of the reference search are not reproduced: crossover cuts over
-fields, fitness is each candidate's own AUC, candidates are copied before mutation,
-and sizes count dimensions, not dimension indices.
+below half of it) whatever the embedding scale. Defects of the reference search are
+not reproduced: crossover cuts over fields, fitness is each candidate's own AUC,
+candidates are copied before mutation, and sizes count dimensions, not indices.
+
+Why thresholds stall on small data: the regulariser's gradient on t_f is
+-alpha * exp(-t_f), so one SGD step raises t_f by at most alpha * lr (1e-3 at the
+defaults alpha=0.01, lr 0.1), less as it grows, and the task loss pulls it back down
+wherever rows near the threshold help. After S steps t_f <= alpha * lr * S whatever the
+data: MovieLens-100K's 156 steps an epoch take it to about 0.4 in 4 epochs (the
+rarely-seen rows, 8-10% of them), a sample of Criteo's few hundred steps prune
+nothing. Raising alpha or the rate far enough to prune more also pushes every
+threshold up together, the useful rows of small fields with them.
+
+Pruning to a level (``target_kept``, or a budget): the kept fraction of all rows falls
+linearly from 1 to the target over the first ``prune_ramp`` of the supernet's steps,
+and stays there; every ``prune_every_steps`` steps the rows kept are, among those
+above their threshold, the ones worth most: importance times how often the supernet
+looked the row up, one cut across all tables (every row costs the same bytes at a
+dim, so this keeps the most L1 mass per byte: the rare tail of the large tables goes
+first, a 7-row field's rows stay). Under a budget without ``target_kept`` the target
+is what the budget holds with every table at ``budget_dim_share`` of its dim, so the
+budget drives rows as well as dims; the search then chooses the dims. Each supernet
+epoch logs ``kept_row_ratio`` beside its validation AUC. ``budget: null`` and
+``target_kept: null`` is the paper's setting: the thresholds alone decide.
+
+A budgeted search used to fail on a Frappe-shaped dataset (10 fields, vocabularies
+957 to 2): repair lowered first the field whose step saved the most bytes, which is
+always the largest table, down to dim 0 (its kept-id list made the last step the
+largest of all), so every candidate had lost the most informative field, and with
+rows unpruned the rest of the budget held tiny dims. Repair now scales a candidate's
+dims down together, and the budget prunes rows.
 """
 
 from __future__ import annotations
@@ -90,6 +117,15 @@ class OptEmbedConfig(BudgetedConfig):
     generations: int = 30
     parents: int = 15
     search_val_batches: Optional[int] = None
+    # row pruning to a level asked for (see the module docstring): keep this fraction of all
+    # rows after the supernet (None: the thresholds alone decide, the paper's setting, unless
+    # a budget sets it); the floor rises over the first prune_ramp of the supernet's steps
+    target_kept: Optional[float] = None
+    prune_ramp: float = 0.5
+    prune_every_steps: int = 10
+    # under a budget without target_kept: keep the rows the budget holds at this share of
+    # each table's dim (the search then chooses the dims)
+    budget_dim_share: float = 0.5
 
     @classmethod
     def contract_examples(cls) -> list[OptEmbedConfig]:
@@ -135,9 +171,17 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         self.register_buffer("unit_dims", torch.tensor(self.full_dims, dtype=torch.int64, device=ctx.device))
         for u, rows in zip(self.units, self.rows):  # one flag per row: where the tables are
             self.register_buffer(f"kept_{u}", torch.ones(rows, dtype=torch.bool, device=ctx.table_device))
+        # supernet training steps taken (the pruning floor's schedule; resumes with the model)
+        self.register_buffer("supernet_steps", torch.zeros((), dtype=torch.int64, device=ctx.device))
+        self._ramp_steps = 0  # steps over which the floor reaches the target (set by the stage)
+        self._target_kept: Optional[float] = None
+        self._target_known = False
+        if self.kept_target() is not None:  # lookups per row: what a row is worth is how often it is used
+            for u, rows in zip(self.units, self.rows):
+                self.register_buffer(f"seen_{u}", torch.zeros(rows, dtype=torch.float32, device=ctx.table_device))
         self.mode = "supernet"
         self.compact_module: CompactTables | None = None
-        self.history: dict[str, list[Any]] = {"thresholds": [], "kept": [], "fitness": []}
+        self.history: dict[str, list[Any]] = {"thresholds": [], "kept": [], "rows": [], "fitness": []}
 
     def weights(self) -> list[torch.Tensor]:
         """The full table of every unit, in unit order."""
@@ -186,6 +230,9 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         lookups = {f: jt for ec in self.ec.values() for f, jt in ec(features).items()}
         batch = features.stride()
         sampling = self.mode == "supernet" and self.training
+        floor = self.mode == "supernet" and self.kept_target() is not None
+        if sampling and floor:
+            self._advance_floor()
         pooled = []
         for f in self.feature_names:
             i = self._unit_of[f]
@@ -198,6 +245,11 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
                         m = self.config.norm_momentum
                         self.norm_scale[i] = m * self.norm_scale[i] + (1 - m) * e.abs().sum(dim=-1).mean()
                 mask = SurrogateStep.apply(self.importance(i, e) - self.thresholds[i])
+                if floor:  # the rows the pruning schedule has cut so far
+                    ids = features[f].values()
+                    if sampling:
+                        getattr(self, f"seen_{self.units[i]}").index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+                    mask = mask * getattr(self, f"kept_{self.units[i]}")[ids].to(e.dtype)
             else:
                 mask = getattr(self, f"kept_{self.units[i]}")[features[f].values()].to(e.dtype)
             seg = torch.repeat_interleave(torch.arange(batch, device=e.device), jt.lengths())
@@ -216,6 +268,8 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         self.mode = "supernet"
         self.unit_dims.copy_(torch.tensor(self.full_dims))
         self.thresholds.requires_grad_(True)
+        self.supernet_steps.zero_()
+        self._ramp_steps = int(self.config.prune_ramp * ctx.steps(self.config.supernet_epochs))
         metrics = ctx.fit(self.config.supernet_epochs)
         self.freeze_rows()
         metrics.update(self.threshold_metrics())
@@ -266,12 +320,12 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
     def _run_retrain(self, ctx: StageContext) -> dict[str, float]:
         self.mode = "fixed"
         self.thresholds.requires_grad_(False)
-        if self.config.retrain_from == "scratch":  # TorchRec's default init, seeded
-            g = torch.Generator().manual_seed(self.seed + 1)
-            with torch.no_grad():
-                for w, rows in zip(self.weights(), self.rows):
-                    bound = math.sqrt(1.0 / rows)
-                    w.copy_(torch.empty(w.shape).uniform_(-bound, bound, generator=g))
+        if self.config.retrain_from == "scratch":  # each table's own init (as built), seeded
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(self.seed + 1)
+                for w, c in zip(self.weights(), self.table_configs()):
+                    assert c.init_fn is not None  # TorchRec's EmbeddingConfig sets its default
+                    c.init_fn(w)
         return ctx.fit(self.config.retrain_epochs)
 
     def _run_compact(self, ctx: StageContext) -> dict[str, float]:
@@ -284,15 +338,80 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
                 **{f"kept_rows.{u}": float(k) for u, k in zip(self.units, kept)}}
 
     # -- rows, dims, bytes ---------------------------------------------------------------
+    def kept_target(self) -> Optional[float]:
+        """The fraction of all rows the supernet keeps: ``target_kept``; under a budget
+        without one, what the budget holds at ``budget_dim_share`` of every dim; None (the
+        thresholds alone decide, the paper's setting) otherwise."""
+        if not self._target_known:
+            self._target_kept, self._target_known = self._kept_target(), True
+        return self._target_kept
+
+    def _kept_target(self) -> Optional[float]:
+        c, target = self.config, self.target_bytes()
+        if c.target_kept is not None or target is None:
+            return c.target_kept
+        dims = [max(1, round(c.budget_dim_share * d)) for d in self.full_dims]
+
+        def fits(rho: float) -> bool:
+            return self.bytes_of([max(1, math.floor(rho * n)) for n in self.rows], dims) <= target
+
+        if fits(1.0):
+            return 1.0
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
+    def _advance_floor(self) -> None:
+        """Every ``prune_every_steps`` supernet steps, raise the floor towards the target:
+        the kept fraction falls linearly from 1 to it over the first ``_ramp_steps``."""
+        step = int(self.supernet_steps)
+        self.supernet_steps += 1
+        if step % max(1, self.config.prune_every_steps):
+            return
+        target = self.kept_target()
+        assert target is not None
+        ramp = min(1.0, (step + 1) / self._ramp_steps) if self._ramp_steps > 0 else 1.0
+        self.apply_floor(1.0 - (1.0 - target) * ramp)
+
+    @torch.no_grad()
+    def apply_floor(self, keep: float) -> None:
+        """Keep at most ``keep`` of all rows: of the rows above their table's threshold,
+        those worth the most, a row's worth being its importance times how often the
+        supernet looked it up (the L1 mass it adds to the pooled outputs).
+
+        Every kept row costs the same bytes at a given dim, so one cut across tables
+        keeps the most mass per byte: it falls on the rare tail of the large tables,
+        never on the few, constantly used rows of a small one (a cut on importance
+        alone, which ignores use, emptied 7-row fields of a Frappe-shaped dataset).
+        """
+        worth = []
+        for i, (u, w) in enumerate(zip(self.units, self.weights())):
+            imp = self.importance(i, w)
+            worth.append(torch.where(imp > self.thresholds[i], getattr(self, f"seen_{u}") * imp, -1.0))
+        flat = torch.cat(worth)
+        top = torch.argsort(flat, descending=True, stable=True)[: int(keep * flat.numel())]
+        flags = torch.zeros_like(flat, dtype=torch.bool)
+        flags[top] = True
+        flags &= flat >= 0
+        for u, part in zip(self.units, torch.split(flags, self.rows)):
+            getattr(self, f"kept_{u}").copy_(part)
+
     @torch.no_grad()
     def freeze_rows(self) -> None:
-        """Fix the kept rows from the thresholds over every row of every table."""
+        """Fix the kept rows from the thresholds over every row of every table (at the
+        target level exactly, when there is one)."""
+        target = self.kept_target()
+        if target is not None:
+            self.apply_floor(target)  # the floor's rows are within the thresholds' already
+            return
         for i, (u, w) in enumerate(zip(self.units, self.weights())):
             getattr(self, f"kept_{u}").copy_(self.importance(i, w) > self.thresholds[i])
 
     def kept_counts(self) -> list[int]:
         if self.compact_module is not None:
-            return [int(getattr(self.compact_module, f"ids_{u}").numel()) for u in self.units]
+            return [self.compact_module.kept_count(i) for i in range(len(self.units))]
         return [int(getattr(self, f"kept_{u}").sum()) for u in self.units]
 
     def search_space(self) -> list[int]:
@@ -300,12 +419,19 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         return [0 if self.config.budget is not None else 1] * len(self.units)
 
     def candidate_bytes(self, dims) -> int:
-        """Bytes the compact export of ``dims`` holds (rows, zero row, kept-id list, buffers),
-        its tables in the format the budget counts (``table_format``)."""
-        fmt, kept = self.table_format, self.kept_counts()
-        configs = compact_configs(self.units, self.unit_features, kept, list(dims))
+        """Bytes the compact export of ``dims`` holds with the rows now kept."""
+        return self.bytes_of(self.kept_counts(), list(dims))
+
+    def bytes_of(self, kept: list[int], dims: list[int]) -> int:
+        """Bytes of a compact export keeping ``kept`` rows per table at ``dims`` (its rows,
+        a zero row and the kept-id list of each pruned table, buffers), its tables in the
+        format the budget counts (``table_format``). A table that keeps every row needs
+        neither the id list nor the zero row."""
+        fmt = self.table_format
+        configs = compact_configs(self.units, self.unit_features, kept, dims, self.rows)
         total = sum(fmt.table(c.num_embeddings, c.embedding_dim, len(c.feature_names)) for c in configs)
-        total += (fmt.collection(configs) if configs else 0) + ID_BYTES * sum(k for k, d in zip(kept, dims) if d > 0)
+        total += fmt.collection(configs) if configs else 0
+        total += ID_BYTES * sum(k for k, n, d in zip(kept, self.rows, dims) if d > 0 and k < n)
         # thresholds (fp32), norm scales (fp32) and chosen dims (int64) stay in the module
         return total + len(self.units) * (4 + 4 + 8)
 
@@ -319,6 +445,7 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         if self.mode != "supernet" or self.compact_module is not None:
             return {}
         out = self.threshold_metrics()
+        self.history["rows"].append(out["kept_row_ratio"])
         self.history["thresholds"].append([out[f"threshold.{u}"] for u in self.units])
         self.history["kept"].append([out[f"kept_ratio.{u}"] for u in self.units])
         return out
@@ -326,10 +453,17 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
     def threshold_metrics(self) -> dict[str, float]:
         """Each table's threshold and the fraction of its rows the threshold keeps."""
         out: dict[str, float] = {}
+        kept = 0
         with torch.no_grad():
             for i, (u, w) in enumerate(zip(self.units, self.weights())):
+                kept_rows = self.importance(i, w) > self.thresholds[i]
+                if self.kept_target() is not None:
+                    kept_rows &= getattr(self, f"kept_{u}")
+                k = int(kept_rows.sum())
+                kept += k
                 out[f"threshold.{u}"] = float(self.thresholds[i])
-                out[f"kept_ratio.{u}"] = float((self.importance(i, w) > self.thresholds[i]).float().mean())
+                out[f"kept_ratio.{u}"] = k / self.rows[i]
+        out["kept_row_ratio"] = kept / sum(self.rows)  # beside the epoch's val AUC: AUC against rows kept
         return out
 
     @torch.no_grad()
@@ -338,9 +472,11 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         dims = [int(d) for d in self.unit_dims]
         kept = [torch.nonzero(getattr(self, f"kept_{u}")).flatten() for u in self.units]
         module = CompactTables(self.units, self.unit_features, kept, dims, self.full_dims, self.feature_names,
-                               self.unit_dims.device)
+                               self.unit_dims.device, self.rows)
         for i, (w, ids, d) in enumerate(zip(self.weights(), kept, dims)):
-            if d > 0:
+            if d > 0 and module.identity[i]:
+                module.table(i).copy_(w[:, :d])
+            elif d > 0:
                 module.table(i).copy_(torch.cat([w[ids, :d], torch.zeros(1, d, device=w.device)]))
         self.compact_module = module
         del self.ec
@@ -348,6 +484,10 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         for u in self.units:
             delattr(self, f"kept_{u}")
             self.register_buffer(f"kept_{u}", torch.zeros(0, dtype=torch.bool))
+        del self.supernet_steps  # the supernet's schedule: not part of the export
+        for u in self.units:
+            if hasattr(self, f"seen_{u}"):
+                delattr(self, f"seen_{u}")
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"budget": self.config.budget.label() if self.config.budget else "none"}
@@ -388,11 +528,14 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         return figs
 
 
-def compact_configs(units: list[str], unit_features: list[list[str]], kept: list[int], dims: list[int]) -> list[EmbeddingBagConfig]:
-    """The compact export's tables: each live unit's kept rows and a zero row, at its dim."""
+def compact_configs(units: list[str], unit_features: list[list[str]], kept: list[int], dims: list[int],
+                    rows: list[int]) -> list[EmbeddingBagConfig]:
+    """The compact export's tables: each live unit's kept rows at its dim, and a zero row
+    (where pruned ids land) when it pruned any."""
     return [
-        EmbeddingBagConfig(name=f"compact_{u}", embedding_dim=d, num_embeddings=k + 1, feature_names=list(fs))
-        for u, fs, k, d in zip(units, unit_features, kept, dims) if d > 0
+        EmbeddingBagConfig(name=f"compact_{u}", embedding_dim=d, num_embeddings=k if k == n else k + 1,
+                           feature_names=list(fs))
+        for u, fs, k, d, n in zip(units, unit_features, kept, dims, rows) if d > 0
     ]
 
 
@@ -413,18 +556,24 @@ def initial_row_norm(weight: torch.Tensor, config: EmbeddingConfig) -> torch.Ten
 
 
 class CompactTables(nn.Module):
-    """Kept rows only, at each table's dim, behind a sorted int32 list of kept ids."""
+    """Kept rows only, at each table's dim, behind a sorted int32 list of kept ids (none
+    for a table that kept every row: its ids index it as they are)."""
 
     def __init__(self, units: list[str], unit_features: list[list[str]], kept: list[torch.Tensor], dims: list[int],
-                 full_dims: list[int], feature_order: list[str], device: torch.device) -> None:
+                 full_dims: list[int], feature_order: list[str], device: torch.device, rows: list[int]) -> None:
         super().__init__()
         self.units, self.dims, self.feature_order = units, dims, feature_order
         self._unit_of = {f: i for i, fs in enumerate(unit_features) for f in fs}
         self._full = full_dims
-        configs = compact_configs(units, unit_features, [len(k) for k in kept], dims)
+        self.rows = rows
+        self.identity = [d > 0 and len(k) == n for k, d, n in zip(kept, dims, rows)]
+        configs = compact_configs(units, unit_features, [len(k) for k in kept], dims, rows)
         self.ebc = EmbeddingBagCollection(tables=configs, device=device) if configs else None
-        for u, k, d in zip(units, kept, dims):
-            self.register_buffer(f"ids_{u}", (k if d > 0 else k[:0]).to(torch.int32).to(device))
+        for u, k, d, same in zip(units, kept, dims, self.identity):
+            self.register_buffer(f"ids_{u}", (k if d > 0 and not same else k[:0]).to(torch.int32).to(device))
+
+    def kept_count(self, i: int) -> int:
+        return self.rows[i] if self.identity[i] else int(getattr(self, f"ids_{self.units[i]}").numel())
 
     def table(self, i: int) -> torch.Tensor:
         assert self.ebc is not None
@@ -439,6 +588,9 @@ class CompactTables(nn.Module):
             remapped = []
             for f in live:
                 ids = d[f].values()
+                if self.identity[self._unit_of[f]]:
+                    remapped.append(ids)
+                    continue
                 kept = getattr(self, f"ids_{self.units[self._unit_of[f]]}")
                 pos = torch.searchsorted(kept, ids.to(torch.int32)).clamp(max=max(len(kept) - 1, 0))
                 hit = (kept[pos] == ids) if len(kept) else torch.zeros_like(ids, dtype=torch.bool)
@@ -462,8 +614,11 @@ def evolutionary_search(low, high, fitness, size_of, target, config: OptEmbedCon
 
     Every candidate keeps its own fitness (a cache keyed by the candidate), parents are
     copied before they mutate, crossovers cut between fields. Candidates whose
-    ``size_of`` exceeds ``target`` are repaired, lowering the dim of the field whose
-    step saves the most bytes until they fit, and never evaluated over budget.
+    ``size_of`` exceeds ``target`` are repaired by scaling all their dims down together
+    (their shape kept) until they fit, and never evaluated over budget. (Lowering
+    first the field whose step saves the most bytes, as this did before, always took
+    the largest table first, down to dim 0: the most informative field of a
+    Frappe-shaped dataset was dropped from every candidate.)
     """
     rng = np.random.default_rng([seed, 0x0E7E])
     n = len(low)
@@ -471,16 +626,23 @@ def evolutionary_search(low, high, fitness, size_of, target, config: OptEmbedCon
     cache: dict[tuple[int, ...], float] = {}
 
     def repair(c) -> tuple[int, ...]:
-        c = list(c)
-        while target is not None and size_of(c) > target:
-            steps = [(size_of(c) - size_of(c[:i] + [c[i] - 1] + c[i + 1:]), i) for i in range(n) if c[i] > low[i]]
-            if not steps:
-                raise BudgetError(
-                    f"optembed cannot reach the budget of {target} bytes: with the rows the supernet kept, "
-                    f"the smallest architecture holds {size_of(c)} bytes"
-                )
-            c[max(steps)[1]] -= 1
-        return tuple(c)
+        c = [int(x) for x in c]
+        if target is None or size_of(c) <= target:
+            return tuple(c)
+
+        def scaled(s: float) -> list[int]:
+            return [max(low[i], min(c[i], round(c[i] * s))) for i in range(n)]
+
+        if size_of(scaled(0.0)) > target:
+            raise BudgetError(
+                f"optembed cannot reach the budget of {target} bytes: with the rows the supernet kept, "
+                f"the smallest architecture holds {size_of(scaled(0.0))} bytes"
+            )
+        lo, hi = 0.0, 1.0  # the largest common scale of the dims that fits
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if size_of(scaled(mid)) <= target else (lo, mid)
+        return tuple(scaled(lo))
 
     def score(c: tuple[int, ...]) -> float:
         if c not in cache:
@@ -522,4 +684,8 @@ def build(tables: list[EmbeddingBagConfig], config: OptEmbedConfig, ctx: BuildCo
         raise MethodConfigError("optembed: alpha and threshold_lr must be non-negative")
     if config.generations < 0 or config.parents < 1 or not 0 <= config.mutation_prob <= 1:
         raise MethodConfigError("optembed: generations >= 0, parents >= 1 and mutation_prob in [0, 1] are required")
+    if config.target_kept is not None and not 0 < config.target_kept <= 1:
+        raise MethodConfigError(f"optembed: target_kept must be in (0, 1], got {config.target_kept}")
+    if not 0 <= config.prune_ramp <= 1 or config.prune_every_steps < 1 or not 0 < config.budget_dim_share <= 1:
+        raise MethodConfigError("optembed: prune_ramp in [0, 1], prune_every_steps >= 1 and budget_dim_share in (0, 1] are required")
     return OptEmbedCollection(tables, config, ctx)

@@ -142,6 +142,9 @@ class StageContext:
         return {**{f"val_{k}": v for k, v in fit.best_val.items()}, "samples_per_s": fit.samples_per_s,
                 "step_time_ms": fit.step_time_ms, "epochs_run": float(fit.epochs_run)}
 
+    def steps(self, epochs: Optional[int] = None) -> int:
+        return (epochs or self.trainer.cfg.epochs) * len(self.train)
+
     def evaluate(self, max_batches: Optional[int] = None) -> dict[str, float]:
         return evaluate(self.model, self.val, self.trainer.device, max_batches=max_batches)
 

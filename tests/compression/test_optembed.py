@@ -237,3 +237,69 @@ def test_a_budget_below_every_pair_of_fields_keeps_the_fittest_single_field():
     module.config.budget = Budget(bytes=min(one) - 1)
     with pytest.raises(BudgetError, match=r"smallest architecture that keeps one field \(at dim 1\) holds"):
         module._best_single_field(lambda dims: 0.5)
+
+
+FRAPPE_VOCAB = [957, 4082, 7, 7, 2, 3, 2, 9, 80, 233]  # the published Frappe CSV's fields
+
+
+def test_budgeted_search_on_frappe_shaped_data_beats_hashing_at_the_same_bytes(tmp_path):
+    """Ten single-hot fields of Frappe's vocabularies with a planted signal, 10x: the budget
+    prunes rows (the rare tail of the two large fields) as well as dims, and the search
+    keeps every field, the largest included (it used to drop it from every candidate and
+    score about 0.5), so the result beats the hashing trick holding the same bytes."""
+    from compression.methods.hashing import HashingConfig
+    from recsys.data.synthetic import SyntheticConfig
+    from recsys.models import DeepFMConfig
+
+    ds = SyntheticConfig(rows=60_000, cardinalities=FRAPPE_VOCAB, n_dense=0, signal=3.0, seed=0).prepare(tmp_path)
+    loaders = [BatchLoader(ds, s, 256 if s == "train" else 4096, shuffle=s == "train", seed=0) for s in ("train", "val", "test")]
+    cfg = TrainerConfig(epochs=2, batch_size=256, device="cpu", progress="off", log_every_steps=0, patience=2)
+
+    def train(config):
+        torch.manual_seed(0)
+        module = compress(embedding_tables(ds.schema, 16), config, seed=0)
+        model = DeepFMConfig(embedding_dim=15, deep_layers=[32, 32]).build(module, 0)
+        return Trainer(cfg).run(model, module, *loaders), module
+
+    budget = Budget(ratio=10)
+    oe, module = train(OptEmbedConfig(budget=budget, generations=4, mutations=6, crossovers=6, parents=6))
+    hashed, hashing = train(HashingConfig(budget=budget))
+    target = module.target_bytes()
+    assert memory_report(module).bytes <= target and memory_report(hashing).bytes <= target
+    dims = dict(zip(module.units, module.unit_dims.tolist()))
+    kept = dict(zip(module.units, module.kept_counts()))
+    assert dims["t_C2"] > 0 and kept["t_C2"] > 0  # the largest field is kept
+    assert kept["t_C2"] < 4082 and oe.stages["compact"]["kept_row_ratio"] < 0.5  # rows pruned by the budget
+    assert oe.test["auc"] > hashed.test["auc"] + 0.01, (oe.test, hashed.test)
+
+
+class _Epochs(Callback):
+    def __init__(self):
+        self.stage, self.seen = None, []
+
+    def on_stage_start(self, stage, n):
+        self.stage = stage.name
+
+    def on_epoch_end(self, epoch, metrics, step):
+        if self.stage == "supernet":
+            self.seen.append(metrics)
+
+
+def test_the_supernet_prunes_to_the_kept_fraction_asked_for(tiny_dataset):
+    """target_kept: the floor ramps down over the supernet, each epoch logs the fraction kept
+    beside its validation AUC, and the rows frozen for the search are that fraction (the
+    thresholds alone, on so few steps, would keep nearly all of them)."""
+    torch.manual_seed(0)
+    cfg = TrainerConfig(epochs=3, batch_size=128, device="cpu", progress="off", log_every_steps=0, patience=5)
+    oe = OptEmbedConfig(target_kept=0.3, prune_ramp=0.6, generations=1, mutations=2, crossovers=2, parents=2)
+    module = compress(embedding_tables(tiny_dataset.schema, 8), oe, seed=0)
+    model = DCNv2Config(deep_layers=[16], cross_layers=1).build(module, len(tiny_dataset.schema.dense))
+    loaders = [BatchLoader(tiny_dataset, s, 128, shuffle=s == "train", seed=0) for s in ("train", "val", "test")]
+    epochs = _Epochs()
+    result = Trainer(cfg, callbacks=[epochs]).run(model, module, *loaders)
+    ratios = [m["kept_row_ratio"] for m in epochs.seen]
+    assert len(ratios) == 3 and all("val_auc" in m for m in epochs.seen)
+    assert ratios[0] > ratios[-1] and ratios == sorted(ratios, reverse=True)
+    total = sum(module.rows)
+    assert result.stages["compact"]["kept_rows"] == int(0.3 * total)
+    assert result.stages["supernet"]["kept_row_ratio"] == pytest.approx(int(0.3 * total) / total)
