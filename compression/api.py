@@ -62,6 +62,10 @@ class CompressionConfig:
         (the TorchRec tables inside become quantized ones, the same for every method)."""
         return [] if self.quantization is None else [quantize_stage(self.quantization, self.method)]
 
+    def budget_label(self) -> str:
+        """The budget as runs and reports name it (``10x``, ``2MiB``), ``none`` without one."""
+        return "none"
+
     def with_budget(self: C, budget: Budget | None) -> C:
         """This config under ``budget`` (a copy); a method that takes no budget ignores it.
 

@@ -104,6 +104,9 @@ class BudgetedConfig(CompressionConfig):
     def with_budget(self: B, budget: Budget | None) -> B:
         return dataclasses.replace(self, budget=budget)
 
+    def budget_label(self) -> str:
+        return self.budget.label() if self.budget is not None else "none"
+
     def explicit_sizes(self) -> dict[str, Any]:
         """The knobs that size the method without a budget (budget: null), by name."""
         return {}

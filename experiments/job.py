@@ -96,10 +96,9 @@ def describe_job(cfg: DictConfig, comp: Any | None = None, variant: str | None =
     """Tags that name a job in the MLflow UI: method, budget, model, dataset (and the
     job's Hydra overrides, which the report uses to tell apart settings a sweep varies)."""
     comp = comp if comp is not None else resolve_compression(cfg)
-    budget = getattr(comp, "budget", None)
-    quant = getattr(comp, "quantization", None)
+    quant = comp.quantization
     method = type(comp).method
-    if quant is not None and getattr(quant, "precision", None):
+    if quant is not None:
         method = f"{method}+{quant.label()}"  # int4, or int4-qat when quantization-aware
     variant = variant or _variant(cfg, method)
     return {
@@ -107,7 +106,7 @@ def describe_job(cfg: DictConfig, comp: Any | None = None, variant: str | None =
         "variant": variant,
         # what reports and run names call it: the config's name when it is a variant
         "label": method if variant in (method, type(comp).method) else variant,
-        "budget": budget.label() if budget is not None else "none",
+        "budget": comp.budget_label(),
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
         "embcomp.overrides": _task_overrides(),

@@ -62,6 +62,7 @@ from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCo
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from compression.api import require_fbgemm_cuda
+from compression.base import CompressedEmbeddingBagCollection
 from compression.memory import held_bytes, local_tensors  # noqa: F401  (local_tensors: the trainer's)
 
 MODES = ("auto", "on", "off")
@@ -264,7 +265,7 @@ def table_constraints(
         for name, dim in tables.items()
         if dim % FUSED_DIM_MULTIPLE
     }
-    method: dict[str, Any] = getattr(module, "sharding_constraints", dict)()
+    method: dict[str, Any] = module.sharding_constraints() if isinstance(module, CompressedEmbeddingBagCollection) else {}
     for source, given in (("the method", method), ("distributed.constraints", dict(overrides or {}))):
         unknown = sorted(set(given) - set(tables))
         if unknown:

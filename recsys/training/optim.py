@@ -107,7 +107,7 @@ def build_optimizers(model: nn.Module, module: CompressedEmbeddingBagCollection,
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     named: dict[str, torch.optim.Optimizer] = {}
     if tables:
-        named["sparse"] = sparse_optimizer(tables, getattr(cfg, "sparse_optimizer", "rowwise_adagrad"), cfg.sparse_lr)
+        named["sparse"] = sparse_optimizer(tables, cfg.sparse_optimizer, cfg.sparse_lr)
     if dense:
         named["dense"] = torch.optim.Adam(dense, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
     for i, opt in enumerate(extra):

@@ -60,7 +60,7 @@ def build_optimizers(sharded: Sharded, module: CompressedEmbeddingBagCollection,
     replicated = [p for n, p in rest if n in sharded.replicated_tables]
     dense = [p for n, p in rest if n not in sharded.replicated_tables]
     if replicated:
-        named["sparse_replicated"] = sparse_optimizer(replicated, getattr(cfg, "sparse_optimizer", "rowwise_adagrad"), cfg.sparse_lr)
+        named["sparse_replicated"] = sparse_optimizer(replicated, cfg.sparse_optimizer, cfg.sparse_lr)
     if dense:
         named["dense"] = torch.optim.Adam(dense, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
     for i, opt in enumerate(extra):

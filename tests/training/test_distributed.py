@@ -120,7 +120,7 @@ def _compare(rank: int, runtime: D.Runtime, name: str) -> dict[str, float]:
     ref = Tiny(module)
     model = copy.deepcopy(ref)
     state = copy.deepcopy(ref.state_dict())
-    cfg = SimpleNamespace(sparse_lr=0.1, dense_lr=0.01, weight_decay=0.0)
+    cfg = SimpleNamespace(sparse_lr=0.1, dense_lr=0.01, weight_decay=0.0, sparse_optimizer="rowwise_adagrad")
     sharded = D.shard(model, model.ebc, runtime, D.DistributedConfig(), sparse_lr=cfg.sparse_lr, state=state)
     size = -(-BATCH // WORLD)
     rows = list(range(rank * size, min(BATCH, (rank + 1) * size)))
