@@ -67,12 +67,14 @@ import numpy as np
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, register
 from compression.base import CompressedEmbeddingBagCollection, MethodConfigError
 from compression.budget import Budget, BudgetError
+from compression.evolution import evolutionary_search
+from compression.pruned import CompactTables, compact_configs
 from compression.sizing import BudgetedConfig
 from compression.stages import Stage, StageContext
 
@@ -528,17 +530,6 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         return figs
 
 
-def compact_configs(units: list[str], unit_features: list[list[str]], kept: list[int], dims: list[int],
-                    rows: list[int]) -> list[EmbeddingBagConfig]:
-    """The compact export's tables: each live unit's kept rows at its dim, and a zero row
-    (where pruned ids land) when it pruned any."""
-    return [
-        EmbeddingBagConfig(name=f"compact_{u}", embedding_dim=d, num_embeddings=k if k == n else k + 1,
-                           feature_names=list(fs))
-        for u, fs, k, d, n in zip(units, unit_features, kept, dims, rows) if d > 0
-    ]
-
-
 @torch.no_grad()
 def initial_row_norm(weight: torch.Tensor, config: EmbeddingConfig) -> torch.Tensor:
     """The mean L1 norm of a table's rows as initialised.
@@ -553,127 +544,6 @@ def initial_row_norm(weight: torch.Tensor, config: EmbeddingConfig) -> torch.Ten
     assert config.init_fn is not None  # TorchRec's EmbeddingConfig sets its default
     config.init_fn(sample)
     return sample.abs().sum(dim=1).mean()
-
-
-class CompactTables(nn.Module):
-    """Kept rows only, at each table's dim, behind a sorted int32 list of kept ids (none
-    for a table that kept every row: its ids index it as they are)."""
-
-    def __init__(self, units: list[str], unit_features: list[list[str]], kept: list[torch.Tensor], dims: list[int],
-                 full_dims: list[int], feature_order: list[str], device: torch.device, rows: list[int]) -> None:
-        super().__init__()
-        self.units, self.dims, self.feature_order = units, dims, feature_order
-        self._unit_of = {f: i for i, fs in enumerate(unit_features) for f in fs}
-        self._full = full_dims
-        self.rows = rows
-        self.identity = [d > 0 and len(k) == n for k, d, n in zip(kept, dims, rows)]
-        configs = compact_configs(units, unit_features, [len(k) for k in kept], dims, rows)
-        self.ebc = EmbeddingBagCollection(tables=configs, device=device) if configs else None
-        for u, k, d, same in zip(units, kept, dims, self.identity):
-            self.register_buffer(f"ids_{u}", (k if d > 0 and not same else k[:0]).to(torch.int32).to(device))
-
-    def kept_count(self, i: int) -> int:
-        return self.rows[i] if self.identity[i] else int(getattr(self, f"ids_{self.units[i]}").numel())
-
-    def table(self, i: int) -> torch.Tensor:
-        assert self.ebc is not None
-        return self.ebc.embedding_bags[f"compact_{self.units[i]}"].weight
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        d = features.to_dict()
-        batch = features.stride()
-        live = [f for f in self.feature_order if self.dims[self._unit_of[f]] > 0]
-        pooled: dict[str, torch.Tensor] = {}
-        if live:
-            remapped = []
-            for f in live:
-                ids = d[f].values()
-                if self.identity[self._unit_of[f]]:
-                    remapped.append(ids)
-                    continue
-                kept = getattr(self, f"ids_{self.units[self._unit_of[f]]}")
-                pos = torch.searchsorted(kept, ids.to(torch.int32)).clamp(max=max(len(kept) - 1, 0))
-                hit = (kept[pos] == ids) if len(kept) else torch.zeros_like(ids, dtype=torch.bool)
-                remapped.append(torch.where(hit, pos.to(torch.int64), torch.full_like(ids, len(kept))))
-            kjt = KeyedJaggedTensor(
-                keys=live, values=torch.cat(remapped), lengths=torch.cat([d[f].lengths() for f in live]), stride=batch,
-            )
-            assert self.ebc is not None
-            pooled = self.ebc(kjt).to_dict()
-        out = []
-        for f in self.feature_order:
-            i = self._unit_of[f]
-            part = pooled[f] if self.dims[i] > 0 else torch.zeros(batch, 0, device=features.values().device)
-            out.append(torch.nn.functional.pad(part, (0, self._full[i] - self.dims[i])))
-        return KeyedTensor(keys=self.feature_order, length_per_key=[o.shape[1] for o in out], values=torch.cat(out, dim=1))
-
-
-def evolutionary_search(low, high, fitness, size_of, target, config: OptEmbedConfig, seed: int, log=None):
-    """Best per-field dims in ``[low_f, high_f]`` by evolution, and its fitness (``high``:
-    an int for every field or a list).
-
-    Every candidate keeps its own fitness (a cache keyed by the candidate), parents are
-    copied before they mutate, crossovers cut between fields. Candidates whose
-    ``size_of`` exceeds ``target`` are repaired by scaling all their dims down together
-    (their shape kept) until they fit, and never evaluated over budget. (Lowering
-    first the field whose step saves the most bytes, as this did before, always took
-    the largest table first, down to dim 0: the most informative field of a
-    Frappe-shaped dataset was dropped from every candidate.)
-    """
-    rng = np.random.default_rng([seed, 0x0E7E])
-    n = len(low)
-    high = [int(high)] * n if isinstance(high, int) else [int(h) for h in high]
-    cache: dict[tuple[int, ...], float] = {}
-
-    def repair(c) -> tuple[int, ...]:
-        c = [int(x) for x in c]
-        if target is None or size_of(c) <= target:
-            return tuple(c)
-
-        def scaled(s: float) -> list[int]:
-            return [max(low[i], min(c[i], round(c[i] * s))) for i in range(n)]
-
-        if size_of(scaled(0.0)) > target:
-            raise BudgetError(
-                f"optembed cannot reach the budget of {target} bytes: with the rows the supernet kept, "
-                f"the smallest architecture holds {size_of(scaled(0.0))} bytes"
-            )
-        lo, hi = 0.0, 1.0  # the largest common scale of the dims that fits
-        for _ in range(20):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if size_of(scaled(mid)) <= target else (lo, mid)
-        return tuple(scaled(lo))
-
-    def score(c: tuple[int, ...]) -> float:
-        if c not in cache:
-            cache[c] = float(fitness(c))
-        return cache[c]
-
-    population = {repair(tuple(int(rng.integers(low[i], high[i] + 1)) for i in range(n)))
-                  for _ in range(config.mutations + config.crossovers)}
-    population.add(repair(tuple(high)))
-    for c in sorted(population):
-        score(c)
-    for gen in range(config.generations):
-        parents = sorted(cache, key=lambda c: (-cache[c], c))[: config.parents]
-        children = []
-        for _ in range(config.mutations):
-            child = list(parents[int(rng.integers(len(parents)))])  # a copy: the parent stays as recorded
-            for i in range(n):
-                if rng.random() < config.mutation_prob:
-                    child[i] = int(rng.integers(low[i], high[i] + 1))
-            children.append(repair(child))
-        for _ in range(config.crossovers):
-            a = parents[int(rng.integers(len(parents)))]
-            b = parents[int(rng.integers(len(parents)))]
-            cut = int(rng.integers(1, n)) if n > 1 else 1  # a cut between fields, not inside the dims
-            children.append(repair(a[:cut] + b[cut:]))
-        for c in children:
-            score(c)
-        if log is not None:
-            log(gen, max(cache.values()))
-    best = max(cache, key=lambda c: (cache[c], tuple(-x for x in c)))
-    return best, cache[best]
 
 
 @register(OptEmbedConfig)
