@@ -512,6 +512,8 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
                 arr = np.array(self.history[key])
                 for j, u in enumerate(self.units):
                     ax.plot(np.arange(1, len(arr) + 1), arr[:, j], label=u)
+                if key == "kept":  # every table together: what the pruning level counts
+                    ax.plot(np.arange(1, len(arr) + 1), self.history["rows"], "k--", label="all rows")
                 ax.set_xlabel("supernet epoch")
                 ax.set_title(title)
                 ax.legend(fontsize=6, ncol=3)
