@@ -382,7 +382,7 @@ def _build(r: _Resolved) -> _Built:
     else:  # rank 0 builds the cache, the others open it
         ds = job.prepared(lambda: r.dataset.prepare(Path(cfg.cache_dir)))
     schema = ds.schema
-    trainer = Trainer(r.trainer, callbacks=[], checkpoint_dir=None)
+    trainer = Trainer(r.trainer, checkpoint_dir=r.ckdir if job is None else None)
     tables = embedding_tables(schema, r.model.table_dim(), r.model.embedding_init_std)
     label = f"{r.tags['label']}" + (f" {r.tags['budget']}" if r.tags["budget"] != "none" else "")
     try:
@@ -412,7 +412,6 @@ def _build(r: _Resolved) -> _Built:
     }
     r.ckdir.mkdir(parents=True, exist_ok=True)
     (r.ckdir / JOB_KEY_FILE).write_text(r.key)
-    trainer.checkpoint_dir = r.ckdir if job is None else None  # sharded runs do not resume
     if job is not None:
         job.refuse_unsupported(module, type(r.comp).method)
         if cfg.export:
@@ -426,6 +425,7 @@ def _build(r: _Resolved) -> _Built:
             model = job.wrap(model, module, trainer, rebuild, label)
         except BudgetError as e:
             _out_of_reach(e, r.in_sweep, r.record, r.run_name, r.tags, r.parent_run_id)
+        trainer = Trainer(r.trainer, backend=job.backend)  # sharded runs do not resume
     return _Built(ds, module, model, loaders, trainer, chosen)
 
 

@@ -30,6 +30,7 @@ from compression.base import CompressedEmbeddingBagCollection
 from compression.memory import MemoryReport, memory_report, planned_optimizer_bytes
 from compression.preflight import TrainingBytes, available_bytes, check_fits
 from recsys.training import distributed as D
+from recsys.training.sharded import ShardedBackend
 
 if TYPE_CHECKING:
     from experiments.record import RunRecord
@@ -43,6 +44,7 @@ class ShardedJob:
         self.cfg = cfg
         self.sharded: D.Sharded | None = None
         self.whole: MemoryReport | None = None
+        self.backend: ShardedBackend | None = None
         self.ranks: list[dict[str, int]] = []
 
     @classmethod
@@ -120,7 +122,8 @@ class ShardedJob:
             model, module, runtime, self.cfg, trainer.cfg.sparse_lr, batch_size=trainer.cfg.batch_size, check=check,
             sparse_optimizer=trainer.cfg.sparse_optimizer,
         )  # fmt: skip
-        trainer.sharded, trainer.rebuild = self.sharded, rebuild
+        # what the job's trainer runs the wrapped model with (Trainer(..., backend=job.backend))
+        self.backend = ShardedBackend(self.sharded, rebuild, trainer.device)
         prefix = next(n for n, m in self.sharded.dmp.module.named_modules() if m is module)
         if prefix.startswith("module."):  # DDP's wrapper name
             prefix = prefix[len("module."):]

@@ -1,7 +1,8 @@
-"""The training loop's sharded steps: loss over the global batch, optimizers, gathered
-predictions, and a rank-0 copy of the trained model for post-training stages.
+"""The trainer's sharded backend: loss over the global batch, optimizers, gathered
+predictions, best-weight copies of this rank's shards, and a rank-0 copy of the trained
+model for post-training stages.
 
-The trainer calls these when it runs a ``DistributedModelParallel`` model
+``ShardedBackend`` is what the trainer runs a ``DistributedModelParallel`` model with
 (``recsys.training.distributed``); one process is the same code with world size 1.
 Each rank's batch is its part of the global batch, padded with empty samples
 (label ``PAD_LABEL``) to the same size on every rank (``BatchLoader(shard=...)``).
@@ -27,7 +28,9 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from compression.base import CompressedEmbeddingBagCollection
 from recsys.data.loader import PAD_LABEL, BatchLoader
-from recsys.training.distributed import Sharded
+from recsys.training.backends import LocalBackend
+from recsys.training.distributed import Sharded, local_tensors
+from recsys.training.metrics import binary_metrics
 from recsys.training.metrics import predict as local_predict
 from recsys.training.optim import Optimizers, sparse_optimizer
 
@@ -108,3 +111,49 @@ def unshard(sharded: Sharded, rebuild: Callable[[], nn.Module]) -> nn.Module | N
     if model is not None:
         model.load_state_dict(target)
     return model
+
+
+class ShardedBackend:
+    """The trainer's model wrapped by DMP (``sharded``); ``rebuild()`` makes it again
+    with real, unsharded tables, for the stages that run on rank 0 after training."""
+
+    def __init__(self, sharded: Sharded, rebuild: Callable[[], nn.Module], device: torch.device) -> None:
+        self.sharded, self.rebuild, self.device = sharded, rebuild, device
+        self.reg_scale = 1.0 / sharded.world_size
+
+    def prepare(self, model: nn.Module) -> None:
+        pass  # DMP placed every shard on its rank's device
+
+    def optimizers(self, model: nn.Module, module: CompressedEmbeddingBagCollection, cfg: Any) -> Optimizers:
+        return build_optimizers(self.sharded, module, cfg)  # fused tables; the dense rest on summed gradients
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        return global_loss(logits, labels)
+
+    def evaluate(self, model: nn.Module, loader: BatchLoader) -> dict[str, float]:
+        return binary_metrics(*predict(model, loader, self.device))
+
+    def snapshot(self, model: nn.Module) -> Any:
+        # this rank's shards, each copied alone: a deep copy of their views would copy the
+        # whole table batch once per table
+        return {k: [t.detach().clone() for t in local_tensors(v)] for k, v in model.state_dict().items()}
+
+    def restore(self, model: nn.Module, snapshot: Any) -> None:
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                for dst, src in zip(local_tensors(v), snapshot[k]):
+                    dst.copy_(src)
+
+    def optimizer_bytes(self, opts: Optimizers, module: CompressedEmbeddingBagCollection) -> int | None:
+        return None  # each rank's share: recsys.training.distributed.rank_bytes
+
+    def gather(self, model: nn.Module, loaders: tuple[BatchLoader, ...]) -> tuple[nn.Module | None, LocalBackend]:
+        """The model gathered unsharded on rank 0 (None on the others: their part is done),
+        the loaders unsharded (the rest of the schedule runs on rank 0 alone, on whole
+        splits), and the backend to run it with: local, on this device."""
+        whole = unshard(self.sharded, self.rebuild)
+        if whole is not None:
+            for loader in loaders:
+                loader.shard = None
+            whole.to(self.device)
+        return whole, LocalBackend(self.device)

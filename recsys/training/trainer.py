@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import sys
@@ -31,14 +30,14 @@ from tqdm.auto import tqdm
 
 from compression.base import CompressedEmbeddingBagCollection
 from compression.config_checks import bounded, one_of
-from compression.memory import optimizer_state_bytes
 from compression.stages import Stage
 from recsys.data.loader import BatchLoader
 from recsys.training import checkpoint
+from recsys.training.backends import Backend, LocalBackend
 from recsys.training.callbacks import Callback
-from recsys.training.metrics import binary_metrics, evaluate
-from recsys.training.optim import L2_MODES, SPARSE_OPTIMIZERS, Optimizers, build_optimizers
-from recsys.training.step import TrainStep, local_loss
+from recsys.training.metrics import evaluate
+from recsys.training.optim import L2_MODES, SPARSE_OPTIMIZERS, Optimizers
+from recsys.training.step import TrainStep
 
 
 @dataclass
@@ -163,6 +162,7 @@ class Trainer:
         cfg: TrainerConfig,
         callbacks: Sequence[Callback] = (),
         checkpoint_dir: Path | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.cfg = cfg
         self.callbacks = list(callbacks)
@@ -170,10 +170,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        # a sharded run (recsys.training.distributed): the DMP-wrapped model's plan and
-        # optimizers, and how to build the model unsharded for post-training stages
-        self.sharded: Any = None
-        self.rebuild: Callable[[], nn.Module] | None = None
+        # where the model lives: this process, or sharded by DMP (recsys.training.sharded)
+        self.backend: Backend = backend if backend is not None else LocalBackend(self.device)
 
     # -- the schedule ------------------------------------------------------------------
     def run(
@@ -186,22 +184,23 @@ class Trainer:
     ) -> RunResult:
         """Run every stage of ``module``'s schedule, then evaluate on ``test``.
 
-        Sharded (``self.sharded``): training stages run on every rank; a stage with its
+        Sharded (``ShardedBackend``): training stages run on every rank; a stage with its
         own ``run`` (post-training quantization) runs on rank 0 with the model gathered
         unsharded, and the other ranks return there (``test`` empty).
         """
-        if self.sharded is None:
-            model.to(self.device)
+        self.backend.prepare(model)
         stages = module.schedule()
         results: dict[str, dict[str, float]] = {}
         last_fit: FitResult | None = None
         replaced = None
         for stage in stages:
-            if stage.run is not None and self.sharded is not None:
-                model, replaced = self._unshard(train, val, test)
-                if model is None:
+            if stage.run is not None:  # needs the model whole in this process
+                whole, self.backend = self.backend.gather(model, (train, val, test))
+                if whole is None:  # a rank other than 0: its part is done
                     return RunResult(stages=results, test={}, fit=last_fit)
-                module = replaced
+                if whole is not model:
+                    model = whole
+                    module = replaced = next(m for m in model.modules() if isinstance(m, CompressedEmbeddingBagCollection))
             ckdir = self.checkpoint_dir / stage.name if self.checkpoint_dir and stage.checkpoint else None
             done = checkpoint.load(ckdir / "done.pt") if ckdir else None
             for cb in self.callbacks:
@@ -220,61 +219,8 @@ class Trainer:
             results[stage.name] = metrics
             for cb in self.callbacks:
                 cb.on_stage_end(stage, metrics, len(stages))
-        test_metrics = self._evaluate(model, test)
+        test_metrics = self.backend.evaluate(model, test)
         return RunResult(stages=results, test=test_metrics, fit=last_fit, module=replaced)
-
-    def _unshard(self, *loaders: BatchLoader) -> tuple[Any, Any]:
-        """(model, module) gathered unsharded on rank 0, (None, None) elsewhere; the
-        rest of the schedule runs in rank 0 alone, on whole splits."""
-        from recsys.training.sharded import unshard
-
-        if self.rebuild is None:
-            raise RuntimeError("a sharded run's post-training stages need Trainer.rebuild")
-        model = unshard(self.sharded, self.rebuild)
-        self.sharded = None
-        if model is None:
-            return None, None
-        for loader in loaders:
-            loader.shard = None
-        model.to(self.device)
-        return model, next(m for m in model.modules() if isinstance(m, CompressedEmbeddingBagCollection))
-
-    def _snapshot(self, model: nn.Module) -> Any:
-        """A copy of the weights (sharded: of this rank's shards, each copied alone:
-        a deep copy of their views would copy the whole table batch once per table)."""
-        if self.sharded is None:
-            return copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        from recsys.training.distributed import local_tensors
-
-        return {k: [t.detach().clone() for t in local_tensors(v)] for k, v in model.state_dict().items()}
-
-    def _restore(self, model: nn.Module, snapshot: Any) -> None:
-        if self.sharded is None:
-            model.load_state_dict(snapshot)
-            return
-        from recsys.training.distributed import local_tensors
-
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                for dst, src in zip(local_tensors(v), snapshot[k]):
-                    dst.copy_(src)
-
-    def _evaluate(self, model: nn.Module, loader: BatchLoader) -> dict[str, float]:
-        """Metrics over the whole split (sharded: every rank's part, gathered)."""
-        if self.sharded is None:
-            return evaluate(model, loader, self.device)
-        from recsys.training.sharded import predict
-
-        return binary_metrics(*predict(model, loader, self.device))
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-        """(loss to backpropagate, the batch's mean loss, samples in the batch); sharded:
-        this rank's share of the global batch's mean, the global mean and count."""
-        if self.sharded is None:
-            return local_loss(logits, labels)
-        from recsys.training.sharded import global_loss
-
-        return global_loss(logits, labels)
 
     # -- the standard loop -------------------------------------------------------------
     def fit(
@@ -290,14 +236,9 @@ class Trainer:
         AUC; the best epoch's weights are kept."""
         cfg = self.cfg
         epochs = epochs or cfg.epochs
-        if self.sharded is None:
-            model.to(self.device).train()
-            opts = build_optimizers(model, module, cfg)
-        else:  # sharded tables: fused row-wise Adagrad; the dense rest on summed gradients
-            from recsys.training.sharded import build_optimizers as sharded_optimizers
-
-            model.train()
-            opts = sharded_optimizers(self.sharded, module, cfg)
+        self.backend.prepare(model)
+        model.train()
+        opts = self.backend.optimizers(model, module, cfg)
         state = _LoopState()
         state_path = ckdir / "last.pt" if ckdir else None
         saved = checkpoint.load(state_path) if state_path else None
@@ -305,8 +246,7 @@ class Trainer:
             state.restore(saved, model, opts)
         steps_per_epoch = len(train)
         show = {"auto": sys.stderr.isatty(), "on": True, "off": False}[cfg.progress]
-        reg_scale = 1.0 / self.sharded.world_size if self.sharded is not None else 1.0
-        step = TrainStep(model, module, opts, cfg, self._loss, reg_scale)
+        step = TrainStep(model, module, opts, cfg, self.backend.loss, self.backend.reg_scale)
 
         while state.epoch < epochs and not state.stopped:
             epoch_start = time.perf_counter()
@@ -338,8 +278,8 @@ class Trainer:
                 if state_path and cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0:
                     checkpoint.save_atomic(state.snapshot(model, opts), state_path)
             bar.close()
-            val_metrics = self._evaluate(model, val)
-            state.end_epoch(val_metrics, model, cfg, epochs, self._snapshot)
+            val_metrics = self.backend.evaluate(model, val)
+            state.end_epoch(val_metrics, model, cfg, epochs, self.backend.snapshot)
             epoch_metrics = {f"val_{k}": v for k, v in val_metrics.items()}
             epoch_metrics["epoch"] = float(state.epoch)
             if state.bad_epochs and cfg.lr_decay != 1.0:  # a plateau: every rate x lr_decay
@@ -352,7 +292,7 @@ class Trainer:
                 cb.on_epoch_end(state.epoch, epoch_metrics, state.global_step)
 
         if state.best_state is not None and state.best_epoch != state.epoch:
-            self._restore(model, state.best_state)
+            self.backend.restore(model, state.best_state)
         times = state.step_times[min(5, len(state.step_times) // 2):] or [float("nan")]
         return FitResult(
             best_val=state.best_val,
@@ -364,7 +304,7 @@ class Trainer:
             stopped_early=state.stopped,
             history=state.history,
             # sharded: each rank's share is counted by recsys.training.distributed.rank_bytes
-            optimizer_bytes=optimizer_state_bytes(opts, module.table_parameters()) if self.sharded is None else None,
+            optimizer_bytes=self.backend.optimizer_bytes(opts, module),
             fit_s=state.wall_time,
             fit_samples_per_s=state.samples / state.wall_time if state.wall_time else float("nan"),
         )
