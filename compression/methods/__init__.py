@@ -6,6 +6,7 @@ Adding a method: its module here, one import line below, a Hydra config in
 
 from compression.methods import (  # noqa: F401
     dedup,
+    dhe,
     double_hashing,
     dpq,
     frequency_hybrid,
@@ -15,5 +16,7 @@ from compression.methods import (  # noqa: F401
     none,
     optembed,
     qr,
+    robe,
+    tt_rec,
     unified_embedding,
 )

@@ -71,6 +71,8 @@ UNREACHABLE = {
     "qr-mult": {100, 1000},
     "qr-add": {100, 1000},
     "qr-concat": {100, 1000},  # about 2·sqrt(N) rows per table at least
+    "dhe": {1000},  # 128 hash functions' coefficients (4 KiB) and one MLP per table
+    "tt_rec": {1000},  # rank 1: about 3·N^(1/3)·dim^(1/3) values per table at least
 }
 
 
