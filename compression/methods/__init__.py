@@ -1,22 +1,12 @@
 """Every compression method; importing this package registers them all.
 
-Adding a method: its module here, one import line below, a Hydra config in
-``experiments/conf/compression/``, and its tests in ``tests/compression/``.
+Adding a method: its module in this folder (found and imported here, no list to edit),
+a Hydra config in ``experiments/conf/compression/``, its tests in ``tests/compression/``,
+and its sharded config in ``tests/training/test_distributed.py`` (a test checks it).
 """
 
-from compression.methods import (  # noqa: F401
-    dedup,
-    dhe,
-    double_hashing,
-    dpq,
-    frequency_hybrid,
-    hashing,
-    managed_collision,
-    mixed_dim,
-    none,
-    optembed,
-    qr,
-    robe,
-    tt_rec,
-    unified_embedding,
-)
+import importlib
+import pkgutil
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
