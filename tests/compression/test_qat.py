@@ -29,7 +29,7 @@ from tests.compression.test_contract import COUNTS, TABLES, make_kjt
 
 BITS = [8, 4, 2]
 PREC = {8: "int8", 4: "int4", 2: "int2"}
-OPT = type("Opt", (), {"sparse_lr": 0.05, "dense_lr": 0.01, "weight_decay": 0.0})
+OPT = type("Opt", (), {"sparse_lr": 0.05, "dense_lr": 0.01, "weight_decay": 0.0, "sparse_optimizer": "rowwise_adagrad"})
 
 
 def qat_tables() -> list[EmbeddingBagConfig]:
