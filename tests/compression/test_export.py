@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -34,8 +35,9 @@ def batch(size: int, seed: int, multi_hot: bool = True) -> tuple[torch.Tensor, K
 
 def trained_model(method: str, quantization: Quantization | None, model: str = "dcnv2"):
     cls = compression.config_class(method)
-    extra = {} if method == "none" else {"budget": Budget(ratio=10)}
-    module = compress(TABLES, cls(quantization=quantization, **extra), seed=0)
+    extra = {} if method == "none" else {"budget": Budget(ratio=4 if method == "dedup" else 10)}
+    counts = {t.feature_names[0]: np.arange(t.num_embeddings)[::-1].copy() for t in TABLES}  # MGQE's tiers
+    module = compress(TABLES, cls(quantization=quantization, **extra), counts=counts, seed=0)
     torch.manual_seed(0)
     net = (
         DCNv2(module, dense_in_features=4, deep_layers=[16], cross_layers=1)
@@ -60,12 +62,23 @@ CASES = [
     ("hashing", Quantization("int8"), "dcnv2"),
     ("qr", Quantization("int4"), "dcnv2"),
     ("unified_embedding", Quantization("int8"), "dcnv2"),
+    ("robe", Quantization("int8"), "dcnv2"),
+    ("tt_rec", None, "dcnv2"),
+    ("dhe", None, "dcnv2"),
+    # staged methods: exported in their deployed form, after their compacting stage
+    ("dpq", None, "dcnv2"),
+    ("mgqe", None, "dcnv2"),
+    ("dedup", None, "dcnv2"),
 ]
+COMPACT = {"dpq": "pack", "mgqe": "pack", "dedup": "merge"}  # the stage that makes the deployed form
 
 
 @pytest.mark.parametrize("method, quantization, model", CASES, ids=lambda x: getattr(x, "label", lambda: x)())
 def test_round_trip_gives_equal_predictions(tmp_path, method, quantization, model):
     module, net = trained_model(method, quantization, model)
+    if method in COMPACT:
+        getattr(module, COMPACT[method])()
+        net.eval()
     if quantization is not None:
         quantize_(module, quantization)
     result = export_model(net, batch(6, seed=0), tmp_path / "model.pt2")
