@@ -162,6 +162,11 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Sizes the method chose (rows, collisions, dims ...), logged as MLflow params."""
         return {}
 
+    def sharding_refusal(self) -> str | None:
+        """Why TorchRec's DMP cannot shard this module correctly (one line naming the
+        method, said before anything is planned), or None: it can."""
+        return None
+
     def sharding_constraints(self) -> dict[str, ParameterConstraints]:
         """How TorchRec's planner may shard this module's physical tables.
 

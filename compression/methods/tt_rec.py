@@ -207,6 +207,12 @@ class TTRecEmbeddingBagCollection(IdMappedCollection):
     def table_parameters(self) -> list[nn.Parameter]:
         return list(self.ec.parameters())
 
+    def sharding_refusal(self) -> str | None:
+        # measured (tests/training/test_distributed.py): the cores' only plan, data-parallel,
+        # gives wrong rows, so a sharded run is refused rather than trained wrong
+        return ("tt_rec cannot be sharded: TorchRec's data-parallel sharded EmbeddingCollection splits the cores' per-id rows by "
+                "the wrong feature's lengths, and the cores' dims allow no other plan")
+
     def sharding_constraints(self) -> dict[str, Any]:
         """Cores replicated (data-parallel): about N^(1/3) rows each, all read by every id."""
         from torchrec.distributed.planner.types import ParameterConstraints

@@ -213,6 +213,10 @@ def sharders() -> list[ModuleSharder[nn.Module]]:
 
 def check_shardable(model: nn.Module, runtime: Runtime) -> None:
     """Refuse, in one line, what TorchRec cannot shard here (before any collective)."""
+    for m in model.modules():
+        reason = m.sharding_refusal() if isinstance(m, CompressedEmbeddingBagCollection) else None
+        if reason:
+            raise DistributedError(f"{reason}; train it in one process (distributed.mode=off)")
     mc = [m for m in model.modules() if isinstance(m, ManagedCollisionEmbeddingBagCollection)]
     if mc and runtime.device.type == "cpu":
         raise DistributedError(

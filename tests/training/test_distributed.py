@@ -84,7 +84,11 @@ CONFIGS = {
 # mixed_dim's dims here are not all multiples of 4: those tables are replicated
 # (data-parallel), the others sharded; qr_add pools before combining (one bag per sample)
 # methods TorchRec cannot shard on the CPU, with the reason the run is refused with
-REFUSED_ON_CPU = {"managed_collision": "fbgemm::reset_weight_momentum, which FBGEMM implements for CUDA only"}
+REFUSED_ON_CPU = {
+    "managed_collision": "fbgemm::reset_weight_momentum, which FBGEMM implements for CUDA only",
+    # refused everywhere (the module's sharding_refusal): its only plan gives wrong rows
+    "tt_rec": "tt_rec cannot be sharded: TorchRec's data-parallel sharded EmbeddingCollection splits",
+}
 
 
 class Tiny(nn.Module):
@@ -207,10 +211,7 @@ def test_every_registered_method_has_a_config():
 
 
 # known failures, with what fails (strict: the test says when they pass)
-KNOWN_FAILING = {
-    "tt_rec": "TorchRec's data-parallel ShardedEmbeddingCollection splits the cores' per-id rows by the wrong "
-    "feature's lengths (split_with_sizes: 8 rows, 13 expected); its cores' dims (e.g. 34) allow no other plan",
-}
+KNOWN_FAILING: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_FAILING[n], strict=True))
