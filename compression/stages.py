@@ -94,6 +94,37 @@ class Stage:
     checkpoint: bool = True
 
 
+def compact_then_finetune(
+    name: str,
+    compact: Callable[[], None],
+    count_bytes: Callable[[], int],
+    finetune_epochs: int = 0,
+    extra: Callable[[], dict[str, float]] | None = None,
+) -> list[Stage]:
+    """``train`` -> ``name`` (``compact()`` turns the module into its deployed form, in
+    place; its metrics: validation after it, the bytes before and after, ``extra()``) ->
+    ``finetune`` for ``finetune_epochs`` if any. The schedule of DPQ's pack and dedup's
+    merge.
+
+    Example::
+
+        compact_then_finetune("pack", self.pack, lambda: memory_report(self).bytes, 1)
+    """
+
+    def run(ctx: StageContext) -> dict[str, float]:
+        before = count_bytes()
+        compact()
+        ctx.model.to(ctx.device)
+        metrics = {f"val_{k}": v for k, v in ctx.evaluate().items()}
+        return {**metrics, "training_bytes": float(before), "embedding_bytes": float(count_bytes()),
+                **(extra() if extra is not None else {})}  # fmt: skip
+
+    out = [Stage("train"), Stage(name, run=run, checkpoint=False)]
+    if finetune_epochs:
+        out.append(Stage("finetune", run=lambda ctx: ctx.fit(finetune_epochs), params={"epochs": finetune_epochs}))
+    return out
+
+
 def schedule(stages: list[Stage], post: list[Stage]) -> list[Stage]:
     """The method's own ``stages`` then the ``post``-training ones its config asks for
     (quantization), refusing two stages of one name (their records would collide)."""

@@ -53,7 +53,7 @@ from compression.sizing import (
     plan_explicit,
     verify,
 )
-from compression.stages import Stage, StageContext
+from compression.stages import Stage, compact_then_finetune
 
 ID_BYTES = 4  # the remap id -> merged row is int32
 MAX_BITS = 62  # signatures held as int64 keys, one bit to spare for the split
@@ -169,19 +169,10 @@ class DedupEmbeddingBagCollection(IdMappedCollection):
         return self.ebc(with_values(features, torch.where(exact, ids, rows)))
 
     def stages(self) -> list[Stage]:
-        out = [Stage("train"), Stage("merge", run=self._run_merge, checkpoint=False)]
-        if self.config.finetune_epochs:
-            out.append(Stage("finetune", run=lambda ctx: ctx.fit(self.config.finetune_epochs),
-                             params={"epochs": self.config.finetune_epochs}))  # fmt: skip
-        return out
-
-    def _run_merge(self, ctx: StageContext) -> dict[str, float]:
-        before = memory_report(self).bytes
-        self.merge()
-        ctx.model.to(ctx.device)
-        metrics = {f"val_{k}": v for k, v in ctx.evaluate().items()}
-        return {**metrics, "training_bytes": float(before), "embedding_bytes": float(memory_report(self).bytes),
-                **{f"lsh_bits.{t}": float(b) for t, b in self.lsh_bits.items()}}  # fmt: skip
+        return compact_then_finetune(
+            "merge", self.merge, lambda: memory_report(self).bytes, self.config.finetune_epochs,
+            extra=lambda: {f"lsh_bits.{t}": float(b) for t, b in self.lsh_bits.items()},
+        )
 
     @torch.no_grad()
     def merge(self) -> None:

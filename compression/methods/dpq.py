@@ -74,7 +74,7 @@ from compression.sizing import (
     plan_explicit,
     verify,
 )
-from compression.stages import Stage, StageContext
+from compression.stages import Stage, compact_then_finetune
 
 ID_BYTES = 4  # hot ids are stored as int32
 MAX_CENTROIDS = 256  # codes of at most 8 bits
@@ -405,18 +405,7 @@ class DPQEmbeddingBagCollection(CompressedEmbeddingBagCollection):
 
     # -- schedule ---------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
-        out = [Stage("train"), Stage("pack", run=self._run_pack, checkpoint=False)]
-        if self.config.finetune_epochs:
-            out.append(Stage("finetune", run=lambda ctx: ctx.fit(self.config.finetune_epochs),
-                             params={"epochs": self.config.finetune_epochs}))  # fmt: skip
-        return out
-
-    def _run_pack(self, ctx: StageContext) -> dict[str, float]:
-        training = memory_report(self).bytes
-        self.pack()
-        ctx.model.to(ctx.device)
-        metrics = {f"val_{k}": v for k, v in ctx.evaluate().items()}
-        return {**metrics, "training_bytes": float(training), "embedding_bytes": float(memory_report(self).bytes)}
+        return compact_then_finetune("pack", self.pack, lambda: memory_report(self).bytes, self.config.finetune_epochs)
 
     @torch.no_grad()
     def pack(self) -> None:
