@@ -18,6 +18,20 @@ ARGS = ("dataset=criteo_sample", "model=dcnv2", "model.deep_layers=[32]", "model
         "trainer.epochs=2", "trainer.batch_size=128", "trainer.checkpoint_every_steps=10", "trainer.patience=5")
 
 
+def _kill_once_written(args: list[str], run_dir, path) -> None:
+    """Run the job in ``run_dir`` and SIGKILL it as soon as ``path`` exists (or it ends)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_killed_job_resumes_to_the_same_result(tmp_path):
     common = [*ARGS, *smoke_overrides(tmp_path)]
     ref = run_cli(*common, f"hydra.run.dir={tmp_path}/ref")
@@ -25,16 +39,7 @@ def test_killed_job_resumes_to_the_same_result(tmp_path):
 
     run_dir = tmp_path / "killed"
     ckpt = run_dir / "checkpoints" / "train" / "last.pt"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", *common, f"hydra.run.dir={run_dir}"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    deadline = time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_once_written(common, run_dir, ckpt)
     assert ckpt.exists(), "the job never wrote a checkpoint"
     assert not (run_dir / "summary.json").exists(), "killed too late: the job had finished"
     run_id = json.loads((run_dir / "checkpoints" / "record.jsonl.state").read_text())["run_ids"]["job"]
@@ -66,16 +71,7 @@ def test_a_multi_stage_job_killed_in_a_later_stage_reuses_its_stage_runs(tmp_pat
 
     run_dir = tmp_path / "killed"
     ckpt = run_dir / "checkpoints" / "retrain" / "last.pt"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", *common, f"hydra.run.dir={run_dir}"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )  # fmt: skip
-    deadline = time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_once_written(common, run_dir, ckpt)
     assert ckpt.exists() and not (run_dir / "summary.json").exists(), "not killed during retrain"
     resumed = run_cli(*common, f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
