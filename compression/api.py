@@ -62,6 +62,12 @@ class CompressionConfig:
         (the TorchRec tables inside become quantized ones, the same for every method)."""
         return [] if self.quantization is None else [quantize_stage(self.quantization, self.method)]
 
+    @classmethod
+    def contract_examples(cls: type[C]) -> list[C]:
+        """Configs the registry's contract tests (and the sharded test) build this method
+        with; the first is its representative. Default: the config with no arguments."""
+        return [cls()]
+
     def budget_label(self) -> str:
         """The budget as runs and reports name it (``10x``, ``2MiB``), ``none`` without one."""
         return "none"

@@ -73,10 +73,6 @@ class DedupConfig(BudgetedConfig):
     def explicit_sizes(self) -> dict[str, Any]:
         return {"rows": self.rows}
 
-    @classmethod
-    def contract_examples(cls) -> list[DedupConfig]:
-        return [cls()]
-
 
 def lsh_groups(rows: torch.Tensor, groups: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
     """(group of every row in [0, groups), signature bits used): similar rows share a group.

@@ -102,10 +102,6 @@ class DPQConfig(BudgetedConfig):
         """(share of ids that are hot, divisor of K for the others); DPQ: one tier."""
         return 0.0, 1
 
-    @classmethod
-    def contract_examples(cls) -> list[DPQConfig]:
-        return [cls()]
-
 
 @dataclass
 class MGQEConfig(DPQConfig):
@@ -118,10 +114,6 @@ class MGQEConfig(DPQConfig):
 
     def tiers(self) -> tuple[float, int]:
         return self.hot_fraction, self.cold_divisor
-
-    @classmethod
-    def contract_examples(cls) -> list[DPQConfig]:
-        return [cls()]
 
 
 class Shape(NamedTuple):

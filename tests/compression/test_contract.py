@@ -45,7 +45,7 @@ COUNTS = {
 def examples():
     out = []
     for name, cls in sorted(compression.registered_methods().items()):
-        configs = cls.contract_examples() if hasattr(cls, "contract_examples") else [cls()]
+        configs = cls.contract_examples()
         out += [pytest.param(c, id=f"{name}-{i}") for i, c in enumerate(configs)]
     return out
 
