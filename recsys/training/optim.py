@@ -96,18 +96,31 @@ def sparse_optimizer(params: Sequence[nn.Parameter], name: str, lr: float) -> to
     return cls(params, lr=lr)  # type: ignore[call-arg]
 
 
-def build_optimizers(model: nn.Module, module: CompressedEmbeddingBagCollection, cfg: Any) -> Optimizers:
-    """``cfg.sparse_optimizer`` (default row-wise Adagrad) over ``module.table_parameters()``,
-    Adam over the rest of ``model``, the module's own optimizers beside them."""
-    tables = [p for p in module.table_parameters() if p.requires_grad]
+def build_optimizers(
+    model: nn.Module | Iterable[nn.Parameter],
+    module: CompressedEmbeddingBagCollection,
+    cfg: Any,
+    fused: torch.optim.Optimizer | None = None,
+    tables: Sequence[nn.Parameter] | None = None,
+) -> Optimizers:
+    """``cfg.sparse_optimizer`` (default row-wise Adagrad) over the tables, Adam over the
+    rest of ``model`` (a module, or its parameters), the module's own optimizers beside them.
+
+    Sharded (``recsys.training.sharded``): ``fused`` is DMP's optimizer of the sharded
+    tables (its step is a no-op: it ran in the backward), ``model`` the parameters left
+    outside it, and ``tables`` the replicated tables among them; one process: the tables
+    are ``module.table_parameters()``.
+    """
+    params = list(model.parameters() if isinstance(model, nn.Module) else model)
+    rows = [p for p in (module.table_parameters() if tables is None else tables) if p.requires_grad]
     extra: list[torch.optim.Optimizer] = module.extra_optimizers()
-    taken = {id(p) for p in tables}
+    taken = {id(p) for p in rows}
     for opt in extra:
         taken.update(id(p) for g in opt.param_groups for p in g["params"])
-    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-    named: dict[str, torch.optim.Optimizer] = {}
-    if tables:
-        named["sparse"] = sparse_optimizer(tables, cfg.sparse_optimizer, cfg.sparse_lr)
+    dense = [p for p in params if p.requires_grad and id(p) not in taken]
+    named: dict[str, torch.optim.Optimizer] = {} if fused is None else {"sparse": fused}
+    if rows:
+        named["sparse" if fused is None else "sparse_replicated"] = sparse_optimizer(rows, cfg.sparse_optimizer, cfg.sparse_lr)
     if dense:
         named["dense"] = torch.optim.Adam(dense, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
     for i, opt in enumerate(extra):

@@ -27,12 +27,13 @@ from torch.distributed.tensor import DTensor
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from compression.base import CompressedEmbeddingBagCollection
+from compression.memory import local_tensors
 from recsys.data.loader import PAD_LABEL, BatchLoader
 from recsys.training.backends import LocalBackend
-from recsys.training.distributed import Sharded, local_tensors
+from recsys.training.distributed import Sharded
 from recsys.training.metrics import binary_metrics
 from recsys.training.metrics import predict as local_predict
-from recsys.training.optim import Optimizers, sparse_optimizer
+from recsys.training.optim import Optimizers, build_optimizers
 
 
 def global_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, int]:
@@ -52,23 +53,12 @@ def global_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return loss, float(value), int(count)
 
 
-def build_optimizers(sharded: Sharded, module: CompressedEmbeddingBagCollection, cfg: Any) -> Optimizers:
-    """The fused optimizer of the sharded tables (a no-op step: it ran in the backward),
-    ``cfg.sparse_optimizer`` for replicated tables, Adam for the dense rest."""
-    named: dict[str, torch.optim.Optimizer] = {"sparse": sharded.dmp.fused_optimizer}
-    extra: list[torch.optim.Optimizer] = module.extra_optimizers()
-    taken = {id(p) for opt in extra for g in opt.param_groups for p in g["params"]}
-    rest = [(n, p) for n, p in in_backward_optimizer_filter(sharded.dmp.named_parameters())
-            if p.requires_grad and id(p) not in taken]  # fmt: skip
-    replicated = [p for n, p in rest if n in sharded.replicated_tables]
-    dense = [p for n, p in rest if n not in sharded.replicated_tables]
-    if replicated:
-        named["sparse_replicated"] = sparse_optimizer(replicated, cfg.sparse_optimizer, cfg.sparse_lr)
-    if dense:
-        named["dense"] = torch.optim.Adam(dense, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
-    for i, opt in enumerate(extra):
-        named[f"extra{i}"] = opt
-    return Optimizers(named)
+def sharded_optimizers(sharded: Sharded, module: CompressedEmbeddingBagCollection, cfg: Any) -> Optimizers:
+    """``build_optimizers`` of a DMP-wrapped model: the fused optimizer of the sharded
+    tables, ``cfg.sparse_optimizer`` for the replicated tables, Adam for the dense rest."""
+    rest = [(n, p) for n, p in in_backward_optimizer_filter(sharded.dmp.named_parameters()) if p.requires_grad]
+    return build_optimizers([p for _, p in rest], module, cfg, fused=sharded.dmp.fused_optimizer,
+                            tables=[p for n, p in rest if n in sharded.replicated_tables])  # fmt: skip
 
 
 @torch.no_grad()
@@ -125,7 +115,7 @@ class ShardedBackend:
         pass  # DMP placed every shard on its rank's device
 
     def optimizers(self, model: nn.Module, module: CompressedEmbeddingBagCollection, cfg: Any) -> Optimizers:
-        return build_optimizers(self.sharded, module, cfg)  # fused tables; the dense rest on summed gradients
+        return sharded_optimizers(self.sharded, module, cfg)  # fused tables; the dense rest on summed gradients
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         return global_loss(logits, labels)
