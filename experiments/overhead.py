@@ -35,7 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from compression import BudgetError, MethodConfigError, compress
 from experiments.config import PROJECT_ROOT, register_configs
-from experiments.job import LazyCounts, describe_job, resolve_compression
+from experiments.identity import describe_job, resolve_compression
+from experiments.job import LazyCounts
 from experiments.report import settings
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables

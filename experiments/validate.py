@@ -45,7 +45,7 @@ def unknown_keys(node: Any, prefix: str = "") -> None:
 
 def check_job(cfg: DictConfig) -> None:
     """Every check that needs no data: keys, field ranges, the budget string, seeds."""
-    from experiments.job import parse_budget
+    from experiments.identity import parse_budget
 
     unknown_keys(cfg)
     for node in ("dataset", "model", "compression", "trainer", "mlflow", "distributed"):
