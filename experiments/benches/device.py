@@ -185,9 +185,7 @@ def real_training(device: torch.device, root: Path, methods: list[str], ratio: f
         def run(name: str = name) -> dict[str, Any]:
             torch.manual_seed(0)
             tabs = embedding_tables(ds.schema, 16)
-            config = compression.config_class(name)()
-            if hasattr(config, "budget") and name != "none":
-                config.budget = Budget(ratio=ratio)
+            config = compression.config_class(name)().with_budget(Budget(ratio=ratio))  # none ignores it
             cfg = TrainerConfig(epochs=epochs, batch_size=512, device=device.type, progress="off", patience=epochs)
             trainer = Trainer(cfg)
             module = compress(tabs, config, device=trainer.device, seed=0)

@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.methods is None or name in args.methods or name == "none"
     ]
     for name, config in chosen + [variant(v) for v in args.variant]:
-        if hasattr(config, "budget"):
-            config.budget = Budget(ratio=args.ratio)
+        config = config.with_budget(Budget(ratio=args.ratio))  # a method without one ignores it
         runs[name] = trainer_for(config, tabs)
         for batch in data[:3]:  # warm up
             runs[name][1](*batch)

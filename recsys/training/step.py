@@ -50,9 +50,9 @@ class TrainStep:
     ) -> None:
         self.model, self.module, self.opts, self.cfg = model, module, opts, cfg
         self.loss_fn, self.reg_scale = loss_fn, reg_scale
-        self.l2 = float(getattr(cfg, "embedding_l2", 0.0) or 0.0)
-        self.l2_mode = getattr(cfg, "embedding_l2_mode", "table")
-        self.clip: float = float(getattr(cfg, "clip_grad_norm", None) or 0.0)
+        self.l2 = float(cfg.embedding_l2 or 0.0)
+        self.l2_mode = cfg.embedding_l2_mode
+        self.clip: float = float(cfg.clip_grad_norm or 0.0)
         self.tables = [p for p in module.table_parameters() if p.requires_grad]
         self.clipped = [p for p in model.parameters() if p.requires_grad] if self.clip else []
 
