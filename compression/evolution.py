@@ -20,9 +20,12 @@ def evolutionary_search(low, high, fitness, size_of, target, config: Any, seed: 
     ``mutation_prob``, ``generations`` and ``parents`` (an ``OptEmbedConfig``).
 
     Every candidate keeps its own fitness (a cache keyed by the candidate), parents are
-    copied before they mutate, crossovers cut between fields. Candidates whose
-    ``size_of`` exceeds ``target`` are repaired by scaling all their dims down together
-    (their shape kept) until they fit, and never evaluated over budget. (Lowering
+    copied before they mutate, crossovers cut between fields. Under a ``target`` every
+    candidate is repaired to the budget's size by scaling all its dims together (its
+    shape kept, each within ``[low_f, high_f]``): down until it fits, so none is evaluated
+    over budget, or up as far as it fits, so the candidates compared are of the budget's
+    size and the one chosen holds about the bytes asked for (a candidate scaled down only
+    left a 10x budget at 11.7x on MovieLens-100K, a 100x one at 1349x on a synthetic set). (Lowering
     first the field whose step saves the most bytes, as this did before, always took
     the largest table first, down to dim 0: the most informative field of a
     Frappe-shaped dataset was dropped from every candidate.)
@@ -34,18 +37,26 @@ def evolutionary_search(low, high, fitness, size_of, target, config: Any, seed: 
 
     def repair(c) -> tuple[int, ...]:
         c = [int(x) for x in c]
-        if target is None or size_of(c) <= target:
+        if target is None:
             return tuple(c)
 
         def scaled(s: float) -> list[int]:
-            return [max(low[i], min(c[i], round(c[i] * s))) for i in range(n)]
+            return [max(low[i], min(high[i], round(c[i] * s))) for i in range(n)]
 
-        if size_of(scaled(0.0)) > target:
-            raise BudgetError(
-                f"optembed cannot reach the budget of {target} bytes: with the rows the supernet kept, "
-                f"the smallest architecture holds {size_of(scaled(0.0))} bytes"
-            )
-        lo, hi = 0.0, 1.0  # the largest common scale of the dims that fits
+        if size_of(c) <= target:  # grow: the largest common scale up to the full dims that fits
+            top = max((high[i] / c[i] for i in range(n) if c[i] > 0), default=1.0)
+            if top <= 1.0 or size_of(c) == target:
+                return tuple(c)
+            lo, hi = 1.0, top
+            if size_of(scaled(hi)) <= target:
+                return tuple(scaled(hi))
+        else:  # shrink: the largest common scale of the dims that fits
+            if size_of(scaled(0.0)) > target:
+                raise BudgetError(
+                    f"optembed cannot reach the budget of {target} bytes: with the rows the supernet kept, "
+                    f"the smallest architecture holds {size_of(scaled(0.0))} bytes"
+                )
+            lo, hi = 0.0, 1.0
         for _ in range(20):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if size_of(scaled(mid)) <= target else (lo, mid)

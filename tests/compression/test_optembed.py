@@ -102,6 +102,8 @@ def test_search_under_a_budget_never_returns_an_architecture_over_it():
     best, auc = evolutionary_search([0] * 4, 8, fitness, size_of, target, OptEmbedConfig(generations=6), seed=3)
     assert size_of(best) <= target
     assert all(size_of(c) <= target for c in evaluated)
+    # candidates are grown to the budget's size, not only shrunk into it
+    assert size_of(best) >= 0.9 * target, (size_of(best), target)
     assert auc == value(best) and auc == max(value(c) for c in evaluated)
     with pytest.raises(BudgetError, match="smallest architecture holds"):
         evolutionary_search([1] * 4, 8, fitness, size_of, 10, OptEmbedConfig(generations=1), seed=0)
@@ -266,6 +268,7 @@ def test_budgeted_search_on_frappe_shaped_data_beats_hashing_at_the_same_bytes(t
     hashed, hashing = train(HashingConfig(budget=budget))
     target = module.target_bytes()
     assert memory_report(module).bytes <= target and memory_report(hashing).bytes <= target
+    assert memory_report(module).bytes >= 0.9 * target, (memory_report(module).bytes, target)  # it uses the budget
     dims = dict(zip(module.units, module.unit_dims.tolist()))
     kept = dict(zip(module.units, module.kept_counts()))
     assert dims["t_C2"] > 0 and kept["t_C2"] > 0  # the largest field is kept
