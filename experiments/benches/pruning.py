@@ -30,6 +30,7 @@ from compression import Budget, compress, memory_report
 from compression.methods.hashing import HashingConfig
 from compression.methods.optembed import OptEmbedConfig
 from experiments.config import register_configs
+from experiments.seeds import aggregate
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
 from recsys.training import Callback, Trainer
@@ -110,20 +111,30 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(rows: list[dict[str, Any]], drop: float) -> None:
-    """Mean test AUC per level (and hashing's at the same bytes); where it first drops."""
+    """Test AUC per level over the seeds (mean +- the 95% t interval, ``experiments.seeds``),
+    hashing's at the same bytes, and the first level whose mean falls more than ``drop``
+    below keeping every row (and whether that drop is outside both intervals)."""
     levels = sorted({r["level"] for r in rows}, reverse=True)
-    print(f"\n{'kept':>6} {'rows kept':>9} {'bytes':>9} {'optembed AUC':>13} {'hashing AUC':>12}")
-    means = {}
+    print(f"\n{'kept':>6} {'rows kept':>9} {'bytes':>9} {'optembed AUC':>18} {'hashing AUC':>18} seeds")
+    stats = {}
     for level in levels:
         at = [r for r in rows if r["level"] == level]
-        auc = statistics.mean(r["optembed"]["test_auc"] for r in at)
-        means[level] = auc
-        hashed = statistics.mean(r["hashing"]["test_auc"] for r in at) if "hashing" in at[0] else float("nan")
+        oe = stats[level] = aggregate(r["optembed"]["test_auc"] for r in at)
+        hashed = aggregate(r["hashing"]["test_auc"] for r in at) if "hashing" in at[0] else None
         print(f"{level:6.2f} {statistics.mean(r['optembed']['kept_row_ratio'] for r in at):9.3f} "
-              f"{statistics.mean(r['optembed']['bytes'] for r in at):9.0f} {auc:13.4f} {hashed:12.4f}")
-    top = means[max(means)]
-    first = next((lv for lv in levels if means[lv] < top - drop), None)
-    print(f"first level with mean test AUC more than {drop} below keeping {max(means):g}: {first}")
+              f"{statistics.mean(r['optembed']['bytes'] for r in at):9.0f} {_pm(oe):>18} "
+              f"{_pm(hashed) if hashed else '-':>18} {len(at)}")  # fmt: skip
+    top = stats[max(stats)]
+    first = next((lv for lv in levels if stats[lv].mean < top.mean - drop), None)
+    beyond = first is not None and not stats[first].overlaps(top)
+    print(f"first level with mean test AUC more than {drop} below keeping {max(stats):g}: {first}"
+          + ("" if first is None else f" ({'outside' if beyond else 'inside'} the seeds' intervals)"))
+    told = next((lv for lv in levels if stats[lv].mean < top.mean - drop and not stats[lv].overlaps(top)), None)
+    print(f"first level whose drop the seeds tell apart (intervals apart): {told}")
+
+
+def _pm(s: Any) -> str:
+    return f"{s.mean:.4f} +- {s.ci95:.4f}" if s.n > 1 else f"{s.mean:.4f}"
 
 
 if __name__ == "__main__":
