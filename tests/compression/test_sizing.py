@@ -51,7 +51,7 @@ def budget_methods():
     test_optembed: the search never returns an architecture over the budget); dpq,
     mgqe and dedup hold their budgeted form after a stage (test_dpq, test_dedup).
     """
-    staged = ("optembed", "dpq", "mgqe", "dedup")
+    staged = ("optembed", "dpq", "mgqe", "dedup", "itep")
     configs = [cls() for name, cls in sorted(compression.registered_methods().items()) if name not in ("none", *staged)]
     configs += [DoubleHashingConfig(tables="separate"), DoubleHashingConfig(combine="concat"), QRConfig(combine="concat")]
     return configs
