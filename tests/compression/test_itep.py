@@ -130,3 +130,12 @@ def test_torchrec_itep_ops_run_on_the_cpu():
     address = torch.zeros(10, dtype=torch.int64)
     torch.ops.fbgemm.init_address_lookup(address, torch.tensor([0, 10]), torch.tensor([4]))
     assert address.tolist() == [0, 1, 2, 3, 0, 0, 0, 0, 0, 0]
+
+
+def test_a_sharded_run_is_refused_before_planning():
+    from recsys.training.distributed import DistributedError, Runtime, check_shardable
+
+    m = compress(TABLES, ItepConfig(budget=Budget(ratio=2)), seed=0)
+    with pytest.raises(DistributedError, match=r"^itep: .*CUDA-only ITEP ops; train it in one process") as e:
+        check_shardable(torch.nn.Sequential(m), Runtime(0, 2, 2, torch.device("cpu"), "gloo"))
+    assert "\n" not in str(e.value)
