@@ -69,8 +69,10 @@ CASES = [
     ("dpq", None, "dcnv2"),
     ("mgqe", None, "dcnv2"),
     ("dedup", None, "dcnv2"),
+    ("pep", None, "dcnv2"),
+    ("deeplight", None, "dlrm"),
 ]
-COMPACT = {"dpq": "pack", "mgqe": "pack", "dedup": "merge"}  # the stage that makes the deployed form
+COMPACT = {"dpq": "pack", "mgqe": "pack", "dedup": "merge", "pep": "compact", "deeplight": "compact"}  # the stage that makes the deployed form
 
 
 @pytest.mark.parametrize("method, quantization, model", CASES, ids=lambda x: getattr(x, "label", lambda: x)())
