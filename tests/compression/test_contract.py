@@ -178,7 +178,7 @@ NOT_QUANTIZABLE = {"dhe", "tt_rec"}
 
 
 # methods whose module holds its budgeted (deployed) form only after a stage of its schedule
-STAGED_DEPLOYMENT = ("optembed", "dpq", "mgqe", "dedup", "itep", "pep", "deeplight")
+STAGED_DEPLOYMENT = ("optembed", "dpq", "mgqe", "dedup", "itep", "pep", "deeplight", "autosrh", "autodim")
 
 
 def sized_examples():

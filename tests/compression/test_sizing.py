@@ -49,9 +49,10 @@ def budget_methods():
 
     optembed is sized by its search after the supernet has pruned rows (see
     test_optembed: the search never returns an architecture over the budget); dpq,
-    mgqe and dedup hold their budgeted form after a stage (test_dpq, test_dedup).
+    mgqe, dedup, autosrh and autodim hold their budgeted form after a stage (test_dpq,
+    test_dedup, test_autosrh, test_autodim).
     """
-    staged = ("optembed", "dpq", "mgqe", "dedup", "itep")
+    staged = ("optembed", "dpq", "mgqe", "dedup", "itep", "autosrh", "autodim")
     configs = [cls() for name, cls in sorted(compression.registered_methods().items()) if name not in ("none", *staged)]
     configs += [DoubleHashingConfig(tables="separate"), DoubleHashingConfig(combine="concat"), QRConfig(combine="concat")]
     return configs

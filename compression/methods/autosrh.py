@@ -1,0 +1,401 @@
+"""AutoSrh (Kong et al., "AutoSrh: An Embedding Dimensionality Search Framework for Tabular
+Data Prediction", TKDE 2022): dims per frequency group of each field, by a soft selection
+layer, pruned to a budget, then retrained.
+
+Groups: the ids of field (table) t are ranked by train count (``BuildContext.counts``,
+summed over the table's features; ties by id) and cut into G groups of consecutive ranks
+of geometrically growing size (1 : 2 : 4 : ...), so the most frequent ids form the
+smallest group. A group's ids may keep a different set of the D dims.
+
+1. ``search``: a learnable alpha_{t,g} in R^D (init 1) scales every id x of group g:
+   e(x) = alpha_{t,g(x)} ⊙ v(x), v one TorchRec table of the full D; pooled, that is
+   sum_g alpha_{t,g} ⊙ (sum of v over the bag's ids in g), so each group is a key of the
+   one table and the product follows the pooling. The loss adds l1 · sum |alpha| (the
+   paper's sparsity penalty); alpha trains on its own plain SGD (``extra_optimizers``).
+2. ``select``: an entry (t, g, block of u dims; u = 1, or what a byte packs at int4/int2)
+   scores mean |alpha| over its dims. Under a ``budget`` (the deployed bytes, quantized
+   when the config quantizes) the entries of least score are pruned until the deployed
+   form fits, so a frequent group, whose alpha the task keeps up, keeps more dims than a
+   rare one; pruned entries that still fit are given back (highest score first), and the
+   bytes left go to the first r ids of one group for one more block, so the total lands
+   within 5% of the budget. Every field keeps at least its best block of its most frequent
+   group. Without a budget the entries scoring above ``prune_threshold`` are kept. The
+   module becomes its deployed form here, re-initialised (``retrain_from="scratch"``) or
+   holding the searched rows times alpha (``"search"``: the searched model with the
+   pruned entries at zero, exactly).
+3. ``retrain``: the deployed tables with their dims fixed are trained.
+
+Deployed (``compression.segments``): per (field, group) a TorchRec table of only the
+group's ids at its kept dims, scattered back to their positions in D (zero elsewhere);
+the id -> rank remap is an int32 per id (4 bytes, counted), or nothing when the ids are
+already in frequency order (rank = id, as this project's processed data numbers them).
+A sorted list of ids per group would take the same 4 bytes an id, so the remap it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from compression.api import BuildContext, MethodConfigError, register
+from compression.base import CompressedEmbeddingBagCollection
+from compression.budget import BUDGET_TOLERANCE, Budget, BudgetError
+from compression.deployed import TableFormat, deployed_bytes
+from compression.idmap import inner_table
+from compression.memory import uncompressed_bytes
+from compression.segments import (
+    Segment,
+    SegmentTables,
+    pack_unit,
+    route,
+    segment_bytes,
+    segment_key,
+)
+from compression.sizing import BudgetedConfig
+from compression.stages import Stage, StageContext
+
+Entry = tuple[int, int]  # (group, block)
+
+
+@dataclass
+class AutoSrhConfig(BudgetedConfig):
+    """AutoSrh. ``budget``: the deployed bytes; ``budget: null`` keeps the entries whose
+    mean |alpha| exceeds ``prune_threshold``."""
+
+    method: ClassVar[str] = "autosrh"
+    budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=4))
+    groups: int = 4
+    l1: float = 0.01
+    # plain SGD: the L1 term then drifts alpha down at l1 · lr a step, against a task
+    # gradient that grows with how often the group is looked up (Adam's normalised steps
+    # would drift every alpha alike)
+    alpha_lr: float = 0.1
+    prune_threshold: float = 0.05
+    # epochs of each stage (None: the trainer's own number)
+    search_epochs: Optional[int] = 2
+    retrain_epochs: Optional[int] = 3
+    retrain_from: str = "scratch"
+
+    @classmethod
+    def contract_examples(cls) -> list[AutoSrhConfig]:
+        return [cls(), cls(budget=None)]
+
+
+def frequency_groups(counts: np.ndarray, rows: int, groups: int) -> tuple[np.ndarray, list[int]]:
+    """(rank of every id by descending count, ties by id; the first rank of each group),
+    groups of geometrically growing size, the most frequent the smallest."""
+    c = np.zeros(rows, dtype=np.float64)
+    k = min(rows, len(counts))
+    c[:k] = np.asarray(counts, dtype=np.float64)[:k]
+    order = np.argsort(-c, kind="stable")
+    rank = np.empty(rows, dtype=np.int64)
+    rank[order] = np.arange(rows)
+    g = max(1, min(groups, rows))
+    w = 2.0 ** np.arange(g)
+    sizes = np.maximum(1, np.floor(rows * w / w.sum())).astype(np.int64)
+    sizes[-1] = rows - sizes[:-1].sum()
+    while sizes[-1] < 1:  # tiny tables: take rows back from the largest earlier group
+        j = int(np.argmax(sizes[:-1]))
+        sizes[j] -= 1
+        sizes[-1] += 1
+    return rank, [0, *np.cumsum(sizes)[:-1].tolist()]
+
+
+def table_segments(rows: int, starts: list[int], kept: np.ndarray, unit: int,
+                   split: Optional[tuple[int, int, int]] = None) -> list[Segment]:
+    """Segments of a field whose group g keeps the blocks ``kept[g]``; ``split`` (g, block,
+    r): the first r ids of group g keep that block too."""
+    stops = [*starts[1:], rows]
+    out = []
+    for g, (a, b) in enumerate(zip(starts, stops)):
+        dims = tuple(c for blk in np.flatnonzero(kept[g]) for c in range(int(blk) * unit, (int(blk) + 1) * unit))
+        if split is not None and split[0] == g and 0 < split[2] < b - a:
+            more = tuple(sorted(set(dims) | set(range(split[1] * unit, (split[1] + 1) * unit))))
+            out += [Segment(a, a + split[2], more), Segment(a + split[2], b, dims)]
+        else:
+            out.append(Segment(a, b, dims))
+    return out
+
+
+def choose_entries(
+    tables: list[EmbeddingBagConfig],
+    scores: dict[str, np.ndarray],
+    starts: dict[str, list[int]],
+    remapped: set[str],
+    fmt: TableFormat,
+    target: Optional[int],
+    threshold: float = 0.0,
+) -> dict[str, list[Segment]]:
+    """Each field's segments: the entries (group, block) kept by score, under ``target``
+    bytes pruned least-score first, then topped up (see the module docstring)."""
+    unit = pack_unit(fmt)
+    by = {t.name: t for t in tables}
+    kept = {t: np.ones_like(s, dtype=bool) for t, s in scores.items()}
+    must = {t: (0, int(np.argmax(s[0]))) for t, s in scores.items()}
+    split: dict[str, Optional[tuple[int, int, int]]] = {t: None for t in scores}
+
+    def cost(t: str) -> int:
+        segs = table_segments(by[t].num_embeddings, starts[t], kept[t], unit, split[t])
+        return segment_bytes([by[t]], {t: segs}, remapped & {t}, fmt) - fmt.collection([by[t]])
+
+    def segments() -> dict[str, list[Segment]]:
+        return {t: table_segments(by[t].num_embeddings, starts[t], kept[t], unit, split[t]) for t in scores}
+
+    if target is None:
+        for t, s in scores.items():
+            kept[t] = s > threshold
+            kept[t][must[t]] = True
+        return segments()
+    fixed = fmt.collection(tables)
+    costs = {t: cost(t) for t in scores}
+    entries = sorted(((float(s[g, b]), t, g, b) for t, s in scores.items() for g in range(s.shape[0]) for b in range(s.shape[1])))
+    removed = []
+    for score, t, g, b in entries:
+        if fixed + sum(costs.values()) <= target:
+            break
+        if (g, b) == must[t]:
+            continue
+        kept[t][g, b] = False
+        costs[t] = cost(t)
+        removed.append((score, t, g, b))
+    if fixed + sum(costs.values()) > target:  # pragma: no cover - refused when built
+        raise BudgetError(f"autosrh cannot reach {target} bytes with one block per field")
+    removed.sort(reverse=True)
+    back = []
+    for e in removed:  # give back what still fits, highest score first
+        _, t, g, b = e
+        kept[t][g, b] = True
+        new = cost(t)
+        if fixed + sum(costs.values()) - costs[t] + new <= target:
+            costs[t] = new
+            back.append(e)
+        else:
+            kept[t][g, b] = False
+    removed = [e for e in removed if e not in back]
+    best: Optional[tuple[int, str, tuple[int, int, int]]] = None
+    for _, t, g, b in removed:  # the bytes left: the first r ids of one group get one block more
+        rows = (starts[t][g + 1] if g + 1 < len(starts[t]) else by[t].num_embeddings) - starts[t][g]
+        room = target - fixed - sum(costs.values()) + costs[t]
+        lo, hi = 0, rows - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            split[t] = (g, b, mid)
+            lo, hi = (mid, hi) if cost(t) <= room else (lo, mid - 1)
+        split[t] = (g, b, lo) if lo else None
+        total = fixed + sum(costs.values()) - costs[t] + cost(t)
+        split[t] = None
+        if lo and (best is None or total > best[0]):
+            best = (total, t, (g, b, lo))
+        if best is not None and best[0] >= (1 - BUDGET_TOLERANCE / 5) * target:
+            break
+    if best is not None and best[0] > fixed + sum(costs.values()):
+        split[best[1]] = best[2]
+        costs[best[1]] = cost(best[1])
+    total = fixed + sum(costs.values())
+    if total < (1 - BUDGET_TOLERANCE) * target:
+        raise BudgetError(f"autosrh cannot land within {BUDGET_TOLERANCE:.0%} of {target} bytes: with every entry that "
+                          f"fits it holds {total} bytes")  # fmt: skip
+    return segments()
+
+
+class AutoSrhCollection(CompressedEmbeddingBagCollection):
+    """The AutoSrh search form (one full table per field, a key per group, alpha), then
+    after ``select`` its deployed form (``SegmentTables``)."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], config: AutoSrhConfig, ctx: BuildContext,
+                 groups: dict[str, tuple[np.ndarray, list[int]]]) -> None:
+        super().__init__(tables, config=ctx.config)
+        self.config, self.seed = config, ctx.seed
+        self.fmt = config.table_format(ctx.device)
+        self.unit = pack_unit(self.fmt)
+        self._table_of = {f: t.name for t in tables for f in t.feature_names}
+        self.starts = {t: s for t, (_, s) in groups.items()}
+        self.remapped = {t for t, (r, _) in groups.items() if not np.array_equal(r, np.arange(len(r)))}
+        self._mean = {t.name for t in tables if t.pooling == PoolingType.MEAN}
+        for t, (rank, starts) in groups.items():
+            if t in self.remapped:
+                self.register_buffer(f"rank__{t}", torch.as_tensor(rank, dtype=torch.int32, device=ctx.device), persistent=False)
+            self.register_buffer(f"starts__{t}", torch.tensor(starts, dtype=torch.int64, device=ctx.device), persistent=False)
+        self.ebc: Optional[EmbeddingBagCollection] = EmbeddingBagCollection(tables=[
+            inner_table(t, features=[segment_key(f, g) for f in t.feature_names for g in range(len(self.starts[t.name]))])
+            for t in tables
+        ], device=ctx.table_device)  # fmt: skip
+        for c in self.ebc.embedding_bag_configs():  # SUM per group; MEAN divides by the whole bag's length
+            assert c.pooling in (PoolingType.SUM, PoolingType.MEAN)
+        self.alpha: Optional[nn.ParameterDict] = nn.ParameterDict({
+            t.name: nn.Parameter(torch.ones(len(self.starts[t.name]), t.embedding_dim, device=ctx.device)) for t in tables
+        })
+        self.deployed: Optional[SegmentTables] = None
+
+    def _order(self) -> list[tuple[str, torch.Tensor | None, torch.Tensor]]:
+        return [(f, getattr(self, f"rank__{self._table_of[f]}") if self._table_of[f] in self.remapped else None,
+                 getattr(self, f"starts__{self._table_of[f]}")) for f in self.feature_names]  # fmt: skip
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        self.check_ids(features)
+        if self.deployed is not None:
+            x = self.deployed(features)
+            out = [x[f] for f in self.feature_names]
+        else:
+            assert self.ebc is not None and self.alpha is not None
+            kjt = route(features, self._order(), local=False)
+            pooled = self.ebc(kjt).to_dict()
+            out = []
+            for f in self.feature_names:
+                t = self._table_of[f]
+                a = self.alpha[t]
+                out.append(sum(pooled[segment_key(f, g)] * a[g] for g in range(a.shape[0])))  # type: ignore[misc]
+        if self._mean:
+            d = features.to_dict()
+            out = [o / d[f].lengths().clamp(min=1).unsqueeze(1).to(o.dtype) if self._table_of[f] in self._mean else o
+                   for f, o in zip(self.feature_names, out)]  # fmt: skip
+        return KeyedTensor(keys=self.feature_names, length_per_key=[o.shape[1] for o in out], values=torch.cat(out, dim=1))
+
+    # -- search --------------------------------------------------------------------------
+    def regularization(self) -> torch.Tensor | None:
+        if self.alpha is None or not self.training:
+            return None
+        return self.config.l1 * sum(a.abs().sum() for a in self.alpha.values())  # type: ignore[return-value]
+
+    def extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        if self.alpha is None:
+            return []
+        return [torch.optim.SGD(list(self.alpha.values()), lr=self.config.alpha_lr)]
+
+    def scores(self) -> dict[str, np.ndarray]:
+        """mean |alpha| per (group, block of ``unit`` dims) of every field."""
+        assert self.alpha is not None
+        return {t: a.detach().abs().float().cpu().reshape(a.shape[0], -1, self.unit).mean(-1).numpy()
+                for t, a in self.alpha.items()}  # fmt: skip
+
+    def training_metrics(self) -> dict[str, float]:
+        """mean |alpha| per (field, group) at each search epoch end (search progress)."""
+        if self.alpha is None:
+            return {}
+        return {f"alpha.{t}.g{g}": float(s[g].mean()) for t, s in self.scores().items() for g in range(s.shape[0])}
+
+    def stages(self) -> list[Stage]:
+        c = self.config
+        return [
+            Stage("search", run=self._run_search, params={"groups": c.groups, "l1": c.l1, "alpha_lr": c.alpha_lr}),
+            Stage("select", run=self._run_select, params={"retrain_from": c.retrain_from}, checkpoint=False),
+            Stage("retrain", run=lambda ctx: ctx.fit(self.config.retrain_epochs), params={"epochs": c.retrain_epochs}),
+        ]
+
+    def _run_search(self, ctx: StageContext) -> dict[str, float]:
+        metrics = ctx.fit(self.config.search_epochs)
+        progress = self.training_metrics()
+        ctx.log(progress, step=0)
+        return {**metrics, **progress}
+
+    def _run_select(self, ctx: StageContext) -> dict[str, float]:
+        segs = choose_entries(self.source_tables(), self.scores(), self.starts, self.remapped, self.fmt, self.target_bytes(),
+                              self.config.prune_threshold)  # fmt: skip
+        self.deploy(segs, warm=self.config.retrain_from == "search")
+        ctx.model.to(ctx.device)
+        ctx.log_params(self.describe())
+        return {"embedding_bytes": float(deployed_bytes(self, self.fmt))}
+
+    def target_bytes(self) -> Optional[int]:
+        return None if self.config.budget is None else self.config.budget.target_bytes(self.source_tables())
+
+    # -- the deployed form --------------------------------------------------------------------
+    @torch.no_grad()
+    def deploy(self, segments: dict[str, list[Segment]], warm: bool = False) -> None:
+        """Become the deployed form holding ``segments`` (in place): re-initialised, seeded,
+        or (``warm``) each segment's rows times its group's alpha at its kept dims."""
+        assert self.ebc is not None and self.alpha is not None
+        tables = self.source_tables()
+        weight = {t.name: self.ebc.embedding_bags[t.name].weight for t in tables}
+        dense = self.starts__device()
+        ranks = {t.name: getattr(self, f"rank__{t.name}") if t.name in self.remapped else None for t in tables}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + 1)
+            module = SegmentTables(tables, segments, {t.name: t.embedding_dim for t in tables}, ranks, dense,
+                                   weight[tables[0].name].device)  # fmt: skip
+        if warm:
+            for t in tables:
+                w, a = weight[t.name], self.alpha[t.name]
+                rank = ranks[t.name]
+                ids = torch.argsort(rank.to(torch.int64)) if rank is not None else torch.arange(t.num_embeddings)
+                groups = torch.tensor(self.starts[t.name][1:], dtype=torch.int64)
+                for i, s in enumerate(segments[t.name]):
+                    if not s.dims:
+                        continue
+                    g = int(torch.bucketize(torch.tensor(s.start), groups, right=True))
+                    cols = torch.tensor(s.dims, dtype=torch.int64)
+                    rows = w[ids[s.start : s.stop].to(w.device)][:, cols.to(w.device)]
+                    module.table(t.name, i).copy_(rows * a[g, cols.to(a.device)].to(w.device))
+        self.deployed = module
+        self.ebc = self.alpha = None
+        for t in tables:  # the search's routing buffers: the deployed tables hold their own
+            if t.name in self.remapped:
+                delattr(self, f"rank__{t.name}")
+            delattr(self, f"starts__{t.name}")
+        held, planned = deployed_bytes(self, self.fmt), segment_bytes(tables, segments, self.remapped, self.fmt)
+        if held != planned:  # pragma: no cover - bytes are counted, not guessed
+            raise AssertionError(f"autosrh: planned {planned} bytes but the deployed module holds {held}")
+
+    def starts__device(self) -> torch.device:
+        return getattr(self, f"starts__{self.source_tables()[0].name}").device
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"budget": self.config.budget_label(), "groups": self.config.groups}
+        if self.deployed is None:
+            return out
+        for t, segs in self.deployed.segments.items():
+            for i, s in enumerate(segs):
+                out[f"{t}.s{i}"] = f"ids {s.start}-{s.stop - 1}: {len(s.dims)} dims"
+        out["planned_bytes"] = segment_bytes(self.source_tables(), self.deployed.segments, self.remapped, self.fmt)
+        out["planned_precision"] = self.fmt.precision
+        return out
+
+
+def _table_counts(t: EmbeddingBagConfig, ctx: BuildContext) -> np.ndarray:
+    """Train count of each id of ``t``, summed over its features (ids past a count array: 0)."""
+    total = np.zeros(t.num_embeddings, dtype=np.float64)
+    for f in t.feature_names:
+        c = np.asarray(ctx.counts[f], dtype=np.float64)[: t.num_embeddings]
+        total[: len(c)] += c
+    return total
+
+
+@register(AutoSrhConfig)
+def build(tables: list[EmbeddingBagConfig], config: AutoSrhConfig, ctx: BuildContext) -> AutoSrhCollection:
+    if config.groups < 1 or config.l1 < 0 or config.alpha_lr <= 0:
+        raise MethodConfigError("autosrh: groups >= 1, l1 >= 0 and alpha_lr > 0 are required")
+    if config.retrain_from not in ("scratch", "search"):
+        raise MethodConfigError(f"autosrh: retrain_from must be 'scratch' or 'search', got '{config.retrain_from}'")
+    fmt = config.table_format(ctx.device)
+    unit = pack_unit(fmt)
+    for t in tables:
+        if t.embedding_dim % unit:
+            raise MethodConfigError(f"autosrh: {fmt.precision} packs {unit} values per byte, but table '{t.name}' has dim "
+                                    f"{t.embedding_dim}")  # fmt: skip
+        missing = [f for f in t.feature_names if f not in ctx.counts]
+        if missing:
+            raise MethodConfigError(f"autosrh groups ids by train frequency: it needs the counts of feature(s) {missing}")
+    groups = {t.name: frequency_groups(_table_counts(t, ctx), t.num_embeddings, config.groups) for t in tables}
+    if config.budget is not None:
+        target = config.budget.target_bytes(tables)
+        remapped = {t for t, (r, _) in groups.items() if not np.array_equal(r, np.arange(len(r)))}
+        least = {}
+        for t in tables:
+            kept = np.zeros((len(groups[t.name][1]), t.embedding_dim // unit), dtype=bool)
+            kept[0, 0] = True
+            least[t.name] = table_segments(t.num_embeddings, groups[t.name][1], kept, unit)
+        smallest = segment_bytes(tables, least, remapped, fmt)
+        if smallest > target:
+            full = uncompressed_bytes(tables)
+            as_ = "" if fmt.precision == "fp32" else f" as {fmt.precision} tables"
+            raise BudgetError(f"autosrh cannot reach {config.budget.label()} ({target} bytes): the smallest it can hold these "
+                              f"tables in{as_} (one block of dims per field) is {smallest} bytes, a ratio of "
+                              f"{full / smallest:.4g}x")  # fmt: skip
+    return AutoSrhCollection(tables, config, ctx, groups)
