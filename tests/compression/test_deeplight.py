@@ -153,3 +153,40 @@ def test_the_schedule_reaches_the_target_in_a_training_loop(tiny_dataset):
     assert result.stages["prune"]["kept_fraction"] == pytest.approx(kept / numel)
     assert sum(p.values.numel() for p in module.compact_module.tables.values()) == kept
     assert result.stages["compact"]["val_auc"] > 0.5
+
+
+class _Stop(Callback):
+    def __init__(self, at):
+        self.at, self.stage = at, None
+
+    def on_stage_start(self, stage, n):
+        self.stage = stage.name
+
+    def on_step(self, step, metrics):
+        if (self.stage, step) == self.at:
+            raise KeyboardInterrupt
+
+
+def _setup(ds):
+    torch.manual_seed(0)
+    cfg = TrainerConfig(epochs=1, batch_size=128, device="cpu", progress="off", log_every_steps=1, patience=5,
+                        checkpoint_every_steps=5)  # fmt: skip
+    module = compress(embedding_tables(ds.schema, 8), DeepLightConfig(budget=Budget(ratio=3), prune_every=2), seed=0)
+    model = DCNv2Config(deep_layers=[16], cross_layers=1).build(module, len(ds.schema.dense))
+    loaders = [BatchLoader(ds, s, 128 if s == "train" else 512, shuffle=s == "train", seed=0) for s in ("train", "val", "test")]
+    return cfg, module, model, loaders
+
+
+@pytest.mark.parametrize("stop", [("prune", 7), ("finetune", 7)])
+def test_schedule_resumes_after_an_interruption(tiny_dataset, tmp_path, stop):
+    """The masks, the pruning step count and the phase are state: a run interrupted in
+    either stage resumes to the same model and bytes."""
+    cfg, module, model, loaders = _setup(tiny_dataset)
+    ref = Trainer(cfg).run(model, module, *loaders)
+    ref_bytes = memory_report(module).bytes
+    cfg, module, model, loaders = _setup(tiny_dataset)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, callbacks=[_Stop(stop)], checkpoint_dir=tmp_path).run(model, module, *loaders)
+    cfg, module, model, loaders = _setup(tiny_dataset)
+    resumed = Trainer(cfg, checkpoint_dir=tmp_path).run(model, module, *loaders)
+    assert resumed.test == ref.test and memory_report(module).bytes == ref_bytes
