@@ -87,10 +87,11 @@ def test_deployed_form_equals_the_searched_model_with_the_pruned_dims_at_zero():
     m = compress(TABLES, AutoSrhConfig(budget=None, prune_threshold=0.5, retrain_from="search"), counts=COUNTS, seed=2)
     randomise_alpha(m, seed=4)
     segs = choose_entries(m.source_tables(), m.scores(), m.starts, m.remapped, m.fmt, None, 0.5)
-    with torch.no_grad():  # the searched model with the entries pruned at zero (the best of group 0 is always kept)
-        for a in m.alpha.values():
-            keep = a > 0.5
-            keep[0, a[0].argmax()] = True
+    with torch.no_grad():  # the searched model with the pruned entries at zero
+        for t, a in m.alpha.items():
+            keep = torch.zeros_like(a)
+            for g, seg in enumerate(segs[t]):
+                keep[g, list(seg.dims)] = 1.0
             a.mul_(keep)
     ref = m(kjt(seed=5)).values()
     m.deploy(segs, warm=True)
@@ -200,3 +201,43 @@ def test_schedule_through_the_trainer_logs_the_kept_dims(tiny_dataset):
     assert any(k.startswith(f"{tables[0].name}.s") for k in seen.params)
     assert any(k.startswith("alpha.") for s in seen.steps for k in s)
     assert np.isfinite(result.test["auc"])
+
+
+class _Stop(Callback):
+    def __init__(self, at):
+        self.at, self.stage = at, None
+
+    def on_stage_start(self, stage, n):
+        self.stage = stage.name
+
+    def on_step(self, step, metrics):
+        if (self.stage, step) == self.at:
+            raise KeyboardInterrupt
+
+
+def test_the_schedule_resumes_in_retrain_after_an_interruption(tiny_dataset, tmp_path):
+    """``select`` (checkpoint=False) is re-run on resume: seeded, it rebuilds the same
+    deployed form, and ``retrain`` then continues from its own checkpoint (autodim's
+    schedule has the same three stages)."""
+    ds = tiny_dataset
+    tables = embedding_tables(ds.schema, 8)
+    counts = {f: ds.counts(f) for t in tables for f in t.feature_names}
+
+    def setup():
+        module = compress(tables, AutoSrhConfig(budget=Budget(ratio=3), search_epochs=2, retrain_epochs=2), counts=counts)
+        torch.manual_seed(0)
+        model = DCNv2Config(deep_layers=[16], cross_layers=1).build(module, len(ds.schema.dense))
+        loaders = [BatchLoader(ds, s, 128 if s == "train" else 512, shuffle=s == "train", seed=0) for s in ("train", "val", "test")]
+        cfg = TrainerConfig(epochs=2, batch_size=128, device="cpu", progress="off", log_every_steps=1, patience=5,
+                            checkpoint_every_steps=5)  # fmt: skip
+        return cfg, module, model, loaders
+
+    cfg, module, model, loaders = setup()
+    ref = Trainer(cfg).run(model, module, *loaders)
+    cfg, module, model, loaders = setup()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, callbacks=[_Stop(("retrain", 7))], checkpoint_dir=tmp_path).run(model, module, *loaders)
+    cfg, module, model, loaders = setup()
+    resumed = Trainer(cfg, checkpoint_dir=tmp_path).run(model, module, *loaders)
+    assert resumed.test == ref.test
+    assert memory_report(module).bytes <= module.target_bytes()
