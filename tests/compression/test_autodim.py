@@ -132,6 +132,8 @@ def test_refusals_are_one_line():
         compress(TABLES, AutoDimConfig(candidates=[0, 4]))
     with pytest.raises(MethodConfigError, match=r"int4 packs 2 values per byte, but candidates \[3\] of table 't_small'"):
         compress(TABLES, AutoDimConfig(candidates=[3, 4], budget=Budget(ratio=2), quantization=Quantization("int4")))
+    with pytest.raises(MethodConfigError, match="quantization-aware training is refused"):
+        compress(TABLES, AutoDimConfig(quantization=Quantization("int8", aware=True)))
 
 
 def test_int8_budget_counts_the_quantized_deployed_tables():

@@ -136,6 +136,8 @@ def test_refusals_are_one_line():
         compress(TABLES, AutoSrhConfig(), counts={"small": COUNTS["small"], "big": COUNTS["big"]})
     with pytest.raises(MethodConfigError, match="groups >= 1"):
         compress(TABLES, AutoSrhConfig(groups=0), counts=COUNTS)
+    with pytest.raises(MethodConfigError, match="quantization-aware training is refused"):
+        compress(TABLES, AutoSrhConfig(quantization=Quantization("int8", aware=True)), counts=COUNTS)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
