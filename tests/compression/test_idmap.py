@@ -49,7 +49,7 @@ BAD = [-1, -(2**63), 5000, 2**31, 2**62, 2**63 - 1]
 
 
 # methods whose training rows are all exact: they refuse ids outside the table
-EXACT_ROWS = ("mixed_dim", "optembed", "dedup", "dpq", "mgqe", "itep")
+EXACT_ROWS = ("mixed_dim", "optembed", "dedup", "dpq", "mgqe", "itep", "autosrh", "autodim")
 # product quantization's sizes come in coarse steps that 10x of these small tables falls
 # between: these id tests give it explicit sizes instead of a budget
 EXPLICIT = {"dpq": {"subspaces": 2, "centroids": 4}, "mgqe": {"subspaces": 2, "centroids": 4}}
