@@ -28,6 +28,11 @@ one dim more: ``compression.segments``), W_t: R^{d_t} -> R^D and BN_t (D scale, 
 running mean and variance, a step count), so the model sees every feature at D. The
 budget counts exactly those tensors (``deployed_bytes``); it is refused at build when
 every field at its smallest candidate does not fit, naming the smallest ratio.
+
+Sharded (TorchRec DMP): the search's table shards row-wise like any table, and its
+forward at evaluation equals one process's; a training step is DDP's, not one process's
+on the whole batch (Gumbel noise is drawn on each rank, each BN_k normalises its rank's
+batch), as for any model with batch norm (``tests/training/test_distributed.py``).
 """
 
 from __future__ import annotations
