@@ -28,6 +28,7 @@ from recsys.models import DCNv2, DCNv2Config
 from recsys.training import Callback, Trainer, TrainerConfig
 from tests.compression.test_export import TABLES as EXPORT_TABLES
 from tests.compression.test_export import batch
+from tests.stages import StopAt
 
 D = 8
 TABLES = [
@@ -205,18 +206,6 @@ def test_schedule_through_the_trainer_logs_the_kept_dims(tiny_dataset):
     assert np.isfinite(result.test["auc"])
 
 
-class _Stop(Callback):
-    def __init__(self, at):
-        self.at, self.stage = at, None
-
-    def on_stage_start(self, stage, n):
-        self.stage = stage.name
-
-    def on_step(self, step, metrics):
-        if (self.stage, step) == self.at:
-            raise KeyboardInterrupt
-
-
 def test_the_schedule_resumes_in_retrain_after_an_interruption(tiny_dataset, tmp_path):
     """``select`` (checkpoint=False) is re-run on resume: seeded, it rebuilds the same
     deployed form, and ``retrain`` then continues from its own checkpoint (autodim's
@@ -238,7 +227,7 @@ def test_the_schedule_resumes_in_retrain_after_an_interruption(tiny_dataset, tmp
     ref = Trainer(cfg).run(model, module, *loaders)
     cfg, module, model, loaders = setup()
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, callbacks=[_Stop(("retrain", 7))], checkpoint_dir=tmp_path).run(model, module, *loaders)
+        Trainer(cfg, callbacks=[StopAt(("retrain", 7))], checkpoint_dir=tmp_path).run(model, module, *loaders)
     cfg, module, model, loaders = setup()
     resumed = Trainer(cfg, checkpoint_dir=tmp_path).run(model, module, *loaders)
     assert resumed.test == ref.test

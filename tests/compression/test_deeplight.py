@@ -24,6 +24,7 @@ from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
 from recsys.models import DCNv2Config
 from recsys.training import Callback, Trainer, TrainerConfig
+from tests.stages import StopAt
 
 TABLES = [
     EmbeddingBagConfig(name="t_user", embedding_dim=8, num_embeddings=5000, feature_names=["user"]),
@@ -155,18 +156,6 @@ def test_the_schedule_reaches_the_target_in_a_training_loop(tiny_dataset):
     assert result.stages["compact"]["val_auc"] > 0.5
 
 
-class _Stop(Callback):
-    def __init__(self, at):
-        self.at, self.stage = at, None
-
-    def on_stage_start(self, stage, n):
-        self.stage = stage.name
-
-    def on_step(self, step, metrics):
-        if (self.stage, step) == self.at:
-            raise KeyboardInterrupt
-
-
 def _setup(ds):
     torch.manual_seed(0)
     cfg = TrainerConfig(epochs=1, batch_size=128, device="cpu", progress="off", log_every_steps=1, patience=5,
@@ -186,7 +175,7 @@ def test_schedule_resumes_after_an_interruption(tiny_dataset, tmp_path, stop):
     ref_bytes = memory_report(module).bytes
     cfg, module, model, loaders = _setup(tiny_dataset)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, callbacks=[_Stop(stop)], checkpoint_dir=tmp_path).run(model, module, *loaders)
+        Trainer(cfg, callbacks=[StopAt(stop)], checkpoint_dir=tmp_path).run(model, module, *loaders)
     cfg, module, model, loaders = _setup(tiny_dataset)
     resumed = Trainer(cfg, checkpoint_dir=tmp_path).run(model, module, *loaders)
     assert resumed.test == ref.test and memory_report(module).bytes == ref_bytes

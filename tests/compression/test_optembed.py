@@ -17,6 +17,7 @@ from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
 from recsys.models import DCNv2Config
 from recsys.training import Callback, Trainer, TrainerConfig
+from tests.stages import StopAt
 
 D = 8
 TABLES = [
@@ -182,18 +183,6 @@ def test_builds_on_meta_without_real_tables():
     assert need.tables == memory_report(real).bytes  # the whole supernet, counted off meta
 
 
-class _Stop(Callback):
-    def __init__(self, at):
-        self.at, self.stage = at, None
-
-    def on_stage_start(self, stage, n):
-        self.stage = stage.name
-
-    def on_step(self, step, metrics):
-        if (self.stage, step) == self.at:
-            raise KeyboardInterrupt
-
-
 def _setup(ds):
     torch.manual_seed(0)
     cfg = TrainerConfig(epochs=2, batch_size=128, device="cpu", progress="off", log_every_steps=1, patience=5,
@@ -216,7 +205,7 @@ def test_schedule_resumes_across_stages_after_an_interruption(tiny_dataset, tmp_
 
     cfg, module, model, loaders = _setup(tiny_dataset)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, callbacks=[_Stop(("retrain", 7))], checkpoint_dir=tmp_path).run(model, module, *loaders)
+        Trainer(cfg, callbacks=[StopAt(("retrain", 7))], checkpoint_dir=tmp_path).run(model, module, *loaders)
     cfg, module, model, loaders = _setup(tiny_dataset)
     resumed = Trainer(cfg, checkpoint_dir=tmp_path).run(model, module, *loaders)
     assert resumed.test == ref.test
