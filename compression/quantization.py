@@ -139,6 +139,18 @@ def as_quantization(value: Any) -> Quantization | None:
     raise MethodConfigError(f"quantization must be a mapping like {{precision: int8}} or null, got {value!r}")
 
 
+def refuse_aware(value: Any, method: str, why: str) -> Quantization | None:
+    """``value`` as a ``Quantization``, refusing quantization-aware training in one line for
+    a staged method whose tables only exist (or only take their deployed form) after a
+    stage: ``why`` says which (e.g. "the merge stage replaces the tables it would train")."""
+    q = as_quantization(value)
+    if q is not None and q.aware:
+        raise MethodConfigError(
+            f"{method}: quantization-aware training is refused: {why}; use post-training quantization (aware: false)"
+        )
+    return q
+
+
 # -- which tables, and whether they can be quantized ------------------------------------
 def inner_collections(module: nn.Module) -> list[tuple[nn.Module, str, EmbeddingBagCollection]]:
     """(parent, attribute, collection) for every TorchRec EBC inside ``module``."""

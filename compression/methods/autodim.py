@@ -55,7 +55,7 @@ from compression.deployed import TableFormat, deployed_bytes
 from compression.formats import FP32_BYTES
 from compression.idmap import inner_table
 from compression.memory import uncompressed_bytes
-from compression.quantization import as_quantization
+from compression.quantization import refuse_aware
 from compression.segments import Segment, SegmentTables, pack_unit, segment_bytes
 from compression.sizing import BudgetedConfig
 from compression.stages import Stage, StageContext
@@ -347,12 +347,7 @@ def build(tables: list[EmbeddingBagConfig], config: AutoDimConfig, ctx: BuildCon
         raise MethodConfigError(f"autodim: retrain_from must be 'scratch' or 'search', got '{config.retrain_from}'")
     if not (config.tau0 > 0 and 0 < config.tau_min <= config.tau0 and config.anneal >= 0 and config.alpha_lr > 0):
         raise MethodConfigError("autodim: tau0 >= tau_min > 0, anneal >= 0 and alpha_lr > 0 are required")
-    q = as_quantization(config.quantization)
-    if q is not None and q.aware:
-        raise MethodConfigError(
-            "autodim: quantization-aware training is refused: the select stage replaces the tables it would train; "
-            "use post-training quantization (aware: false)"
-        )
+    refuse_aware(config.quantization, "autodim", "the select stage replaces the tables it would train")
     fmt = config.table_format(ctx.device)
     unit = pack_unit(fmt)
     for t in tables:

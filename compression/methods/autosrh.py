@@ -55,7 +55,7 @@ from compression.budget import BUDGET_TOLERANCE, Budget, BudgetError
 from compression.deployed import TableFormat, deployed_bytes
 from compression.idmap import inner_table
 from compression.memory import uncompressed_bytes
-from compression.quantization import as_quantization
+from compression.quantization import refuse_aware
 from compression.segments import (
     Segment,
     SegmentTables,
@@ -390,12 +390,7 @@ def build(tables: list[EmbeddingBagConfig], config: AutoSrhConfig, ctx: BuildCon
         raise MethodConfigError("autosrh: groups >= 1, l1 >= 0 and alpha_lr > 0 are required")
     if config.retrain_from not in ("scratch", "search"):
         raise MethodConfigError(f"autosrh: retrain_from must be 'scratch' or 'search', got '{config.retrain_from}'")
-    q = as_quantization(config.quantization)
-    if q is not None and q.aware:
-        raise MethodConfigError(
-            "autosrh: quantization-aware training is refused: the select stage replaces the tables it would train; "
-            "use post-training quantization (aware: false)"
-        )
+    refuse_aware(config.quantization, "autosrh", "the select stage replaces the tables it would train")
     fmt = config.table_format(ctx.device)
     unit = pack_unit(fmt)
     for t in tables:

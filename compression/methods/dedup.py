@@ -43,7 +43,7 @@ from compression.budget import Budget
 from compression.deployed import TableFormat, deployed_bytes
 from compression.idmap import IdMappedCollection, KeyParams, inner_table, with_values
 from compression.memory import memory_report
-from compression.quantization import as_quantization
+from compression.quantization import refuse_aware
 from compression.sizing import (
     BudgetedConfig,
     FieldCost,
@@ -224,12 +224,7 @@ def build(tables: list[EmbeddingBagConfig], config: DedupConfig, ctx: BuildConte
     check_exclusive(method, config.budget, **config.explicit_sizes())
     if config.finetune_epochs < 0 or (config.rows is not None and config.rows < 1):
         raise MethodConfigError(f"{method}: finetune_epochs must be >= 0 and rows >= 1")
-    q = as_quantization(config.quantization)
-    if q is not None and q.aware:
-        raise MethodConfigError(
-            f"{method}: quantization-aware training is refused: the merge stage replaces the tables it would train; "
-            "use post-training quantization (aware: false)"
-        )
+    refuse_aware(config.quantization, method, "the merge stage replaces the tables it would train")
     fmt = config.table_format(ctx.device)
     costs = [_cost(t, fmt) for t in tables]
     n_features = sum(len(t.feature_names) for t in tables)

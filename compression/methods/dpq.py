@@ -64,7 +64,7 @@ from compression.base import CompressedEmbeddingBagCollection
 from compression.deployed import TableFormat, deployed_bytes
 from compression.idmap import in_order, inner_table
 from compression.memory import memory_report
-from compression.quantization import as_quantization, check_quantizable
+from compression.quantization import as_quantization, check_quantizable, refuse_aware
 from compression.sizing import (
     BudgetedConfig,
     FieldCost,
@@ -451,12 +451,7 @@ def _check(config: DPQConfig, tables: list[EmbeddingBagConfig]) -> int:
     hot, divisor = config.tiers()
     if not 0 <= hot < 1 or divisor < 1 or divisor & (divisor - 1):
         raise MethodConfigError(f"{method}: hot_fraction must be in [0, 1) and cold_divisor a power of two, got {hot}, {divisor}")
-    q = as_quantization(config.quantization)
-    if q is not None and q.aware:
-        raise MethodConfigError(
-            f"{method}: quantization-aware training is refused: the codebooks become TorchRec tables only at the "
-            "pack stage; use post-training quantization (aware: false)"
-        )
+    q = refuse_aware(config.quantization, method, "the codebooks become TorchRec tables only at the pack stage")
     return 1 if q is None or q.bits >= 8 else 8 // q.bits
 
 

@@ -68,7 +68,7 @@ from compression.budget import Budget
 from compression.deployed import TableFormat, deployed_bytes
 from compression.idmap import IdMappedCollection, KeyParams, inner_table, with_values
 from compression.memory import memory_report
-from compression.quantization import as_quantization
+from compression.quantization import refuse_aware
 from compression.sizing import (
     BudgetedConfig,
     FieldCost,
@@ -310,10 +310,7 @@ def _check(config: ItepConfig, tables: list[EmbeddingBagConfig]) -> None:
     for t in tables:
         if t.num_embeddings >= 1 << TABLE_SHIFT:
             raise MethodConfigError(f"{method}: table '{t.name}' has {t.num_embeddings} ids, more than 2^{TABLE_SHIFT}")
-    q = as_quantization(config.quantization)
-    if q is not None and q.aware:
-        raise MethodConfigError(f"{method}: quantization-aware training is refused: compact replaces the tables it "
-                                "would train; use post-training quantization (aware: false)")  # fmt: skip
+    refuse_aware(config.quantization, method, "compact replaces the tables it would train")
 
 
 @register(ItepConfig)
