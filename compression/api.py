@@ -52,6 +52,9 @@ class CompressionConfig:
     """
 
     method: ClassVar[str] = ""
+    # True: the module holds its budgeted (deployed) form only after a stage of its schedule
+    # (pack, merge, compact, select ...); at build it holds its training form, larger
+    sized_by_stages: ClassVar[bool] = False
     quantization: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:

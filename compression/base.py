@@ -181,6 +181,12 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """
         return {}
 
+    @property
+    def validates_ids(self) -> bool:
+        """True: ids outside ``[0, num_embeddings)`` are refused naming the feature (the
+        method's rows are exact); False: any int64 id is valid (the method hashes it)."""
+        return self._validate_ids
+
     # -- helpers for subclasses ------------------------------------------------------
     def check_ids(self, features: KeyedJaggedTensor) -> None:
         """Raise ``IdOutOfRangeError`` naming the feature if an id is outside its table."""

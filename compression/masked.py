@@ -36,7 +36,7 @@ by magnitude, which a sharded table does not hold on one rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -76,6 +76,7 @@ def cubic_keep(total: int, kept: int, t: float) -> int:
 @dataclass
 class ElementPruningConfig(BudgetedConfig):
     """Base of the element-pruning configs: a ``budget`` or ``target_sparsity``."""
+    sized_by_stages: ClassVar[bool] = True
 
     budget: Optional[Budget] = None
     target_sparsity: Optional[float] = None

@@ -71,6 +71,7 @@ class AutoDimConfig(BudgetedConfig):
     bounds the deployed module (its quantized tables when the config quantizes)."""
 
     method: ClassVar[str] = "autodim"
+    sized_by_stages: ClassVar[bool] = True
     budget: Optional[Budget] = None
     # candidate dims below each table's dim (the table's own dim is always a candidate)
     candidates: list[int] = field(default_factory=lambda: [2, 4, 8, 16])

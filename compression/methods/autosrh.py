@@ -76,6 +76,7 @@ class AutoSrhConfig(BudgetedConfig):
     score is at least ``prune_threshold`` times its field's best."""
 
     method: ClassVar[str] = "autosrh"
+    sized_by_stages: ClassVar[bool] = True
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=4))
     groups: int = 4
     l1: float = 0.01

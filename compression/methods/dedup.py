@@ -65,6 +65,7 @@ class DedupConfig(BudgetedConfig):
     rows, or give ``rows`` for every table (budget: null)."""
 
     method: ClassVar[str] = "dedup"
+    sized_by_stages: ClassVar[bool] = True
     # the remap's 4 bytes an id cap the ratio below the dim (the default suits dim 8)
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=4))
     rows: Optional[int] = None

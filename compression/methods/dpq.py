@@ -90,6 +90,7 @@ class DPQConfig(BudgetedConfig):
     """
 
     method: ClassVar[str] = "dpq"
+    sized_by_stages: ClassVar[bool] = True
     subspaces: Optional[int] = None
     centroids: Optional[int] = None
     beta: float = 0.25

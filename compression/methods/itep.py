@@ -92,6 +92,7 @@ class ItepConfig(BudgetedConfig):
     the pruned ids' shared row included), or give it for every table (budget: null)."""
 
     method: ClassVar[str] = "itep"
+    sized_by_stages: ClassVar[bool] = True
     num_embeddings_post_pruning: Optional[int] = None
     # training steps between prunings (after TorchRec's early ones); TorchRec's default
     pruning_interval: int = 1001

@@ -105,6 +105,7 @@ class OptEmbedConfig(BudgetedConfig):
     bounds the compact export (its deployed, quantized form when the config quantizes)."""
 
     method: ClassVar[str] = "optembed"
+    sized_by_stages: ClassVar[bool] = True
     budget: Optional[Budget] = None
     alpha: float = 1e-2
     threshold_lr: float = 0.1

@@ -177,16 +177,13 @@ QUANT_RATIO = 5  # reachable by every sized method at dim 8 in int8 and int4 (mi
 NOT_QUANTIZABLE = {"dhe", "tt_rec"}
 
 
-# methods whose module holds its budgeted (deployed) form only after a stage of its schedule
-STAGED_DEPLOYMENT = ("optembed", "dpq", "mgqe", "dedup", "itep", "pep", "deeplight", "autosrh", "autodim")
-
-
 def sized_examples():
-    """Every example whose method sizes itself from its budget when it is built (OptEmbed
-    sizes in its search, after training: tests/compression/test_optembed.py; DPQ/MGQE and
-    dedup reach their deployed form in a stage: tests/compression/test_dpq.py, test_dedup.py)."""
+    """Every example whose method sizes itself from its budget when it is built; a config
+    that declares ``sized_by_stages`` reaches its deployed form in a stage of its schedule
+    and is checked in its own tests (OptEmbed's search: test_optembed.py; DPQ/MGQE's pack,
+    dedup's merge, pep/deeplight/itep's compact, autosrh/autodim's select)."""
     return [p for p in examples() if isinstance(p.values[0], BudgetedConfig) and p.values[0].budget is not None
-            and type(p.values[0]).method not in STAGED_DEPLOYMENT]  # fmt: skip
+            and not type(p.values[0]).sized_by_stages]  # fmt: skip
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
