@@ -11,6 +11,8 @@ ARGS ?=
 # pytest-xdist workers of make test (each runs torch on one thread)
 TEST_WORKERS ?= auto
 EXP ?= comparison
+# sweep parent run id(s) for make report (default: the experiment's latest sweep)
+PARENT ?=
 # processes of a sharded run (make experiment-distributed), and torchrun's rendezvous flags
 NPROC ?= 2
 TORCHRUN_ARGS ?= --standalone
@@ -72,8 +74,8 @@ experiment-%: $(STAMP) ## run experiments/conf/experiment/<name>.yaml as one swe
 sweep: $(STAMP) ## any Hydra multirun: make sweep ARGS="compression=hashing,qr budget=10x,100x"
 	$(PY) -m experiments.run --multirun $(ARGS)
 
-report: $(STAMP) ## Pareto report of an experiment's latest sweep: make report EXP=comparison
-	$(PY) -m experiments.report --experiment $(EXP)
+report: $(STAMP) ## Pareto report of an experiment's latest sweep: make report EXP=comparison [PARENT="id1 id2"]
+	$(PY) -m experiments.report --experiment $(EXP) $(if $(PARENT),--parent $(PARENT))
 
 readme-table: $(STAMP) ## regenerate README's comparison table from the latest 'comparison' sweep in MLflow
 	$(PY) -m experiments.readme_table --experiment comparison

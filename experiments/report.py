@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,10 +72,13 @@ def _runs(experiment: str, parent_run_id: str | None) -> list:
     return list(found.values())
 
 
-def collect(experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
-    """One row per finished (or unreachable) seed run of the sweep, with its figures."""
+def collect(experiment: str, parent_run_id: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per finished (or unreachable) seed run of the sweep, with its figures; of
+    several sweeps (a study run in parts) when given several ids, a job run again in a
+    later sweep (same dataset, model, method, budget, seed) keeping its latest record."""
     rows = []
-    for r in _runs(experiment, parent_run_id):
+    parents = [parent_run_id] if parent_run_id is None or isinstance(parent_run_id, str) else list(parent_run_id)
+    for r in [r for parent in parents for r in _runs(experiment, parent)]:
         t, m = r.data.tags, r.data.metrics
         if t.get("embcomp.kind") in ("sweep", "seed_group") or "peer" in t:
             continue
@@ -240,10 +244,14 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def sweep_overhead(parent_run_id: str | None) -> pd.DataFrame | None:
-    """The interleaved step times logged to the sweep's parent run, if it has them."""
+def sweep_overhead(parent_run_id: str | Sequence[str] | None) -> pd.DataFrame | None:
+    """The interleaved step times logged to the sweep's parent run, if it has them (of
+    several sweeps: each sweep's, measured against ``none`` in its own process)."""
     if not parent_run_id:
         return None
+    if not isinstance(parent_run_id, str):
+        parts = [o for o in (sweep_overhead(p) for p in parent_run_id) if o is not None]
+        return pd.concat(parts, ignore_index=True) if parts else None
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar in a report's output
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -255,35 +263,39 @@ def sweep_overhead(parent_run_id: str | None) -> pd.DataFrame | None:
 
 def build_report(
     experiment: str,
-    parent_run_id: str | None = None,
+    parent_run_id: str | Sequence[str] | None = None,
     out_root: Path = Path("reports"),
     overhead: pd.DataFrame | None = None,
 ) -> Report | None:
-    """Write the report of ``experiment``'s latest sweep (or ``parent_run_id``) and log it."""
+    """Write the report of ``experiment``'s latest sweep (or ``parent_run_id``, or several
+    sweeps' ids together) and log it to the (first) sweep's parent run."""
     parent_run_id = parent_run_id or latest_sweep(experiment)
     runs = collect(experiment, parent_run_id)
     if runs.empty:
         print(f"no finished runs in experiment '{experiment}'" + (f" under sweep {parent_run_id}" if parent_run_id else ""))
         return None
     df = summarise(runs, overhead if overhead is not None else sweep_overhead(parent_run_id))
-    df.attrs["parent_run_id"] = parent_run_id or ""
+    parents = [parent_run_id] if isinstance(parent_run_id, str) else list(parent_run_id or [])
+    df.attrs["parent_run_id"] = ",".join(parents)
     directory = out_root / experiment
     directory.mkdir(parents=True, exist_ok=True)
     md = to_markdown(df)
     (directory / "table.md").write_text(md)
     df[COLUMNS].to_csv(directory / "table.csv", index=False)
     plot(df, directory / "pareto.png")
-    if parent_run_id:
+    if parents:
         client = mlflow.MlflowClient()
         for name in ("table.md", "table.csv", "pareto.png"):
-            client.log_artifact(parent_run_id, str(directory / name), artifact_path="report")
+            client.log_artifact(parents[0], str(directory / name), artifact_path="report")
     return Report(directory=directory, table=df, markdown=md)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
-    p.add_argument("--parent", default=None, help="sweep parent run id (default: the latest sweep)")
+    p.add_argument("--parent", default=None, nargs="+",
+                   help="sweep parent run id(s) (default: the latest sweep); several: one report of a study run "
+                        "in parts, a job rerun in a later sweep replacing its earlier record")  # fmt: skip
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--out", default="reports", type=Path)
     args = p.parse_args(argv)
