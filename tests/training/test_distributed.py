@@ -203,6 +203,9 @@ def _worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
         except Exception as e:  # recorded: the test names the method and the reason
             results[name] = {"error": f"{type(e).__name__}: {e}"}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results, default=str))
+    # both ranks done before either tears its connections down: a rank that exits while
+    # its peer is still in gloo can take the peer down with it (SIGABRT, seen once in CI)
+    dist.barrier()
     dist.destroy_process_group()
 
 
