@@ -18,7 +18,13 @@ import compression
 from compression import Budget, BudgetError, compress, memory_report, uncompressed_bytes
 from compression.methods.double_hashing import DoubleHashingConfig
 from compression.methods.qr import QRConfig
-from compression.sizing import FieldCost, check_exclusive, plan_budget, plan_explicit
+from compression.sizing import (
+    BudgetedConfig,
+    FieldCost,
+    check_exclusive,
+    plan_budget,
+    plan_explicit,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CRITEO_SAMPLE = REPO / "data" / "criteo-sample" / "train.txt"
@@ -127,7 +133,15 @@ def test_small_fields_stay_exact_and_are_reported():
     assert max(rates) / min(rates) < 1.05
 
 
-@pytest.mark.parametrize("config", budget_methods(), ids=label)
+def budgeted_methods():
+    """Every method that takes a budget, the staged ones included: a bad budget is refused
+    when the module is built, whenever its budgeted form is reached."""
+    staged = [cls() for name, cls in sorted(compression.registered_methods().items())
+              if cls.sized_by_stages and issubclass(cls, BudgetedConfig)]  # fmt: skip
+    return budget_methods() + staged
+
+
+@pytest.mark.parametrize("config", budgeted_methods(), ids=label)
 @pytest.mark.parametrize(
     "budget,msg",
     [
