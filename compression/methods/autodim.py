@@ -180,9 +180,10 @@ class _Deployed(nn.Module):
         for t in tables:
             segs[t.name], widths[t.name] = field_segments(t.num_embeddings, chosen[t.name])
         self.tables = SegmentTables(tables, segs, widths, {}, device, table_device)
-        self.proj = nn.ModuleDict({t.name: nn.Linear(widths[t.name], t.embedding_dim, device=device) for t in tables})
-        for p in self.proj.values():  # no offset to start from (a random bias of up to 1/sqrt(width)
-            nn.init.zeros_(p.bias)  # dwarfs the tables' rows and swamps DeepFM's FM term)
+        maps = {t.name: nn.Linear(widths[t.name], t.embedding_dim, device=device) for t in tables}
+        for m in maps.values():  # no offset to start from: a random bias of up to 1/sqrt(width)
+            nn.init.zeros_(m.bias)  # dwarfs the tables' rows and swamps DeepFM's FM term
+        self.proj = nn.ModuleDict(maps)
         self._table_of = {f: t.name for t in tables for f in t.feature_names}
         self._mean = {t.name for t in tables if t.pooling == PoolingType.MEAN}
 
