@@ -23,8 +23,8 @@ from compression.sparse import stored_bytes
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
 from recsys.models import DCNv2Config
-from recsys.training import Callback, Trainer, TrainerConfig
-from tests.stages import StopAt
+from recsys.training import Trainer, TrainerConfig
+from tests.stages import EpochsByStage, StopAt
 
 TABLES = [
     EmbeddingBagConfig(name="t_user", embedding_dim=8, num_embeddings=5000, feature_names=["user"]),
@@ -125,17 +125,6 @@ def test_refusals_are_one_line(config, words):
     assert reason is not None and reason.startswith("deeplight: ") and "\n" not in reason
 
 
-class _Epochs(Callback):
-    def __init__(self):
-        self.stage, self.seen = None, []
-
-    def on_stage_start(self, stage, n):
-        self.stage = stage.name
-
-    def on_epoch_end(self, epoch, metrics, step):
-        self.seen.append((self.stage, metrics))
-
-
 def test_the_schedule_reaches_the_target_in_a_training_loop(tiny_dataset):
     torch.manual_seed(0)
     tables = embedding_tables(tiny_dataset.schema, 8)
@@ -145,7 +134,7 @@ def test_the_schedule_reaches_the_target_in_a_training_loop(tiny_dataset):
     module = compress(tables, config, seed=0)
     model = DCNv2Config(deep_layers=[16], cross_layers=1).build(module, len(tiny_dataset.schema.dense))
     loaders = [BatchLoader(tiny_dataset, s, 128, shuffle=s == "train", seed=0) for s in ("train", "val", "test")]
-    epochs = _Epochs()
+    epochs = EpochsByStage()
     result = Trainer(cfg, callbacks=[epochs]).run(model, module, *loaders)
     assert list(result.stages) == ["prune", "finetune", "compact"]
     pruning = [m["kept_fraction"] for s, m in epochs.seen if s == "prune"]

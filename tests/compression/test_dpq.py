@@ -8,6 +8,7 @@ from compression import Budget, MethodConfigError, Quantization, compress, memor
 from compression.budget import BudgetError
 from compression.methods.dpq import DPQConfig, MGQEConfig, pack_codes, packed_bytes, unpack_codes
 from compression.quantization import quantize_
+from tests.stages import user_item_tags
 
 DIM = 16
 TABLES = [
@@ -20,11 +21,7 @@ FULL = sum(t.num_embeddings * DIM * 4 for t in TABLES)
 
 
 def kjt(seed: int = 0, batch: int = 32) -> KeyedJaggedTensor:
-    g = torch.Generator().manual_seed(seed)
-    tag_len = torch.randint(0, 4, (batch,), generator=g)
-    values = [torch.randint(0, t.num_embeddings, (n,), generator=g) for t, n in zip(TABLES, (batch, batch, int(tag_len.sum())))]
-    lengths = torch.cat([torch.ones(2 * batch, dtype=torch.int32), tag_len.int()])
-    return KeyedJaggedTensor(keys=["user", "item", "tags"], values=torch.cat(values), lengths=lengths)
+    return user_item_tags(TABLES, seed, batch)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

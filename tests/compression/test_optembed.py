@@ -16,8 +16,8 @@ from compression.preflight import training_bytes
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
 from recsys.models import DCNv2Config
-from recsys.training import Callback, Trainer, TrainerConfig
-from tests.stages import StopAt
+from recsys.training import Trainer, TrainerConfig
+from tests.stages import EpochsByStage, StopAt
 
 D = 8
 TABLES = [
@@ -265,18 +265,6 @@ def test_budgeted_search_on_frappe_shaped_data_beats_hashing_at_the_same_bytes(t
     assert oe.test["auc"] > hashed.test["auc"] + 0.01, (oe.test, hashed.test)
 
 
-class _Epochs(Callback):
-    def __init__(self):
-        self.stage, self.seen = None, []
-
-    def on_stage_start(self, stage, n):
-        self.stage = stage.name
-
-    def on_epoch_end(self, epoch, metrics, step):
-        if self.stage == "supernet":
-            self.seen.append(metrics)
-
-
 def test_the_supernet_prunes_to_the_kept_fraction_asked_for(tiny_dataset):
     """target_kept: the floor ramps down over the supernet, each epoch logs the fraction kept
     beside its validation AUC, and the rows frozen for the search are that fraction (the
@@ -287,10 +275,11 @@ def test_the_supernet_prunes_to_the_kept_fraction_asked_for(tiny_dataset):
     module = compress(embedding_tables(tiny_dataset.schema, 8), oe, seed=0)
     model = DCNv2Config(deep_layers=[16], cross_layers=1).build(module, len(tiny_dataset.schema.dense))
     loaders = [BatchLoader(tiny_dataset, s, 128, shuffle=s == "train", seed=0) for s in ("train", "val", "test")]
-    epochs = _Epochs()
+    epochs = EpochsByStage()
     result = Trainer(cfg, callbacks=[epochs]).run(model, module, *loaders)
-    ratios = [m["kept_row_ratio"] for m in epochs.seen]
-    assert len(ratios) == 3 and all("val_auc" in m for m in epochs.seen)
+    supernet = epochs.of("supernet")
+    ratios = [m["kept_row_ratio"] for m in supernet]
+    assert len(ratios) == 3 and all("val_auc" in m for m in supernet)
     assert ratios[0] > ratios[-1] and ratios == sorted(ratios, reverse=True)
     total = sum(module.rows)
     assert result.stages["compact"]["kept_rows"] == int(0.3 * total)

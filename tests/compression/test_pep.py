@@ -22,7 +22,8 @@ from compression.sparse import SCALE_BYTES, column_bytes, stored_bytes
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
 from recsys.models import DCNv2Config
-from recsys.training import Callback, Trainer, TrainerConfig
+from recsys.training import Trainer, TrainerConfig
+from tests.stages import EpochsByStage, user_item_tags
 
 # dims 4 and 64: at 10x the narrow table keeps under one element a row (COO), the wide one
 # several (CSR); the mean-pooled multi-hot table checks pooling
@@ -36,11 +37,7 @@ FULL = sum(t.num_embeddings * t.embedding_dim * 4 for t in TABLES)
 
 
 def kjt(seed: int = 0, batch: int = 32) -> KeyedJaggedTensor:
-    g = torch.Generator().manual_seed(seed)
-    tag_len = torch.randint(0, 4, (batch,), generator=g)
-    values = [torch.randint(0, t.num_embeddings, (n,), generator=g) for t, n in zip(TABLES, (batch, batch, int(tag_len.sum())))]
-    lengths = torch.cat([torch.ones(2 * batch, dtype=torch.int32), tag_len.int()])
-    return KeyedJaggedTensor(keys=["user", "item", "tags"], values=torch.cat(values), lengths=lengths)
+    return user_item_tags(TABLES, seed, batch)
 
 
 def held(module) -> int:
@@ -147,17 +144,6 @@ def test_sharding_is_refused_in_one_line():
     assert reason is not None and reason.startswith("pep: ") and "\n" not in reason
 
 
-class _Epochs(Callback):
-    def __init__(self):
-        self.stage, self.seen = None, []
-
-    def on_stage_start(self, stage, n):
-        self.stage = stage.name
-
-    def on_epoch_end(self, epoch, metrics, step):
-        self.seen.append((self.stage, metrics))
-
-
 def test_the_schedule_reaches_the_budget_in_a_training_loop(tiny_dataset):
     """prune (thresholds train from -15, the floor ramps the kept count down), the exact cut,
     retrain with the mask fixed, compact: the budget's sparsity and bytes, AUC logged per epoch."""
@@ -168,7 +154,7 @@ def test_the_schedule_reaches_the_budget_in_a_training_loop(tiny_dataset):
     module = compress(tables, PEPConfig(budget=Budget(ratio=4), prune_every=2, retrain_epochs=1), seed=0)
     model = DCNv2Config(deep_layers=[16], cross_layers=1).build(module, len(tiny_dataset.schema.dense))
     loaders = [BatchLoader(tiny_dataset, s, 128, shuffle=s == "train", seed=0) for s in ("train", "val", "test")]
-    epochs = _Epochs()
+    epochs = EpochsByStage()
     before = module.thresholds.detach().clone()
     result = Trainer(cfg, callbacks=[epochs]).run(model, module, *loaders)
     assert list(result.stages) == ["prune", "retrain", "compact"]
