@@ -55,6 +55,13 @@ class CompressionConfig:
     # True: the module holds its budgeted (deployed) form only after a stage of its schedule
     # (pack, merge, compact, select ...); at build it holds its training form, larger
     sized_by_stages: ClassVar[bool] = False
+    # The method's own knobs worth tuning on a user's data: field name -> the values to
+    # try (the config's default among them). A search (``make advise``) crosses them with
+    # the trainer's (``TrainerConfig.search_space``); sizes a budget sets are not knobs.
+    # Small on purpose: each value multiplies the trials. Example (QR)::
+    #
+    #     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"combine": ("mult", "add", "concat")}
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {}
     quantization: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -89,6 +89,9 @@ class Config:
     report_dir: str = "${project_root:}/reports"
     # None: <hydra output dir>/checkpoints; point it at an old run's directory to resume
     checkpoint_dir: Optional[str] = None
+    # evaluate the final model on the test split (false: a search trial, which selects on
+    # validation and must not read the test split)
+    evaluate_test: bool = True
     # after training: the model as a torch.export program (model.pt2), reloaded and checked
     # against the in-memory model on a test batch, logged to the run with its size on disk
     export: bool = False

@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -38,6 +39,7 @@ from experiments.tracking import (
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
 from recsys.training import Trainer
+from recsys.training.callbacks import Callback, TrainingStopped
 from recsys.training.distributed import DistributedError
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,9 @@ class _Group:
     sweep_id: str | None
 
 
-def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None) -> dict[str, Any]:
+def run_job(
+    cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None, callbacks: Sequence[Callback] = ()
+) -> dict[str, Any]:
     """Run one configured job and return its summary (also written to summary.json).
 
     In a sweep (``parent_run_id`` set), a job whose effective config already ran under
@@ -90,11 +94,13 @@ def run_job(cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None)
     ``unreachable`` child run instead of stopping the sweep. With ``seeds`` set, the
     job runs once per seed (``experiments.seeds``), each seed a run nested under one
     group run that holds the aggregate; the summary's metrics are then the means.
+    ``callbacks`` join the trainer's (a search's pruner); one that raises
+    ``TrainingStopped`` ends the run recorded as ``pruned``, and the exception goes on.
     """
     seeds = resolve_seeds(cfg.get("seeds"), int(cfg.seed))
     if seeds is None:
-        return _run_one(cfg, output_dir, parent_run_id)
-    return _run_seeds(cfg, output_dir, seeds, parent_run_id)
+        return _run_one(cfg, output_dir, parent_run_id, callbacks=callbacks)
+    return _run_seeds(cfg, output_dir, seeds, parent_run_id, callbacks)
 
 
 def _seed_cfg(cfg: DictConfig, seed: int) -> DictConfig:
@@ -107,7 +113,9 @@ def _seed_cfg(cfg: DictConfig, seed: int) -> DictConfig:
     return out
 
 
-def _run_seeds(cfg: DictConfig, output_dir: Path, seeds: list[int], parent_run_id: str | None) -> dict[str, Any]:
+def _run_seeds(
+    cfg: DictConfig, output_dir: Path, seeds: list[int], parent_run_id: str | None, callbacks: Sequence[Callback] = ()
+) -> dict[str, Any]:
     """Every seed of one job, nested under its group run; the group gets the aggregate."""
     if rank() != 0:  # a sharded job's other ranks: train every seed, record nothing
         for s in seeds:
@@ -139,7 +147,8 @@ def _run_seeds(cfg: DictConfig, output_dir: Path, seeds: list[int], parent_run_i
         for s in seeds:
             group = _Group(record.run_id("job"), sweep_id)
             try:
-                per_seed[s] = _run_one(_seed_cfg(cfg, s), output_dir / f"seed-{s}", group=group)["metrics"]
+                per_seed[s] = _run_one(_seed_cfg(cfg, s), output_dir / f"seed-{s}", group=group,
+                                       callbacks=callbacks)["metrics"]
             except JobUnreachable as e:  # every seed would be: same sizes
                 unreachable = str(e)
                 break
@@ -227,16 +236,22 @@ class _Built:
 
 
 def _run_one(
-    cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None, group: _Group | None = None
-) -> dict[str, Any]:
+    cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None, group: _Group | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:  # fmt: skip
     """One training run of one seed (``run_job`` without ``seeds``, or one of them):
     resolve the job, skip it if its sweep already has it, build, then train and record."""
     job = _resolve(cfg, output_dir, parent_run_id, group)
     built = _build(job)
     if not job.main:  # the other ranks of a sharded job train and evaluate; rank 0 records
-        built.trainer.run(built.model, built.module, built.loaders["train"], built.loaders["val"], built.loaders["test"])
+        built.trainer.run(built.model, built.module, built.loaders["train"], built.loaders["val"], _test(built, cfg))
         return {}
-    return _train_and_record(job, built, output_dir)
+    return _train_and_record(job, built, output_dir, callbacks)
+
+
+def _test(b: _Built, cfg: DictConfig) -> BatchLoader | None:
+    """The test split's loader, or None where the job must not read it (a search trial)."""
+    return b.loaders["test"] if cfg.get("evaluate_test", True) else None
 
 
 def _resolve(cfg: DictConfig, output_dir: Path, parent_run_id: str | None, group: _Group | None) -> _Resolved:
@@ -344,7 +359,7 @@ def _build(r: _Resolved) -> _Built:
     return _Built(ds, module, model, loaders, trainer, chosen)
 
 
-def _train_and_record(r: _Resolved, b: _Built, output_dir: Path) -> dict[str, Any]:
+def _train_and_record(r: _Resolved, b: _Built, output_dir: Path, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Rank 0: the job's run opened (or resumed) in its record, the schedule trained, the
     summary written to disk first, then the metrics, artifacts and status recorded."""
     record, cfg = r.record, r.cfg
@@ -358,11 +373,16 @@ def _train_and_record(r: _Resolved, b: _Built, output_dir: Path) -> dict[str, An
         record.dataset("job", str(b.ds.root))
     monitor = _system_metrics(record) if cfg.mlflow.log_system_metrics else None
     callback = RecordCallback(record)
-    b.trainer.callbacks = [callback]
+    b.trainer.callbacks = [callback, *callbacks]
     try:
         sharding_metrics = r.job.log(record, output_dir) if r.job is not None else {}
         try:
-            result = b.trainer.run(b.model, b.module, b.loaders["train"], b.loaders["val"], b.loaders["test"])
+            result = b.trainer.run(b.model, b.module, b.loaders["train"], b.loaders["val"], _test(b, cfg))
+        except TrainingStopped as e:  # a search's pruner: recorded as stopped, not failed
+            callback.close("FINISHED")
+            record.tags("job", {"embcomp.status": "pruned", "embcomp.reason": str(e)})
+            record.end("job")
+            raise
         except BaseException as e:
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
             callback.close(status)  # a stage's nested run left open ends with the job's status
@@ -392,7 +412,7 @@ def _record_result(r: _Resolved, b: _Built, result: Any, sharding_metrics: dict[
     memory = memory_report(module) if job is None or result.module is not None or job.whole is None else job.whole
     extra = {**sharding_metrics, "peak_rss_bytes": float(peak_rss_bytes())}
     metrics = job_metrics(result, memory, b.model, module, extra)
-    exported = _export(b.model, b.loaders["test"], output_dir) if cfg.export else None
+    exported = _export(b.model, _test(b, cfg) or b.loaders["val"], output_dir) if cfg.export else None
     if exported is not None:
         metrics["export_bytes"] = float(exported[0].bytes_on_disk)
         metrics["export_max_abs_diff"] = exported[1]

@@ -115,6 +115,19 @@ def measure(jobs: list[list[str]], rounds: int = 20, warmup: int = 3) -> list[di
         if base not in built and (ref := build(compose_job(baseline_overrides(overrides)), rounds, setting)) is not None:
             built[base] = ref
     order = list(built.values())
+    time_steps(order, rounds, warmup)
+    out = []
+    for t in order:
+        ms = statistics.median(t.times)
+        base_t = built.get((*t.key[:2], "none", "none", t.key[4]))
+        ref_ms = statistics.median(base_t.times) if base_t is not None else float("nan")
+        out.append(dict(zip(FIELDS, [*t.key, round(ms, 3), round(ms / ref_ms, 3), rounds])))
+    return out
+
+
+def time_steps(order: list[Timed], rounds: int, warmup: int = 3) -> None:
+    """One training step of each job in turn, ``rounds`` times (who goes first rotates),
+    after ``warmup`` untimed steps each; the milliseconds land in each one's ``times``."""
     for t in order:
         for b in t.batches[:warmup]:
             t.step(b)
@@ -125,13 +138,6 @@ def measure(jobs: list[list[str]], rounds: int = 20, warmup: int = 3) -> list[di
             start = time.perf_counter()
             t.step(batch)
             t.times.append((time.perf_counter() - start) * 1e3)
-    out = []
-    for t in order:
-        ms = statistics.median(t.times)
-        base_t = built.get((*t.key[:2], "none", "none", t.key[4]))
-        ref_ms = statistics.median(base_t.times) if base_t is not None else float("nan")
-        out.append(dict(zip(FIELDS, [*t.key, round(ms, 3), round(ms / ref_ms, 3), rounds])))
-    return out
 
 
 def from_sweep(sweep_dir: Path, rounds: int = 20) -> list[dict[str, Any]]:

@@ -80,10 +80,11 @@ def main(cfg: DictConfig) -> float | list[float]:
     if not summary:  # a rank other than 0 of a sharded job: rank 0 records and reports
         return _objective(cfg, None)
     m = summary["metrics"]
+    split = "test" if "test_auc" in m else "final_val"  # (evaluate_test=false: validation only)
     log.info(
-        "%s: test AUC %.4f, logloss %.4f, %d embedding bytes (%.1fx), %.0f samples/s",
-        summary["run_name"], m["test_auc"], m["test_logloss"], m["embedding_bytes"],
-        m["compression_ratio"], m.get("samples_per_s", float("nan")),
+        "%s: %s AUC %.4f, logloss %.4f, %d embedding bytes (%.1fx), %.0f samples/s",
+        summary["run_name"], split.replace("final_val", "validation"), m[f"{split}_auc"], m[f"{split}_logloss"],
+        m["embedding_bytes"], m["compression_ratio"], m.get("samples_per_s", float("nan")),
     )
     return _objective(cfg, m)
 

@@ -26,6 +26,7 @@ from scipy import stats  # type: ignore[import-untyped]
 AGGREGATED = (
     "test_auc", "test_logloss", "embedding_bytes", "compression_ratio", "embedding_optimizer_bytes",
     "samples_per_s", "fit_samples_per_s", "step_time_ms", "epochs_run", "best_epoch", "val_auc",
+    "final_val_auc", "final_val_logloss", "trained_samples",
 )  # fmt: skip
 
 

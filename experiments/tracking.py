@@ -232,6 +232,9 @@ def job_metrics(result: Any, memory: Any, model: Any, module: Any, extra: Mappin
     """A finished job's metrics: test metrics, exact bytes, each stage's figures, the
     training speed and epochs of its (last) training stage, parameter counts."""
     metrics: dict[str, float] = {f"test_{k}": v for k, v in result.test.items()}
+    # the final model's validation figures (what a search selects on), and the run's cost
+    metrics.update({f"final_val_{k}": v for k, v in result.val.items()})
+    metrics["trained_samples"] = float(result.trained_samples)
     metrics.update(memory.as_metrics())
     metrics.update(extra)
     metrics["parameters"] = float(sum(p.numel() for p in model.parameters()))

@@ -71,6 +71,8 @@ class AutoDimConfig(BudgetedConfig):
     bounds the deployed module (its quantized tables when the config quantizes)."""
 
     method: ClassVar[str] = "autodim"
+    # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"alpha_lr": (3e-3, 1e-2, 3e-2)}
     sized_by_stages: ClassVar[bool] = True
     budget: Optional[Budget] = None
     # candidate dims below each table's dim (the table's own dim is always a candidate)

@@ -76,6 +76,8 @@ class AutoSrhConfig(BudgetedConfig):
     score is at least ``prune_threshold`` times its field's best."""
 
     method: ClassVar[str] = "autosrh"
+    # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"l1": (3e-3, 1e-2, 3e-2)}
     sized_by_stages: ClassVar[bool] = True
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=4))
     groups: int = 4

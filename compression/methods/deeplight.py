@@ -32,7 +32,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
@@ -56,6 +56,8 @@ class DeepLightConfig(ElementPruningConfig):
     elements."""
 
     method: ClassVar[str] = "deeplight"
+    # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"prune_ramp": (0.5, 0.75)}
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
     finetune_epochs: int = 1
 

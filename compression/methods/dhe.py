@@ -67,6 +67,8 @@ class DHEConfig(BudgetedConfig):
     """Deep Hash Embedding. ``budget`` picks each table's MLP width; or give ``width`` (budget: null)."""
 
     method: ClassVar[str] = "dhe"
+    # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"layers": (1, 2)}
     # hidden width of every table's MLP, instead of a budget
     width: Optional[int] = None
     # k hash functions (the encoding's length) and m buckets each (the paper: k = 1024)

@@ -90,6 +90,8 @@ class DPQConfig(BudgetedConfig):
     """
 
     method: ClassVar[str] = "dpq"
+    # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"beta": (0.1, 0.25)}
     sized_by_stages: ClassVar[bool] = True
     subspaces: Optional[int] = None
     centroids: Optional[int] = None

@@ -49,6 +49,8 @@ class FrequencyHybridConfig(BudgetedConfig):
     """Top-k ids exact, the rest hashed; ``budget`` picks k and M, or give both."""
 
     method: ClassVar[str] = "frequency_hybrid"
+    # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"exact_fraction": (0.25, 0.5, 0.75)}
     # share of each compressed table's rows that are exact (top-k) rows
     exact_fraction: float = 0.5
     # explicit sizes for every table (budget: null): exact ids and hashed rows

@@ -92,6 +92,8 @@ class ItepConfig(BudgetedConfig):
     the pruned ids' shared row included), or give it for every table (budget: null)."""
 
     method: ClassVar[str] = "itep"
+    # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"pruning_interval": (300, 1001)}
     sized_by_stages: ClassVar[bool] = True
     num_embeddings_post_pruning: Optional[int] = None
     # training steps between prunings (after TorchRec's early ones); TorchRec's default

@@ -55,6 +55,8 @@ class MixedDimConfig(BudgetedConfig):
     """Per-table dims by the power rule; ``budget`` sets its scale, or give ``dims``."""
 
     method: ClassVar[str] = "mixed_dim"
+    # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"alpha": (0.2, 0.3, 0.5)}
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=4))
     # the power rule's temperature: 0 gives every table the same dim
     alpha: float = 0.3

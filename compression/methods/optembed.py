@@ -105,6 +105,8 @@ class OptEmbedConfig(BudgetedConfig):
     bounds the compact export (its deployed, quantized form when the config quantizes)."""
 
     method: ClassVar[str] = "optembed"
+    # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"alpha": (1e-2, 3e-2)}
     sized_by_stages: ClassVar[bool] = True
     budget: Optional[Budget] = None
     alpha: float = 1e-2

@@ -68,6 +68,8 @@ class PEPConfig(ElementPruningConfig):
     is the paper's setting (thresholds alone)."""
 
     method: ClassVar[str] = "pep"
+    # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"threshold_lr": (1e-3, 1e-2)}
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
     granularity: str = "table"
     threshold_init: float = -15.0

@@ -61,6 +61,8 @@ class QRConfig(BudgetedConfig):
     """Quotient-remainder tables; ``budget`` picks c per table, or give ``collisions``."""
 
     method: ClassVar[str] = "qr"
+    # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"combine": ("mult", "add", "concat")}
     # c, the remainder table's rows, for every table (budget: null)
     collisions: Optional[int] = None
     combine: str = "mult"

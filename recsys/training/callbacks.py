@@ -5,6 +5,12 @@ from __future__ import annotations
 from compression.stages import Stage
 
 
+class TrainingStopped(Exception):
+    """Raised by a callback to end training before its schedule does (a search's pruner
+    stopping a trial that has fallen behind); whoever runs the trainer records the run as
+    stopped, with this message as the reason, not as failed."""
+
+
 class Callback:
     """Override what you need; every hook is a no-op by default."""
 

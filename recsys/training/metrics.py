@@ -1,6 +1,20 @@
-"""Evaluation: exact AUC (torchmetrics) and logloss over a whole split."""
+"""Evaluation: exact AUC (torchmetrics) and logloss over a whole split, and whether a
+model has learned anything at all (``not_learned``).
+
+A constant predictor scores AUC 0.5 and, at best, the logloss of the split's base rate;
+a model no better than that on the split it is judged on has learned nothing, whatever
+its bytes, and is never reported as an answer.
+
+Example::
+
+    m = evaluate(model, val_loader, torch.device("cpu"))
+    not_learned(m)        # None, or one line saying why the model counts as failed
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -45,14 +59,52 @@ def predict(
 
 
 def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """AUC, logloss, mean prediction and row count of logits against 0/1 labels."""
+    """AUC, logloss, mean prediction, row and positive counts of logits against 0/1 labels,
+    and ``base_logloss``: the logloss of predicting the split's own click rate for every
+    row (the best any constant predictor can do on it)."""
     auc = float(binary_auroc(torch.sigmoid(logits), labels.long())) if labels.min() != labels.max() else float("nan")
+    rate = float(labels.float().mean())
+    base = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else 0.0
     return {
         "auc": auc,
         "logloss": float(F.binary_cross_entropy_with_logits(logits, labels)),
         "mean_prediction": float(torch.sigmoid(logits).mean()),
         "rows": float(len(labels)),
+        "positives": float(labels.sum()),
+        "base_logloss": base,
     }
+
+
+# how many standard errors of a constant predictor's AUC a model must clear
+AUC_NOISE_SIGMAS = 3.0
+
+
+def auc_noise(rows: float, positives: float) -> float:
+    """Standard error of the AUC of a model that knows nothing (Mann-Whitney's null:
+    sqrt((n_pos + n_neg + 1) / (12 n_pos n_neg)))."""
+    neg = rows - positives
+    if positives <= 0 or neg <= 0:
+        return math.inf
+    return math.sqrt((positives + neg + 1) / (12 * positives * neg))
+
+
+def not_learned(metrics: Mapping[str, float], prefix: str = "") -> str | None:
+    """Why the model whose metrics these are has learned nothing, or None if it has.
+
+    Failed: AUC missing or within ``AUC_NOISE_SIGMAS`` standard errors of 0.5 (the noise
+    of a constant predictor on that many rows), or logloss no better than the split's
+    base rate's. ``prefix``: the metrics' names carry it (``final_val_``, ``test_``)."""
+    get = lambda k: float(metrics.get(prefix + k, math.nan))  # noqa: E731
+    auc, logloss, base = get("auc"), get("logloss"), get("base_logloss")
+    if not auc == auc:
+        return "no AUC (a split of one class, or a run that did not finish)"
+    rows, pos = get("rows"), get("positives")
+    noise = AUC_NOISE_SIGMAS * auc_noise(rows, pos) if rows == rows and pos == pos else 0.0
+    if abs(auc - 0.5) <= noise:
+        return f"AUC {auc:.4f} is within noise of 0.5 (±{noise:.4f} on {int(rows):,} rows)"
+    if base == base and logloss == logloss and logloss >= base:
+        return f"logloss {logloss:.4f} is no better than predicting the base rate ({base:.4f})"
+    return None
 
 
 def evaluate(

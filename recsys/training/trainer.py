@@ -78,6 +78,25 @@ class TrainerConfig:
     in_memory: Optional[bool] = None
 
 
+def search_space(cfg: TrainerConfig) -> dict[str, tuple[float, ...]]:
+    """The trainer's knobs a search tunes for every method, around ``cfg``'s values: the
+    embedding rows' learning rate (a third, as is, three times) and their L2 (none, as is;
+    1e-4 where ``cfg`` has none). What a row's gradient looks like changes with the method
+    (shared rows, pruned rows), so these are tuned per method, the full table's included.
+
+    Example::
+
+        search_space(TrainerConfig(sparse_lr=0.05, embedding_l2=1e-4))
+        # {'sparse_lr': (0.0167, 0.05, 0.15), 'embedding_l2': (0.0, 0.0001)}
+    """
+    lr, l2 = cfg.sparse_lr, cfg.embedding_l2 or 1e-4
+    return {"sparse_lr": (_round(lr / 3), lr, _round(lr * 3)), "embedding_l2": (0.0, l2)}
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' is CUDA where there is one, else the CPU."""
     if name == "auto":
@@ -117,6 +136,11 @@ class RunResult:
     # the module the schedule ended with when it is not the one passed in (a sharded run's
     # post-training stages run on rank 0's unsharded copy); None on the other ranks' results
     module: CompressedEmbeddingBagCollection | None = None
+    # the validation metrics of the model the schedule ended with (after every stage, a
+    # quantize stage included): what a search selects on; empty on the other ranks
+    val: dict[str, float] = field(default_factory=dict)
+    # training samples of every stage together (the cost of the run)
+    trained_samples: int = 0
 
 
 @dataclass
@@ -168,6 +192,9 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.device = resolve_device(cfg.device)
+        # samples trained by this trainer so far, every stage and fit together (reported
+        # with each epoch's metrics as ``trained_samples``, so a callback sees the cost)
+        self.trained_samples = 0
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         # where the model lives: this process, or sharded by DMP (recsys.training.sharded)
@@ -180,9 +207,11 @@ class Trainer:
         module: CompressedEmbeddingBagCollection,
         train: BatchLoader,
         val: BatchLoader,
-        test: BatchLoader,
+        test: BatchLoader | None,
     ) -> RunResult:
-        """Run every stage of ``module``'s schedule, then evaluate on ``test``.
+        """Run every stage of ``module``'s schedule, then evaluate the final model on
+        ``val`` and on ``test`` (``test=None``: the test split is not read, as in a search
+        that selects on validation).
 
         Sharded (``ShardedBackend``): training stages run on every rank; a stage with its
         own ``run`` (post-training quantization) runs on rank 0 with the model gathered
@@ -193,11 +222,14 @@ class Trainer:
         results: dict[str, dict[str, float]] = {}
         last_fit: FitResult | None = None
         replaced = None
+        start_samples = self.trained_samples
         for stage in stages:
             if stage.run is not None:  # needs the model whole in this process
-                whole, self.backend = self.backend.gather(model, (train, val, test))
+                loaders = (train, val) if test is None else (train, val, test)
+                whole, self.backend = self.backend.gather(model, loaders)
                 if whole is None:  # a rank other than 0: its part is done
-                    return RunResult(stages=results, test={}, fit=last_fit)
+                    return RunResult(stages=results, test={}, fit=last_fit,
+                                     trained_samples=self.trained_samples - start_samples)
                 if whole is not model:
                     model = whole
                     module = replaced = next(m for m in model.modules() if isinstance(m, CompressedEmbeddingBagCollection))
@@ -219,8 +251,10 @@ class Trainer:
             results[stage.name] = metrics
             for cb in self.callbacks:
                 cb.on_stage_end(stage, metrics, len(stages))
-        test_metrics = self.backend.evaluate(model, test)
-        return RunResult(stages=results, test=test_metrics, fit=last_fit, module=replaced)
+        val_metrics = self.backend.evaluate(model, val)
+        test_metrics = self.backend.evaluate(model, test) if test is not None else {}
+        return RunResult(stages=results, test=test_metrics, fit=last_fit, module=replaced, val=val_metrics,
+                         trained_samples=self.trained_samples - start_samples)
 
     # -- the standard loop -------------------------------------------------------------
     def fit(
@@ -263,6 +297,7 @@ class Trainer:
                 state.step_times.append(dt)
                 state.train_time += dt
                 state.samples += n_samples
+                self.trained_samples += n_samples
                 state.batch += 1
                 state.global_step += 1
                 if not math.isfinite(loss_value):
@@ -282,6 +317,7 @@ class Trainer:
             state.end_epoch(val_metrics, model, cfg, epochs, self.backend.snapshot)
             epoch_metrics = {f"val_{k}": v for k, v in val_metrics.items()}
             epoch_metrics["epoch"] = float(state.epoch)
+            epoch_metrics["trained_samples"] = float(self.trained_samples)
             if state.bad_epochs and cfg.lr_decay != 1.0:  # a plateau: every rate x lr_decay
                 epoch_metrics["lr"] = opts.decay_lr(cfg.lr_decay, cfg.min_lr)
             epoch_metrics.update(module.training_metrics())  # e.g. OptEmbed's thresholds
