@@ -31,6 +31,7 @@ import pandas as pd
 
 from experiments.job import PARENT_TAG
 from experiments.seeds import Stat, aggregate
+from recsys.training.metrics import not_learned
 
 KEYS = ["dataset", "model", "method", "budget", "setting"]
 # job overrides that the columns already show, or that do not change a result
@@ -41,6 +42,7 @@ COLUMNS = [
     "delta_auc", "step_vs_base", "rank", "pareto", "status",
 ]  # fmt: skip
 OVERHEAD_ARTIFACT = "report/overhead.csv"
+LEARNED = ("_base_logloss", "_rows", "_positives")
 
 
 @dataclass
@@ -96,12 +98,15 @@ def collect(experiment: str, parent_run_id: str | Sequence[str] | None = None) -
                 "ratio": m.get("compression_ratio", math.nan),
                 "auc": m.get("test_auc", math.nan),
                 "logloss": m.get("test_logloss", math.nan),
+                # what tells a model that learned from a constant predictor (recsys.training.metrics)
+                **{f"_{k}": m.get(f"test_{k}", math.nan) for k in ("base_logloss", "rows", "positives")},
                 "status": status if status == "complete" else "unreachable: " + t.get("embcomp.reason", "")[:160],
                 "start": r.info.start_time,
                 "_overrides": settings(t.get("embcomp.overrides", "")),
             }
         )
-    df = pd.DataFrame(rows, columns=[*KEYS, "seed", "bytes", "ratio", "auc", "logloss", "status", "start", "_overrides"])
+    df = pd.DataFrame(rows, columns=[*KEYS, "seed", "bytes", "ratio", "auc", "logloss", *LEARNED, "status", "start",
+                                     "_overrides"])  # fmt: skip
     if df.empty:
         return df.drop(columns="_overrides")
     # what else the sweep varies (trainer=bars, trainer.sparse_lr=...) tells rows apart
@@ -130,13 +135,16 @@ def summarise(runs: pd.DataFrame, overhead: pd.DataFrame | None = None) -> pd.Da
     for key, g in runs.groupby(KEYS, sort=False, dropna=False):
         done = g[g["status"] == "complete"]
         auc, logloss = aggregate(done["auc"]), aggregate(done["logloss"])
+        status = "complete" if len(done) else g["status"].iloc[-1]
+        if len(done) and (why := _not_learned(auc.mean, logloss.mean, done)) is not None:
+            status = f"failed: has not learned ({why})"  # never best, tied or on the frontier
         rows.append({
             **dict(zip(KEYS, key)), "seeds": len(done),
             "bytes": done["bytes"].mean() if len(done) else math.nan,
             "ratio": done["ratio"].mean() if len(done) else math.nan,
             "auc": auc.mean, "auc_std": auc.std, "auc_ci95": auc.ci95,
             "logloss": logloss.mean, "logloss_std": logloss.std, "logloss_ci95": logloss.ci95,
-            "status": "complete" if len(done) else g["status"].iloc[-1],
+            "status": status,
         })  # fmt: skip
     df = pd.DataFrame(rows)
     df["delta_auc"] = math.nan
@@ -160,6 +168,13 @@ def summarise(runs: pd.DataFrame, overhead: pd.DataFrame | None = None) -> pd.Da
     df = df.sort_values(["dataset", "model", "setting", "_base", "method", "bytes"],
                         ascending=[True, True, True, True, True, False])  # fmt: skip
     return df.drop(columns="_base").reset_index(drop=True)
+
+
+def _not_learned(auc: float, logloss: float, runs: pd.DataFrame) -> str | None:
+    """Why a method's seeds, taken together, have learned nothing on the test split (None:
+    they have): their mean AUC and logloss against a constant predictor's on that split."""
+    first = runs.iloc[0]
+    return not_learned({"auc": auc, "logloss": logloss, **{k[1:]: first[k] for k in LEARNED}})
 
 
 def _stat(r: pd.Series, col: str = "auc") -> Stat:

@@ -93,7 +93,7 @@ class UnifiedEmbeddingConfig(BudgetedConfig):
 
     method: ClassVar[str] = NAME
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
-    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"chunk_rule": ("uniform", "cardinality")}
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"num_tables": (1, 2)}
     # rows M of every shared table, instead of a budget (set budget: null)
     rows: Optional[int] = None
     # d, the dim of one chunk; None: the source dim / chunks

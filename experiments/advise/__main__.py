@@ -8,6 +8,7 @@ rung) ends with one line on stderr and exit status 1, before any training.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from omegaconf import OmegaConf
@@ -16,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from compression.config_checks import ConfigError
 from experiments.advise import AdviseConfig, AdviseError, advise
 from experiments.config import register_configs
-from experiments.run import USER_ERRORS, _quiet_libraries
+from experiments.run import USER_ERRORS, _quiet_libraries, _terminated
 
 PREFIX = "advise."
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     _quiet_libraries()
+    signal.signal(signal.SIGTERM, _terminated)  # a scheduler's cancel: the trial's point goes back in the queue
     try:
         job, config = parse(argv)
         advise(job, config, argv=argv)

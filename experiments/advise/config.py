@@ -68,6 +68,9 @@ class AdviseConfig:
     # another process planned (another machine, same storage) and run trials, no answer
     workers: int = bounded(1, ge=1)
     worker_only: bool = False
+    # seconds between a running trial's heartbeats; after 6 missed ones (a worker killed
+    # outright) the trial is failed and its point queued again
+    heartbeat_s: int = bounded(10, ge=1)
     # the brute-force comparison: every planned point, `seeds` seeds each, to convergence,
     # no early stopping and no compute budget, the test split read for each
     grid: bool = False

@@ -31,6 +31,8 @@ what those trials cost.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -50,9 +52,11 @@ from experiments.advise.config import AdviseConfig
 from experiments.advise.pruner import PerCandidateHalving
 from recsys.training.callbacks import Callback, TrainingStopped
 
-HEARTBEAT_S = 10
-GRACE_S = 60
+# a running trial's worker writes a heartbeat this often; a trial without one for
+# GRACE_BEATS beats is taken for dead: failed, its point queued again
+GRACE_BEATS = 6
 PLAN_ATTR = "embcomp.plan"
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 PARENT_ATTR = "embcomp.parent_run"
 
 # (a point, the trial's number, callbacks for the trainer) -> the job's summary; a job the
@@ -69,23 +73,25 @@ class _TrialError(Exception):
     failed with the reason, and the search goes on."""
 
 
-def storage(url: str) -> RDBStorage:
+def storage(url: str, heartbeat_s: int = 10) -> RDBStorage:
     """The study's RDB storage, with heartbeats: a trial whose worker died is failed after
-    ``GRACE_S`` seconds and its point queued again."""
+    ``GRACE_BEATS`` missed beats and its point queued again."""
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return RDBStorage(
-        url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-    )  # fmt: skip
+    with warnings.catch_warnings():  # (Optuna marks the heartbeat API experimental)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=GRACE_BEATS * heartbeat_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+        )  # fmt: skip
 
 
 def open_study(url: str, name: str, advise: AdviseConfig) -> optuna.Study:
     pruner = optuna.pruners.NopPruner() if advise.grid else PerCandidateHalving(advise.min_epochs, advise.reduction_factor)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(study_name=name, storage=storage(url), direction="maximize", pruner=pruner,
-                               load_if_exists=True)  # fmt: skip
+    return optuna.create_study(study_name=name, storage=storage(url, advise.heartbeat_s), direction="maximize",
+                               pruner=pruner, load_if_exists=True)  # fmt: skip
 
 
 def plan_study(study: optuna.Study, plan: list[Point], digest: str) -> None:
@@ -230,9 +236,10 @@ class Search:
             states = {t.state for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))}
             if TrialState.WAITING not in states:
                 if TrialState.RUNNING in states:  # another worker's, or a dead one's within its grace
-                    time.sleep(HEARTBEAT_S / 2)
+                    time.sleep(self.advise.heartbeat_s / 2)
                     continue
                 return
+            self.current = None
             try:
                 self.study.optimize(self.objective, n_trials=1, catch=(_TrialError,), gc_after_trial=False)
             except KeyboardInterrupt:
@@ -282,6 +289,7 @@ class Search:
         trial.suggest_categorical("candidate", [c for c in self.candidates()])
         for key, value in point.values:
             trial.suggest_categorical(f"{point.candidate.name}.{key.split('.', 1)[1]}", list(space[key]))
+        trial.set_user_attr("worker", WORKER)
         if point.candidate.reference:
             trial.set_user_attr("reference", True)
         if (why := self.behind(point)) is not None:
@@ -303,8 +311,7 @@ class Search:
             trial.set_user_attr("error", str(e).splitlines()[0][:300])
             self._progress(trial, point, f"failed: {e}")
             raise _TrialError(str(e)) from None
-        finally:
-            self.current = None
+        self.current = None
         m = summary["metrics"]
         attrs = {k: float(m[k]) for k in RECORDED if k in m}
         attrs.update(wall_s=time.monotonic() - start, run_id=summary.get("run_id") or "")

@@ -216,3 +216,22 @@ def test_a_budget_with_quantization_is_met_by_the_deployed_module(config, precis
     assert m.describe()["planned_precision"] == "fp32"
     quantize_(m, trained.quantization)
     assert memory_report(m).bytes < fp32  # then quantized below the budget
+
+
+def spaces():
+    return [pytest.param(cls, id=name) for name, cls in sorted(compression.registered_methods().items())]
+
+
+@pytest.mark.parametrize("cls", spaces())
+def test_search_space_names_fields_holds_the_default_and_every_value_builds(cls):
+    """``make advise`` tunes a method over its declared ``search_space``: each knob is a field
+    of its config, the default among its values, and every value builds the module (on meta)."""
+    example = cls.contract_examples()[0]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, values in cls.search_space.items():
+        assert key in fields, f"{cls.method}.search_space names '{key}', not a field of {cls.__name__}"
+        assert len(values) >= 2 and len(set(values)) == len(values), f"{cls.method}.{key}: {values}"
+        assert getattr(cls(), key) in values, f"{cls.method}.{key}: the default is not among {values}"
+        for v in values:
+            module = compress(TABLES, dataclasses.replace(example, **{key: v}), counts=COUNTS, table_device="meta")
+            assert isinstance(module, CompressedEmbeddingBagCollection)
