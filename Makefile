@@ -27,7 +27,7 @@ TRACKING_URI ?= sqlite:///mlflow.db
 EXPERIMENTS := $(basename $(notdir $(wildcard experiments/conf/experiment/*.yaml)))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-all experiment experiment-distributed sweep report readme-table ui lint clean peer-setup peer-compare bench-step bench-lookup
+.PHONY: help setup test test-all advise experiment experiment-distributed sweep report readme-table ui lint clean peer-setup peer-compare bench-step bench-lookup
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -49,7 +49,7 @@ else
 	$(error DEVICE must be cpu or cuda, got '$(DEVICE)')
 endif
 	$(PY) -m pip install -q -e ".[dev,$(DEVICE)]"
-	$(PY) -m pip install -q --no-deps "torchrec==1.8.0"
+	$(PY) -m pip install -q --no-deps "torchrec==1.8.0" "hydra-optuna-sweeper==1.3.0"
 	rm -f $(VENV)/.setup-*
 	touch $@
 
@@ -60,6 +60,9 @@ test: $(STAMP) ## run the test suite (what CI runs)
 
 test-all: $(STAMP) ## run every test, slow ones included
 	$(PY) -m pytest -q $(ARGS)
+
+advise: $(STAMP) ## which method loses least at a budget, within a compute budget: make advise ARGS="dataset=movielens_100k budget=10x advise.minutes=30"
+	$(PY) -m experiments.advise $(ARGS)
 
 experiment: $(STAMP) ## the main job: every method at 10x/100x/1000x + baseline (MovieLens-100K), report
 	$(PY) -m experiments.run --multirun experiment=comparison $(ARGS)

@@ -78,8 +78,9 @@ class Config:
     budget: Optional[str] = None
     budget_scope: str = "model"
     # what the job returns to a sweeper (Optuna): one metric, or several for a
-    # multi-objective study (e.g. [test_auc, embedding_bytes])
-    objective: list[str] = field(default_factory=lambda: ["test_auc"])
+    # multi-objective study (e.g. [final_val_auc, embedding_bytes]); a validation figure,
+    # so that a sweep never selects on the test split
+    objective: list[str] = field(default_factory=lambda: ["final_val_auc"])
     # a sweep job that is skipped (duplicate, budget out of reach): "nan" returns NaN
     # (basic sweeps go on), "fail" raises so a sweeper like Optuna marks the trial failed
     on_skip: str = "nan"

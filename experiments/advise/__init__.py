@@ -58,6 +58,7 @@ from experiments.advise.search import (
     AdviseError,
     Budget,
     Search,
+    best_by_candidate,
     finished,
     open_study,
     plan_study,
@@ -298,13 +299,9 @@ def _conclude(study: Any, found: Found, base: list[str], cfg: DictConfig, config
         say(text)
         _log(parent, report_dir, {"grid_samples": cost["total_samples"], "wall_s": cost["wall_s"]})
         return Advice("grid", None, [], found, cost, name, report_dir, parent, markdown=text, grid=rows)
-    done = finished(study)
-    best: dict[str, Any] = {}
-    for t in done:
-        if "not_learned" not in t.user_attrs and (t.params["candidate"] not in best or t.value > best[t.params["candidate"]].value):
-            best[t.params["candidate"]] = t
+    best = best_by_candidate(finished(study), reference=True)
     ref_trial = best.pop("none", None)
-    chosen = sorted(best.values(), key=lambda t: t.value, reverse=True)[: config.finalists]
+    chosen = sorted(best.values(), key=lambda t: float(t.value or 0.0), reverse=True)[: config.finalists]
     if ref_trial is not None:
         chosen.append(ref_trial)
     if not [t for t in chosen if t.params["candidate"] != "none"]:
@@ -315,7 +312,7 @@ def _conclude(study: Any, found: Found, base: list[str], cfg: DictConfig, config
         point = points[t.user_attrs["point"]]
         say(f"[advise] finalist {i + 1}/{len(chosen)}: {point.candidate.name} {point.settings()}, {config.seeds} seeds")
         fcfg = _trial_cfg(composer, base, point, config, ctx, "finalist", None)
-        finals.append(Finalist.of(point, _run(fcfg, root / "finalists" / point.key, parent, []), t.value))
+        finals.append(Finalist.of(point, _run(fcfg, root / "finalists" / point.key, parent, []), float(t.value or 0.0)))
     answer = decide(finals)
     line = answer_line(answer, finals, str(cfg.budget))
     search_samples = spent_samples(study)

@@ -124,7 +124,7 @@ class Found:
     def plan(self) -> list[Point]:
         """Every point in the order trials take them: each candidate's default first
         (round 0 of every candidate), then round 1 of every candidate, and so on."""
-        out = []
+        out: list[Point] = []
         for r in itertools.count():
             layer = [ps[r] for ps in self.points.values() if r < len(ps)]
             if not layer:
@@ -181,7 +181,8 @@ def find_candidates(compose: Any, base: Sequence[str], advise: AdviseConfig, ctx
                 continue
             comp = resolve_compression(cfg)
             space = {f"compression.{k}": tuple(v) for k, v in type(comp).search_space.items()}
-            space.update({f"trainer.{k}": v for k, v in trainer_space(OmegaConf.to_object(cfg.trainer)).items()})
+            trainer: Any = OmegaConf.to_object(cfg.trainer)
+            space.update({f"trainer.{k}": v for k, v in trainer_space(trainer).items()})
             cand = Candidate(cand.name, cand.choice, cand.precision, cand.reference, tuple(space.items()))
             defaults = {k: OmegaConf.select(cfg, k) for k in space}
             why = _refusal(comp, ctx, target, cand, advise)
@@ -189,7 +190,7 @@ def find_candidates(compose: Any, base: Sequence[str], advise: AdviseConfig, ctx
                 found.refused[cand.name] = why
                 continue
             points = _points(cand, defaults, rng)[: 1 if advise.defaults_only else None]
-            kept = []
+            kept: list[Point] = []
             for p in points:
                 reason = None if p.default else _refusal(resolve_compression(compose([*base, *p.overrides()])), ctx, target, cand)
                 if reason is None:

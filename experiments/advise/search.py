@@ -178,9 +178,9 @@ def best_by_candidate(trials: list[FrozenTrial], reference: bool = False) -> dic
     best: dict[str, FrozenTrial] = {}
     for t in trials:
         name = t.params["candidate"]
-        if learned(t) and (reference or not t.user_attrs.get("reference")):
-            if name not in best or t.value > best[name].value:  # type: ignore[operator]
-                best[name] = t
+        wanted = learned(t) and (reference or not t.user_attrs.get("reference"))
+        if wanted and (name not in best or t.value > best[name].value):  # type: ignore[operator]
+            best[name] = t
     return best
 
 
@@ -287,7 +287,7 @@ class Search:
             raise optuna.TrialPruned("not in the plan")
         space = dict(point.candidate.space)
         trial.suggest_categorical("candidate", [c for c in self.candidates()])
-        for key, value in point.values:
+        for key, _ in point.values:  # (the queued point fixes each value)
             trial.suggest_categorical(f"{point.candidate.name}.{key.split('.', 1)[1]}", list(space[key]))
         trial.set_user_attr("worker", WORKER)
         if point.candidate.reference:
@@ -313,7 +313,7 @@ class Search:
             raise _TrialError(str(e)) from None
         self.current = None
         m = summary["metrics"]
-        attrs = {k: float(m[k]) for k in RECORDED if k in m}
+        attrs: dict[str, Any] = {k: float(m[k]) for k in RECORDED if k in m}
         attrs.update(wall_s=time.monotonic() - start, run_id=summary.get("run_id") or "")
         if "per_seed" in summary:  # the grid: seeds' sums and test figures
             attrs["trained_samples"] = sum(float(s.get("trained_samples", 0)) for s in summary["per_seed"].values())

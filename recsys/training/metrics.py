@@ -96,12 +96,12 @@ def not_learned(metrics: Mapping[str, float], prefix: str = "") -> str | None:
     base rate's. ``prefix``: the metrics' names carry it (``final_val_``, ``test_``)."""
     get = lambda k: float(metrics.get(prefix + k, math.nan))  # noqa: E731
     auc, logloss, base = get("auc"), get("logloss"), get("base_logloss")
-    if not auc == auc:
+    if auc != auc:  # NaN
         return "no AUC (a split of one class, or a run that did not finish)"
     rows, pos = get("rows"), get("positives")
     noise = AUC_NOISE_SIGMAS * auc_noise(rows, pos) if rows == rows and pos == pos else 0.0
     if abs(auc - 0.5) <= noise:
-        return f"AUC {auc:.4f} is within noise of 0.5 (±{noise:.4f} on {int(rows):,} rows)"
+        return f"AUC {auc:.4f} is within noise of 0.5, ±{noise:.4f} on {int(rows):,} rows"
     if base == base and logloss == logloss and logloss >= base:
         return f"logloss {logloss:.4f} is no better than predicting the base rate ({base:.4f})"
     return None

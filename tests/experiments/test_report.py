@@ -44,3 +44,22 @@ def test_several_sweeps_make_one_report_and_a_rerun_replaces_its_earlier_record(
     assert sorted(collect("study", first).method.unique()) == ["autodim", "hashing", "none"]
     assert sorted(collect("study", first)[lambda d: d.method == "autodim"].auc) == [0.50, 0.52]
     assert list(collect("study", second).method.unique()) == ["autodim"]
+
+
+def test_a_model_that_has_not_learned_is_marked_failed_never_best_nor_on_the_frontier(tmp_path):
+    """A constant predictor (test AUC 0.5000 +- 0.0000 at 1000x) once came out 'best' and on
+    the frontier; within noise of 0.5 on the split it is judged on, it is failed instead."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("study", artifact_location=str(tmp_path / "artifacts"))
+    parent = _sweep(client, exp, {("none", "none"): [0.80, 0.81], ("optembed", "1000x"): [0.5003, 0.4999],
+                                  ("hashing", "1000x"): [0.55, 0.56]})  # fmt: skip
+    runs = mlflow.search_runs(experiment_ids=[exp], output_format="list")
+    for r in runs:  # the split's size and click rate, as jobs log them
+        if r.data.tags.get("embcomp.kind") != "sweep":
+            for k, v in {"test_rows": 10000.0, "test_positives": 3000.0, "test_base_logloss": 0.6109}.items():
+                client.log_metric(r.info.run_id, k, v)
+    table = summarise(collect("study", parent)).set_index("method")
+    assert table.loc["optembed", "status"] == "failed: has not learned (AUC 0.5001 is within noise of 0.5, ±0.0189 on 10,000 rows)"
+    assert table.loc["optembed", "rank"] == "" and not table.loc["optembed", "pareto"]
+    assert table.loc["hashing", "rank"] == "best"

@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import mlflow
+import optuna
 import pandas as pd
 
 from tests.experiments.conftest import REPO, run_cli, smoke_overrides
@@ -115,6 +116,7 @@ def test_make_ui_serves_the_store_over_rest(tmp_path):
 def test_optuna_sweeper_searches_method_and_budget(tmp_path):
     r = run_cli(
         "--multirun", "hparams_search=budget_optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps_per_epoch=5",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
         *smoke_overrides(tmp_path), f"hydra.sweep.dir={tmp_path}/multi", f"report_dir={tmp_path}/reports",
         cwd=tmp_path,
     )
@@ -125,6 +127,13 @@ def test_optuna_sweeper_searches_method_and_budget(tmp_path):
     runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
     trials = [x for x in runs if x.data.tags.get("embcomp.kind") != "sweep"]
     assert len(trials) == 2  # each trial is an MLflow run (finished or recorded unreachable)
+    # the study is in SQLite (it resumes), and its trials were scored on validation, not test
+    study = optuna.load_study(study_name="budget_search", storage=f"sqlite:///{tmp_path}/optuna.db")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done  # (seeded sampler: the first trials reach their budgets)
+    finished = {x.data.tags["embcomp.job_key"]: x for x in trials if "final_val_auc" in x.data.metrics}
+    for t in done:
+        assert any(abs(x.data.metrics["final_val_auc"] - t.values[0]) < 1e-9 for x in finished.values())
 
 
 def test_a_budget_found_out_of_reach_in_a_later_stage_is_recorded_on_the_job_run(tmp_path):
