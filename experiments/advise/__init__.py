@@ -132,7 +132,8 @@ def advise(job: Sequence[str], config: AdviseConfig | None = None, *, argv: Sequ
     found = find_candidates(composer, base, config, ctx)
     if not [c for c in found.candidates if not c.reference]:
         reasons = "; ".join(f"{k}: {v}" for k, v in found.refused.items() if k != "none")
-        raise AdviseError(f"no candidate can hold the tables in {cfg.budget}: {reasons or 'no methods to consider'}")
+        raise AdviseError(f"no candidate meets {cfg.budget}" + (" and the constraints" if _constrained(config) else "")
+                          + f": {reasons or 'no methods to consider'}")  # fmt: skip
     budget = _compute_budget(config, ctx, found, composer, base, started)
     name = config.study or "-".join([cfg.dataset.name, cfg.model.name, str(cfg.budget), *config.precisions[1:],
                                      *(["grid"] if config.grid else []), *(["defaults"] if config.defaults_only else [])])  # fmt: skip
@@ -177,6 +178,10 @@ def advise(job: Sequence[str], config: AdviseConfig | None = None, *, argv: Sequ
                 w.terminate()
         if not config.worker_only:
             mlflow.MlflowClient().set_terminated(parent, RunStatus.to_string(getattr(RunStatus, status)))
+
+
+def _constrained(config: AdviseConfig) -> bool:
+    return config.max_step_ratio is not None or config.shardable or config.exportable
 
 
 def _resolve(path: str) -> str:

@@ -144,9 +144,11 @@ class Budget:
 class _Report(Callback):
     """Each epoch's validation AUC to the trial; stops the trial when the pruner says so."""
 
-    def __init__(self, trial: optuna.Trial, prune: bool) -> None:
+    def __init__(self, trial: optuna.Trial, prune: bool, say: Callable[[str], None] = print, name: str = "") -> None:
         self.trial = trial
         self.prune = prune
+        self.say = say
+        self.name = name
         self.epochs = 0
         self.samples = 0.0
 
@@ -158,9 +160,14 @@ class _Report(Callback):
         if auc is None or not self.prune:
             return
         self.trial.report(float(auc), self.epochs)
-        if self.trial.should_prune():
-            raise TrainingStopped(f"stopped after epoch {self.epochs}: validation AUC {auc:.4f}, behind the "
-                                  "candidate's other settings at that epoch")  # fmt: skip
+        stop = self.trial.should_prune()
+        pruner = self.trial.study.pruner
+        if isinstance(pruner, PerCandidateHalving) and pruner.is_rung(self.epochs):  # progress at each rung
+            self.say(f"[advise]   {self.name} epoch {self.epochs} (a rung): validation AUC {auc:.4f}, "
+                     + ("stopped" if stop else "goes on"))  # fmt: skip
+        if stop:
+            raise TrainingStopped(f"stopped after epoch {self.epochs}: validation AUC {auc:.4f}, behind its "
+                                  "rivals at that epoch")  # fmt: skip
 
 
 def finished(study: optuna.Study) -> list[FrozenTrial]:
@@ -297,7 +304,7 @@ class Search:
             self._progress(trial, point, "skipped: " + why)
             raise optuna.TrialPruned(why)
         self.current = point
-        report = _Report(trial, prune=not self.advise.grid)
+        report = _Report(trial, not self.advise.grid, self.say, f"{point.candidate.name} {point.settings()}")
         start = time.monotonic()
         try:
             summary = self.runner(point, trial.number, [] if self.advise.grid else [report])

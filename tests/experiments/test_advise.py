@@ -48,8 +48,12 @@ def trials(tmp: Path, study: str) -> list[optuna.trial.FrozenTrial]:
 
 def test_advise_answers_on_validation_with_its_evidence(tmp_path):
     config = where(tmp_path, methods=["hashing", "qr"], epochs=40, seeds=2, finalists=2)
-    advice = advise(job(tmp_path), config, say=lambda s: None)
+    said: list[str] = []
+    advice = advise(job(tmp_path), config, say=said.append)
     assert advice is not None and advice.answer is not None
+    # progress a person can follow: each trial's round and result, rungs, the best so far, the spend
+    assert any(x.startswith("[advise] trial 1 (") and "round 0" in x and "samples" in x for x in said)
+    assert any("(a rung): validation AUC" in x for x in said) and any(" · best " in x for x in said)
     assert advice.answer.name in ("hashing", "qr") and advice.answer.rank == "answer"
     ref = next(f for f in advice.finalists if f.point.candidate.reference)
     assert ref.name == "none" and advice.answer.delta is not None and advice.answer.delta.n == 2
@@ -113,11 +117,13 @@ def test_a_constant_predictor_is_never_the_answer(tmp_path):
 @pytest.mark.parametrize(
     "extra, advise_args, says",
     [
-        (["budget=100000x"], ["advise.methods=[hashing,qr]"], "no candidate can hold the tables in 100000x: hashing: hashing cannot reach"),
-        ([], ["advise.methods=[]"], "no candidate can hold the tables in 10x: no methods to consider"),
+        (["budget=100000x"], ["advise.methods=[hashing,qr]"], "no candidate meets 100000x: hashing: hashing cannot reach"),
+        ([], ["advise.methods=[]"], "no candidate meets 10x: no methods to consider"),
         ([], ["advise.methods=[hashing]", "advise.exclude=[hashing]"], "no methods to consider"),
         ([], ["advise.methods=[no_such_method]"], "no_such_method: "),
         ([], ["advise.methods=[hashing]", "advise.samples=100"], "advise.samples=100 is below one rung"),
+        ([], ["advise.methods=[hashing]", "advise.max_step_ratio=0.01"],
+         "no candidate meets 10x and the constraints: hashing: training step"),
         ([], ["advise.seeds=1"], "advise.seeds: must be >= 2, got 1"),
         ([], ["advise.precisions=[int3]"], "advise.precisions: each must be one of"),
         ([], ["advise.nope=1"], "advise: Key 'nope' not in 'AdviseConfig'"),
@@ -270,3 +276,17 @@ def test_successive_halving_ranks_a_trial_against_its_rivals_only():
     assert trial("none", "none", [0.50, 0.55, 0.60]) is None  # the full table is nobody's rival
     assert trial("b", "b", [0.65, 0.70, 0.71]) is None  # b's tuning meets b's default only, and leads it
     assert trial("a", "a", [0.69, 0.73, 0.75]) == 1  # a's tuning is behind a's default at epoch 1
+
+
+def test_constraints_refuse_what_cannot_shard_and_keep_what_exports(tmp_path):
+    from experiments.advise import _Composer
+    from experiments.advise.candidates import find_candidates, job_context
+
+    composer = _Composer()
+    base = job(tmp_path)
+    ctx = job_context(composer(base))
+    found = find_candidates(composer, base, where(tmp_path, methods=["hashing", "itep"], shardable=True), ctx)
+    assert [c.name for c in found.candidates] == ["none", "hashing"]
+    assert found.refused["itep"].startswith("not shardable: itep")
+    found = find_candidates(composer, base, where(tmp_path, methods=["hashing"], exportable=True), ctx)
+    assert [c.name for c in found.candidates] == ["none", "hashing"] and not found.refused
