@@ -174,7 +174,7 @@ def _not_learned(auc: float, logloss: float, runs: pd.DataFrame) -> str | None:
     """Why a method's seeds, taken together, have learned nothing on the test split (None:
     they have): their mean AUC and logloss against a constant predictor's on that split."""
     first = runs.iloc[0]
-    return not_learned({"auc": auc, "logloss": logloss, **{k[1:]: first[k] for k in LEARNED}})
+    return not_learned({"auc": auc, "logloss": logloss, **{k[1:]: first.get(k, math.nan) for k in LEARNED}})
 
 
 def _stat(r: pd.Series, col: str = "auc") -> Stat:

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -124,6 +125,9 @@ def advise(job: Sequence[str], config: AdviseConfig | None = None, *, argv: Sequ
     started = time.monotonic()
     composer = _Composer()
     base = [*job, *([] if any(o.startswith("mlflow.experiment_name=") for o in job) else [f"mlflow.experiment_name={EXPERIMENT}"])]
+    threads = max(1, (os.cpu_count() or 1) // config.workers)
+    if config.workers > 1 and not any(o.startswith("trainer.num_threads=") for o in job):
+        base.append(f"trainer.num_threads={threads}")  # the cores shared among the workers
     cfg = composer(base)
     if cfg.get("budget") is None:
         raise AdviseError("advise needs the memory budget to answer for: budget=10x (a ratio) or budget=2MiB (bytes)")
@@ -145,18 +149,17 @@ def advise(job: Sequence[str], config: AdviseConfig | None = None, *, argv: Sequ
     check_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.connect_timeout_s)
     exp_id = use_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name)
     if config.worker_only:
-        wait_for_plan(study)
+        study = wait_for_plan(study)
         parent = study.user_attrs[PARENT_ATTR]
     else:
         parent = _parent_run(study, exp_id, name, base, config)
-        plan_study(study, plan, _digest(plan, config))
+    plan_study(study, plan, _digest(plan, config))  # (a worker: refuses a study planned otherwise)
     runner = _runner(composer, base, root, parent, config, ctx)
     say(f"[advise] study '{name}' ({url}): {len(found.candidates)} candidates, {len(plan)} points, "
         f"{len(found.refused)} refused" + "".join(f"\n[advise]   refused {k}: {v}" for k, v in found.refused.items()))  # fmt: skip
     workers = []
     if config.workers > 1 and not config.worker_only:
-        threads = max(1, (os.cpu_count() or 1) // config.workers)
-        workers = spawn_workers([*(argv or [])], config.workers - 1, threads)
+        workers = spawn_workers(list(argv) if argv is not None else command_line(job, config), config.workers - 1, threads)
     search = Search(study, points, runner, config, budget, say)
     status = "FAILED"
     try:
@@ -178,6 +181,16 @@ def advise(job: Sequence[str], config: AdviseConfig | None = None, *, argv: Sequ
                 w.terminate()
         if not config.worker_only:
             mlflow.MlflowClient().set_terminated(parent, RunStatus.to_string(getattr(RunStatus, status)))
+
+
+def command_line(job: Sequence[str], config: AdviseConfig) -> list[str]:
+    """The arguments of ``python -m experiments.advise`` that run this search."""
+    def value(v: Any) -> str:
+        if isinstance(v, (list, tuple)):
+            return "[" + ",".join(map(str, v)) + "]"
+        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+    return [*job, *(f"advise.{f.name}={value(getattr(config, f.name))}" for f in dataclasses.fields(config))]
 
 
 def _constrained(config: AdviseConfig) -> bool:

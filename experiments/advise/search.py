@@ -110,7 +110,7 @@ def plan_study(study: optuna.Study, plan: list[Point], digest: str) -> None:
     study.set_user_attr(PLAN_ATTR, digest)
 
 
-def wait_for_plan(study: optuna.Study, timeout_s: float = 600) -> None:
+def wait_for_plan(study: optuna.Study, timeout_s: float = 600) -> optuna.Study:
     """A ``worker_only`` process: wait until the main process has planned the study."""
     end = time.monotonic() + timeout_s
     while PLAN_ATTR not in study.user_attrs:
@@ -118,7 +118,8 @@ def wait_for_plan(study: optuna.Study, timeout_s: float = 600) -> None:
             raise AdviseError(f"study '{study.study_name}' was not planned within {timeout_s:.0f} s: start the main "
                               "process (without advise.worker_only) first")  # fmt: skip
         time.sleep(2)
-        study = optuna.load_study(study_name=study.study_name, storage=study._storage)
+        study = optuna.load_study(study_name=study.study_name, storage=study._storage, pruner=study.pruner)
+    return study
 
 
 @dataclass
@@ -360,6 +361,7 @@ RECORDED = (
 
 def spawn_workers(argv: list[str], n: int, threads: int) -> list[subprocess.Popen]:
     """``n`` more worker processes of this search on this machine (``advise.worker_only``)."""
+    threads_set = any(a.startswith("trainer.num_threads=") for a in argv)
     cmd = [sys.executable, "-m", "experiments.advise", *argv, "advise.worker_only=true", "advise.workers=1",
-           f"trainer.num_threads={threads}"]  # fmt: skip
+           *([] if threads_set else [f"trainer.num_threads={threads}"])]  # fmt: skip
     return [subprocess.Popen(cmd) for _ in range(n)]

@@ -258,10 +258,9 @@ def test_successive_halving_ranks_a_trial_against_its_rivals_only():
     study = optuna.create_study(direction="maximize", pruner=pruner)
 
     def trial(candidate, group, curve):
+        study.enqueue_trial({"candidate": candidate}, user_attrs={"group": group})  # as the search queues points
         t = study.ask({"candidate": optuna.distributions.CategoricalDistribution(["a", "b", "none"])})
-        study._storage.set_trial_param(t._trial_id, "candidate", ["a", "b", "none"].index(candidate),
-                                       optuna.distributions.CategoricalDistribution(["a", "b", "none"]))  # fmt: skip
-        t.set_user_attr("group", group)
+        assert t.params["candidate"] == candidate
         pruned_at = None
         for step, v in enumerate(curve, 1):
             t.report(v, step)
