@@ -30,6 +30,7 @@ what those trials cost.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import socket
@@ -237,6 +238,7 @@ class Search:
             with warnings.catch_warnings():  # (Optuna marks the heartbeat API experimental)
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 fail_stale_trials(self.study)
+            self.reclaim_unstarted()
             if not self.advise.grid and (why := self.budget.exhausted(spent_samples(self.study), self.reserve())):
                 self.stopped = why
                 self.say(f"[advise] compute budget reached: {why}; no further trials")
@@ -253,6 +255,25 @@ class Search:
             except KeyboardInterrupt:
                 self.requeue()
                 raise
+
+    def reclaim_unstarted(self) -> None:
+        """Fail and queue again a trial taken by a worker that died before its first
+        heartbeat (Optuna's stale check skips a trial that has none): RUNNING, never
+        started training (no ``worker`` attr), for longer than the grace period."""
+        grace = GRACE_BEATS * self.advise.heartbeat_s
+        now = datetime.datetime.now()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            started = t.datetime_start
+            if "worker" in t.user_attrs or started is None or (now - started).total_seconds() < grace:
+                continue
+            try:
+                if not self.study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker reclaimed it first
+                continue
+            point = self.points.get(t.user_attrs.get("point", ""))
+            if point is not None:
+                self.study.enqueue_trial(point.params(), user_attrs=point.attrs(), skip_if_exists=False)
 
     def requeue(self) -> None:
         """Put the interrupted trial's point back in the queue (its trial ends FAIL)."""
