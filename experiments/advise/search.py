@@ -258,13 +258,14 @@ class Search:
 
     def reclaim_unstarted(self) -> None:
         """Fail and queue again a trial taken by a worker that died before its first
-        heartbeat (Optuna's stale check skips a trial that has none): RUNNING, never
-        started training (no ``worker`` attr), for longer than the grace period."""
+        heartbeat (Optuna's stale check skips a trial that has none): RUNNING, its
+        objective never started (no ``started`` attr of its own number), for longer than
+        the grace period."""
         grace = GRACE_BEATS * self.advise.heartbeat_s
         now = datetime.datetime.now()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             started = t.datetime_start
-            if "worker" in t.user_attrs or started is None or (now - started).total_seconds() < grace:
+            if t.user_attrs.get("started") == t.number or started is None or (now - started).total_seconds() < grace:
                 continue
             try:
                 if not self.study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
@@ -319,6 +320,7 @@ class Search:
         for key, _ in point.values:  # (the queued point fixes each value)
             trial.suggest_categorical(f"{point.candidate.name}.{key.split('.', 1)[1]}", list(space[key]))
         trial.set_user_attr("worker", WORKER)
+        trial.set_user_attr("started", trial.number)  # (a retried trial carries its first one's attrs)
         if point.candidate.reference:
             trial.set_user_attr("reference", True)
         if (why := self.behind(point)) is not None:

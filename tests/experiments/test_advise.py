@@ -185,7 +185,7 @@ def test_a_killed_search_resumes_without_training_a_finished_trial_again(tmp_pat
     if how == signal.SIGTERM:
         assert proc.returncode == 130 and "run the same command again to resume" in err
     r = cli(*args)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-8000:]
     after = trials(tmp_path, study)
     finished = [t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     points = [t.user_attrs["point"] for t in finished]
