@@ -10,12 +10,16 @@ look like click logs. All are pure functions of their arguments.
 * ``frappe``: three CSV splits with the header of the published Frappe CSV (``label,user,
   item,daytime,weekday,isweekend,homework,cost,weather,country,city``), its vocabulary
   sizes and its split sizes (202,027 / 57,722 / 28,860 rows);
+* ``sparse-signal``: the same shape, the signal in ``user`` and ``item`` alone (a latent
+  user-item affinity, heavy-tailed ids), the other fields noise: where row pruning must
+  keep rare informative rows;
 * ``bench``: one Parquet file of any size, written a row group at a time (flat memory).
 
 Example::
 
     python -m recsys.data.tabular_synth example data/tabular-example/clicks.csv
     python -m recsys.data.tabular_synth frappe data/frappe-shaped
+    python -m recsys.data.tabular_synth sparse-signal data/raw/sparse-signal
     python -m recsys.data.tabular_synth bench /tmp/t.parquet --rows 20000000
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -162,7 +167,37 @@ def frappe_tables(seed: int = 0, rows: dict[str, int] | None = None) -> dict[str
     return out
 
 
-def write_frappe_csv(directory: Path, seed: int = 0) -> dict[str, Path]:
+def sparse_signal_tables(seed: int = 0, rows: dict[str, int] | None = None, rank: int = 4) -> dict[str, pa.Table]:
+    """Frappe-shaped splits whose signal lives in two heavy-tailed fields: a click is a
+    user's affinity for an item (latent vectors of ``rank`` dims, a dot product, plus a
+    bias each), ``user`` and ``item`` drawn from Zipf laws with long tails of rare ids, and
+    the eight other fields (2 to 233 values) noise. What a pruning method must keep: the
+    rows of rare users and items carry their few clicks, and nothing else says them."""
+    rows = rows or FRAPPE_ROWS
+    rng = np.random.default_rng(seed)
+    fields = {}
+    for name, size in FRAPPE_FIELDS.items():
+        values = pa.array(FRAPPE_WORDS[name]) if name in FRAPPE_WORDS else (
+            _words("country_", size) if name == "country" else _ints(rng, size))
+        informative = name in ("user", "item")
+        fields[name] = Field(rng, size, values, skew=1.1 if informative else 0.9, scale=0.5 if informative else 0.0)
+    latent = {name: rng.normal(0.0, 1.0, (fields[name].size, rank)) for name in ("user", "item")}
+    out = {}
+    for split, n in rows.items():
+        ranks = {name: f.ranks(rng, n) for name, f in fields.items()}
+        if split == "train":  # each value at least once
+            for name, f in fields.items():
+                ranks[name][: f.size] = np.arange(f.size)
+        u, i = ranks["user"], ranks["item"]
+        logit = 1.5 * (latent["user"][u] * latent["item"][i]).sum(axis=1) / np.sqrt(rank)
+        logit += fields["user"].effect[u] + fields["item"].effect[i]
+        columns = {"label": _labels(rng, logit, bias=-0.8)}
+        columns |= {name: fields[name].take(r) for name, r in ranks.items()}
+        out[split] = pa.table(columns)
+    return out
+
+
+def write_frappe_csv(directory: Path, seed: int = 0, tables: Any = frappe_tables) -> dict[str, Path]:
     """Write ``train.csv``, ``valid.csv``, ``test.csv`` (atomically: all three or none).
 
     Example::
@@ -175,7 +210,7 @@ def write_frappe_csv(directory: Path, seed: int = 0) -> dict[str, Path]:
     if all(p.is_file() for p in paths.values()):
         return paths
     with atomic_directory(directory) as tmp:
-        for split, table in frappe_tables(seed).items():
+        for split, table in tables(seed).items():
             df = pl.from_arrow(table)
             assert isinstance(df, pl.DataFrame)
             df.write_csv(tmp / FRAPPE_FILES[split])
@@ -243,7 +278,7 @@ def write_bench_parquet(path: Path, rows: int, seed: int = 0, chunk_rows: int = 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["example", "frappe", "bench"])
+    ap.add_argument("what", choices=["example", "frappe", "sparse-signal", "bench"])
     ap.add_argument("path", type=Path)
     ap.add_argument("--rows", type=int, default=2_000_000, help="bench: rows")
     ap.add_argument("--seed", type=int, default=0)
@@ -252,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         print(write_example_csv(args.path, seed=args.seed))
     elif args.what == "frappe":
         print(*write_frappe_csv(args.path, seed=args.seed).values())
+    elif args.what == "sparse-signal":
+        print(*write_frappe_csv(args.path, seed=args.seed, tables=sparse_signal_tables).values())
     else:
         print(write_bench_parquet(args.path, args.rows, seed=args.seed))
 
