@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from compression.base import CompressedEmbeddingBagCollection
 
 
+# (epoch, its validation metrics) -> (metrics to log, the validation metrics now, or None: unchanged)
+EpochHook = Callable[[int, Mapping[str, float]], tuple[dict[str, float], Optional[dict[str, float]]]]
+
+
 class StageContext(Protocol):
     """What a stage's ``run`` may use: the model, its compressed module, training and
     evaluation on the job's data, and logging to the stage's record."""
@@ -51,9 +55,12 @@ class StageContext(Protocol):
         """Where the model trains and evaluates."""
         ...
 
-    def fit(self, epochs: Optional[int] = None) -> dict[str, float]:
+    def fit(self, epochs: Optional[int] = None, on_epoch: Optional[EpochHook] = None) -> dict[str, float]:
         """Train with the standard loop for ``epochs`` (None: the trainer's own number),
         early stopping and best-epoch restore included; resumes an interrupted stage.
+        ``on_epoch(epoch, val_metrics)`` runs after each epoch's validation (a guard
+        that checks what the epoch did, and may undo some of it): it returns metrics to
+        log, and, if it changed the model, the validation metrics that now hold.
         Returns ``val_<metric>`` of the best epoch, ``samples_per_s``, ``step_time_ms``
         and ``epochs_run``."""
         ...

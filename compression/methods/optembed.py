@@ -59,7 +59,9 @@ dims down together, and the budget prunes rows.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -73,7 +75,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.api import BuildContext, register
 from compression.base import CompressedEmbeddingBagCollection, MethodConfigError
 from compression.budget import Budget, BudgetError
+from compression.config_checks import bounded
 from compression.evolution import evolutionary_search
+from compression.prune_guard import PruningGuard
 from compression.pruned import CompactTables, compact_configs
 from compression.sizing import BudgetedConfig
 from compression.stages import Stage, StageContext
@@ -131,6 +135,13 @@ class OptEmbedConfig(BudgetedConfig):
     # under a budget without target_kept: keep the rows the budget holds at this share of
     # each table's dim (the search then chooses the dims)
     budget_dim_share: float = 0.5
+    # the supernet's pruning checked after each epoch against the same supernet unpruned,
+    # on validation (compression.prune_guard): where it costs more AUC than this, the
+    # thresholds back off and stop; None: the cost is logged only. Without a target (the
+    # paper's setting) only: a target or budget must be met
+    guard_tolerance: Optional[float] = bounded(0.001, ge=0)
+    # validation batches each of the guard's evaluations reads (None: the whole split)
+    guard_val_batches: Optional[int] = bounded(None, ge=1)
 
     @classmethod
     def contract_examples(cls) -> list[OptEmbedConfig]:
@@ -178,6 +189,10 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
             self.register_buffer(f"kept_{u}", torch.ones(rows, dtype=torch.bool, device=ctx.table_device))
         # supernet training steps taken (the pruning floor's schedule; resumes with the model)
         self.register_buffer("supernet_steps", torch.zeros((), dtype=torch.int64, device=ctx.device))
+        # the pruning guard's state: the last thresholds it accepted, whether it stopped them
+        self.register_buffer("guard_thresholds", self.thresholds.detach().clone())
+        self.register_buffer("guard_stopped", torch.zeros((), dtype=torch.bool, device=ctx.device))
+        self._open: frozenset[int] = frozenset()  # units evaluated unpruned (the guard's)
         self._ramp_steps = 0  # steps over which the floor reaches the target (set by the stage)
         self._target_kept: Optional[float] = None
         self._target_known = False
@@ -207,7 +222,7 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         return [torch.optim.SGD([self.thresholds], lr=self.config.threshold_lr)]
 
     def regularization(self) -> torch.Tensor | None:
-        if self.mode == "supernet" and self.training:
+        if self.mode == "supernet" and self.training and not self.guard_stopped:
             return self.config.alpha * torch.exp(-self.thresholds).sum()
         return None
 
@@ -249,8 +264,11 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
                     with torch.no_grad():
                         m = self.config.norm_momentum
                         self.norm_scale[i] = m * self.norm_scale[i] + (1 - m) * e.abs().sum(dim=-1).mean()
-                mask = SurrogateStep.apply(self.importance(i, e) - self.thresholds[i])
-                if floor:  # the rows the pruning schedule has cut so far
+                t = self.thresholds[i].detach() if self.guard_stopped else self.thresholds[i]
+                mask = SurrogateStep.apply(self.importance(i, e) - t)
+                if i in self._open:  # the guard's look at the same supernet unpruned
+                    mask = torch.ones_like(mask)
+                if floor and i not in self._open:  # the rows the pruning schedule has cut so far
                     ids = features[f].values()
                     if sampling:
                         getattr(self, f"seen_{self.units[i]}").index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
@@ -258,7 +276,12 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
             else:
                 mask = getattr(self, f"kept_{self.units[i]}")[features[f].values()].to(e.dtype)
             seg = torch.repeat_interleave(torch.arange(batch, device=e.device), jt.lengths())
-            bag = torch.zeros(batch, dim, device=e.device, dtype=e.dtype).index_add(0, seg, e * mask.unsqueeze(-1))
+            m = mask.unsqueeze(-1)
+            if sampling:  # a masked row still learns what the loss wants of it (see the module)
+                kept = e * m + (e - e.detach()) * (1 - m.detach())
+            else:
+                kept = e * m
+            bag = torch.zeros(batch, dim, device=e.device, dtype=e.dtype).index_add(0, seg, kept)
             if sampling:  # each (sample, feature) keeps its first i ~ U{1..D} dims
                 keep = torch.randint(1, dim + 1, (batch, 1), device=e.device)
             else:
@@ -275,7 +298,9 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         self.thresholds.requires_grad_(True)
         self.supernet_steps.zero_()
         self._ramp_steps = int(self.config.prune_ramp * ctx.steps(self.config.supernet_epochs))
-        metrics = ctx.fit(self.config.supernet_epochs)
+        tolerance = self.config.guard_tolerance if self.kept_target() is None else None
+        guard = PruningGuard(_SupernetPruning(self, ctx), tolerance)
+        metrics = ctx.fit(self.config.supernet_epochs, on_epoch=guard.epoch)
         self.freeze_rows()
         metrics.update(self.threshold_metrics())
         return metrics
@@ -489,7 +514,9 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         for u in self.units:
             delattr(self, f"kept_{u}")
             self.register_buffer(f"kept_{u}", torch.zeros(0, dtype=torch.bool))
-        del self.supernet_steps  # the supernet's schedule: not part of the export
+        del self.supernet_steps  # the supernet's schedule and guard: not part of the export
+        del self.guard_thresholds
+        del self.guard_stopped
         for u in self.units:
             if hasattr(self, f"seen_{u}"):
                 delattr(self, f"seen_{u}")
@@ -549,6 +576,46 @@ def initial_row_norm(weight: torch.Tensor, config: EmbeddingConfig) -> torch.Ten
     assert config.init_fn is not None  # TorchRec's EmbeddingConfig sets its default
     config.init_fn(sample)
     return sample.abs().sum(dim=1).mean()
+
+
+class _SupernetPruning:
+    """The supernet's thresholds as the pruning guard sees them (``compression.prune_guard``)."""
+
+    def __init__(self, module: OptEmbedCollection, ctx: StageContext) -> None:
+        self.m, self.ctx = module, ctx
+        self._epoch_thresholds: torch.Tensor | None = None
+
+    def fields(self) -> list[str]:
+        return self.m.units
+
+    def evaluate(self) -> dict[str, float]:
+        return self.ctx.evaluate(max_batches=self.m.config.guard_val_batches)
+
+    @contextlib.contextmanager
+    def opened(self, fields: Sequence[int]) -> Iterator[None]:
+        before, self.m._open = self.m._open, frozenset(fields)
+        try:
+            yield
+        finally:
+            self.m._open = before
+
+    def level(self, x: float) -> None:
+        if self._epoch_thresholds is None:
+            self._epoch_thresholds = self.m.thresholds.detach().clone()
+        accepted = self.m.guard_thresholds
+        with torch.no_grad():
+            self.m.thresholds.copy_(accepted + x * (self._epoch_thresholds - accepted))
+
+    def accept(self) -> None:
+        self.m.guard_thresholds.copy_(self.m.thresholds.detach())
+        self._epoch_thresholds = None
+
+    def stop(self) -> None:
+        self.m.guard_stopped.fill_(True)
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.m.guard_stopped)
 
 
 @register(OptEmbedConfig)

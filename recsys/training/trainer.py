@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from compression.base import CompressedEmbeddingBagCollection
 from compression.config_checks import bounded, one_of
-from compression.stages import Stage
+from compression.stages import EpochHook, Stage
 from recsys.data.loader import BatchLoader
 from recsys.training import checkpoint
 from recsys.training.backends import Backend, LocalBackend
@@ -160,8 +160,9 @@ class StageContext:
     def device(self) -> torch.device:
         return self.trainer.device
 
-    def fit(self, epochs: Optional[int] = None) -> dict[str, float]:
-        fit = self.trainer.fit(self.model, self.module, self.train, self.val, self.checkpoint_dir, epochs=epochs)
+    def fit(self, epochs: Optional[int] = None, on_epoch: Optional[EpochHook] = None) -> dict[str, float]:
+        fit = self.trainer.fit(self.model, self.module, self.train, self.val, self.checkpoint_dir, epochs=epochs,
+                               on_epoch=on_epoch)  # fmt: skip
         return {**{f"val_{k}": v for k, v in fit.best_val.items()}, "samples_per_s": fit.samples_per_s,
                 "step_time_ms": fit.step_time_ms, "epochs_run": float(fit.epochs_run)}
 
@@ -265,9 +266,10 @@ class Trainer:
         val: BatchLoader,
         ckdir: Path | None = None,
         epochs: Optional[int] = None,
+        on_epoch: Optional[EpochHook] = None,
     ) -> FitResult:
         """Train for ``epochs`` (default ``cfg.epochs``) with early stopping on validation
-        AUC; the best epoch's weights are kept."""
+        AUC; the best epoch's weights are kept. ``on_epoch``: see ``compression.stages``."""
         cfg = self.cfg
         epochs = epochs or cfg.epochs
         self.backend.prepare(model)
@@ -314,8 +316,13 @@ class Trainer:
                     checkpoint.save_atomic(state.snapshot(model, opts), state_path)
             bar.close()
             val_metrics = self.backend.evaluate(model, val)
+            hooked: dict[str, float] = {}
+            if on_epoch is not None:  # a stage's guard: it may change the model, and so val
+                hooked, now = on_epoch(state.epoch + 1, val_metrics)
+                val_metrics = now if now is not None else val_metrics
             state.end_epoch(val_metrics, model, cfg, epochs, self.backend.snapshot)
             epoch_metrics = {f"val_{k}": v for k, v in val_metrics.items()}
+            epoch_metrics.update(hooked)
             epoch_metrics["epoch"] = float(state.epoch)
             epoch_metrics["trained_samples"] = float(self.trained_samples)
             if state.bad_epochs and cfg.lr_decay != 1.0:  # a plateau: every rate x lr_decay

@@ -284,3 +284,71 @@ def test_the_supernet_prunes_to_the_kept_fraction_asked_for(tiny_dataset):
     total = sum(module.rows)
     assert result.stages["compact"]["kept_rows"] == int(0.3 * total)
     assert result.stages["supernet"]["kept_row_ratio"] == pytest.approx(int(0.3 * total) / total)
+
+
+def test_a_row_under_its_threshold_still_learns_in_the_supernet():
+    """The cause of the paper setting's losses on heavy-tailed data: a row masked before it
+    had learned got no gradient (e * 0), so its norm, the importance, could never rise and
+    the rare informative ids of user and item stayed pruned. The supernet's forward masks
+    it; its backward gives it the gradient it would get if kept (straight through)."""
+    features = kjt(batch=256, seed=3)
+    weights = None
+
+    def row_grads(threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal weights
+        m = compress(TABLES, OptEmbedConfig())
+        m.mode = "supernet"
+        m.unit_dims.copy_(torch.tensor(m.full_dims))
+        with torch.no_grad():
+            m.thresholds.fill_(threshold)
+            w = m.weights()[0]
+            w.fill_(0.1)
+            w[:20] *= 0.01  # rows 0..19 of field a: importance 0.01 of the typical row's
+        m.norm_scale.fill_(0.8)
+        m.train()
+        torch.manual_seed(0)  # the same dims sampled
+        out = m(features).values()
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)) if weights is None else weights
+        (out * weights).sum().backward()  # a loss whose gradient is the same whatever is masked
+        return out, w.grad
+
+    ids = features["a"].values()
+    small = torch.unique(ids[ids < 20])
+    out, masked = row_grads(1.5)  # the small rows 1.49 under it: outside the surrogate's slope
+    rows = torch.isin(ids, small)
+    assert out[: len(ids), :D][rows].abs().sum() == 0  # forward: masked
+    _, kept = row_grads(-100.0)  # every row kept
+    assert kept[small].abs().sum() > 0
+    torch.testing.assert_close(masked[small], kept[small])  # backward: as if kept
+
+
+def _supernet_run(ds, tolerance, alpha=2.0):
+    torch.manual_seed(0)
+    cfg = TrainerConfig(epochs=3, batch_size=128, device="cpu", progress="off", log_every_steps=0, patience=5)
+    oe = OptEmbedConfig(alpha=alpha, threshold_lr=0.2, guard_tolerance=tolerance, generations=1, mutations=2,
+                        crossovers=2, parents=2)  # fmt: skip
+    module = compress(embedding_tables(ds.schema, 8), oe, seed=0)
+    model = DCNv2Config(deep_layers=[16], cross_layers=1).build(module, len(ds.schema.dense))
+    loaders = [BatchLoader(ds, s, 128, shuffle=s == "train", seed=0) for s in ("train", "val", "test")]
+    epochs = EpochsByStage()
+    Trainer(cfg, callbacks=[epochs]).run(model, module, *loaders)
+    return epochs.of("supernet"), module
+
+
+def test_the_guard_backs_off_pruning_that_costs_more_auc_than_its_tolerance(tiny_dataset):
+    """Thresholds pushed up hard (alpha 2) prune rows the loss wants; each supernet epoch
+    logs what pruning costs against the same supernet unpruned, in all and per field, and
+    where it is over the tolerance the thresholds back off to within it and stop."""
+    logged, _ = _supernet_run(tiny_dataset, tolerance=None)  # the cost, measured, nothing done
+    fields = [f"t_{f.name}" for f in tiny_dataset.schema.sparse]
+    assert all({"prune_cost_auc", "val_auc_unpruned", *(f"prune_cost_auc.{u}" for u in fields)} <= set(m)
+               for m in logged)  # fmt: skip
+    assert max(m["prune_cost_auc"] for m in logged) > 0.01  # unguarded, pruning costs AUC
+    guarded, module = _supernet_run(tiny_dataset, tolerance=0.001)
+    backed = [m for m in guarded if "prune_backed_off_to" in m]
+    assert len(backed) == 1 and 0 <= backed[0]["prune_backed_off_to"] < 1
+    assert backed[0]["prune_cost_auc_after"] <= 0.001
+    after = guarded[guarded.index(backed[0]) + 1:]
+    assert all(m[f"threshold.{u}"] == backed[0][f"threshold.{u}"] for m in after for u in fields)  # stopped
+    unguarded_kept = logged[-1]["kept_row_ratio"]
+    assert guarded[-1]["kept_row_ratio"] > unguarded_kept
