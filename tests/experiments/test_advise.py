@@ -4,6 +4,7 @@ the one-line refusals of what cannot be searched."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sqlite3
@@ -21,6 +22,7 @@ from optuna.trial import TrialState
 
 from experiments.advise import AdviseConfig, AdviseError, advise
 from experiments.advise.__main__ import main, parse
+from experiments.advise.search import storage
 from tests.experiments.conftest import CONF, REPO
 
 TINY = ["model.deep_layers=[32]", "model.cross_layers=1", "trainer.batch_size=512"]
@@ -194,6 +196,31 @@ def test_a_killed_search_resumes_without_training_a_finished_trial_again(tmp_pat
         if t.user_attrs["point"] in done_before:
             assert t.number in before and before[t.number].state == t.state
     assert (tmp_path / "reports" / study / "advice.md").is_file()
+
+
+def _open_storages(root, rounds, barrier, results):
+    for i in range(rounds):  # every process opens the same new file at once, round after round
+        barrier.wait()
+        try:
+            storage(f"sqlite:///{root}/{i}/study.db")
+            results.put("ok")
+        except Exception as e:  # noqa: BLE001 (the test reports what each process met)
+            results.put(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def test_processes_opening_a_new_study_file_at_once_all_open_it(tmp_path):
+    """Workers started together on a new SQLite file each create Optuna's schema; without
+    one-at-a-time creation most rounds end with 'table ... already exists' in all but one."""
+    ctx = multiprocessing.get_context("spawn")
+    n, rounds = 4, 12
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_open_storages, args=(tmp_path, rounds, barrier, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in range(n * rounds)]
+    for p in procs:
+        p.join(60)
+    assert [g for g in got if g != "ok"] == []
 
 
 def test_workers_share_one_study_with_no_trial_lost_or_run_twice(tmp_path):
