@@ -89,8 +89,9 @@ def _check_writable(uri: str, db: Path) -> None:
 
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """Between processes: one at a time creates a SQLite store (MLflow migrates a new file
-    on first use, and two processes doing so at once fail) and its experiments."""
+    """Between processes: one at a time creates a SQLite store and what is in it (MLflow
+    and Optuna each create their tables in a new file on first use, and two processes
+    doing so at once fail with 'table ... already exists')."""
     if not uri.startswith("sqlite:///"):
         yield
         return

@@ -30,9 +30,7 @@ what those trials cost.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import fcntl
 import math
 import os
 import socket
@@ -42,7 +40,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -53,6 +50,7 @@ from compression import BudgetError, IdOutOfRangeError, MethodConfigError
 from experiments.advise.candidates import Point
 from experiments.advise.config import AdviseConfig
 from experiments.advise.pruner import PerCandidateHalving
+from experiments.tracking import store_lock
 from recsys.training.callbacks import Callback, TrainingStopped
 
 # a running trial's worker writes a heartbeat this often; a trial without one for
@@ -80,29 +78,14 @@ def storage(url: str, heartbeat_s: int = 10) -> RDBStorage:
     """The study's RDB storage, with heartbeats: a trial whose worker died is failed after
     ``GRACE_BEATS`` missed beats and its point queued again."""
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = _file_lock(path.with_name(path.name + ".schema-lock"))
     # (processes opening a new SQLite file at once would each create Optuna's tables, and
     # all but the first fail with 'table ... already exists': one at a time)
-    with lock, warnings.catch_warnings():  # (Optuna marks the heartbeat API experimental)
+    with store_lock(url), warnings.catch_warnings():  # (Optuna marks the heartbeat API experimental)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RDBStorage(
             url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=GRACE_BEATS * heartbeat_s,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
         )  # fmt: skip
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def open_study(url: str, name: str, advise: AdviseConfig) -> optuna.Study:
