@@ -11,19 +11,34 @@ current one (1), is bisected to the deepest level that costs at most the toleran
 there, and pruning stops.
 
 A method takes part through a ``Prunable``; ``PruningGuard.epoch`` is an
-``EpochHook`` (``compression.stages``) for the stage's ``ctx.fit``.
+``EpochHook`` (``compression.stages``) for the stage's ``ctx.fit``. A method whose learned
+thresholds hard-mask rows (OptEmbed's supernet) uses ``ThresholdPruning``, over its
+``thresholds``, the state ``add_guard_state`` registers and the fields its forward reads
+unmasked (``open_units``).
+
+Not guarded: PEP's soft threshold shrinks every element it keeps, so its model read
+without the thresholds is another model, not the same one unpruned (on the tests' tiny
+set, tables read raw score 0.02 AUC below the same tables thresholded at their 90th
+percentile); and in its paper setting its thresholds fall (99.5-100% of the elements kept).
+The budgeted prunings (PEP and DeepLight's floor, AutoSrh, ITEP) meet a count the user set
+and zero what they cut as they go: no unpruned model is left to compare with.
 
 Example::
 
-    guard = PruningGuard(module.prunable(ctx), tolerance=0.001)
+    add_guard_state(module)                      # in the module's __init__, after its thresholds
+    guard = PruningGuard(ThresholdPruning(module, lambda: ctx.evaluate()), tolerance=0.001)
     ctx.fit(epochs, on_epoch=guard.epoch)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Optional, Protocol
+
+import torch
+from torch import nn
 
 # bisection steps of a back-off: the level is found to 1/2^BISECT of the epoch's pruning
 BISECT = 5
@@ -101,3 +116,68 @@ class PruningGuard:
         now = dict(t.evaluate())
         out.update(prune_backed_off_to=lo, prune_cost_auc_after=unpruned - float(now["auc"]))
         return out, now
+
+
+class ThresholdPruned(Protocol):
+    """A module whose learned ``thresholds`` (one row per field) prune what it reads."""
+
+    units: list[str]
+    thresholds: nn.Parameter
+    guard_thresholds: torch.Tensor  # the last thresholds the guard accepted
+    guard_stopped: torch.Tensor  # a bool: a back-off froze the thresholds
+    open_units: frozenset[int]  # fields its forward reads unpruned (the guard's look)
+
+
+def add_guard_state(module: nn.Module) -> None:
+    """Register the guard's state on a ``ThresholdPruned`` (buffers: it resumes with the
+    model) once its ``thresholds`` exist; the module sets ``open_units`` (empty) itself."""
+    thresholds = module.thresholds
+    assert isinstance(thresholds, torch.Tensor)
+    module.register_buffer("guard_thresholds", thresholds.detach().clone())
+    module.register_buffer("guard_stopped", torch.zeros((), dtype=torch.bool, device=thresholds.device))
+
+
+def drop_guard_state(module: nn.Module) -> None:
+    """Remove it (the deployed form has no thresholds)."""
+    del module.guard_thresholds, module.guard_stopped
+
+
+class ThresholdPruning:
+    """The ``Prunable`` of a ``ThresholdPruned``: a level between the accepted thresholds
+    (0) and the epoch's (1) is their linear blend; stopping freezes them."""
+
+    def __init__(self, module: ThresholdPruned, evaluate: Callable[[], Mapping[str, float]]) -> None:
+        self.m, self._evaluate = module, evaluate
+        self._epoch_thresholds: torch.Tensor | None = None
+
+    def fields(self) -> list[str]:
+        return self.m.units
+
+    def evaluate(self) -> Mapping[str, float]:
+        return self._evaluate()
+
+    @contextlib.contextmanager
+    def opened(self, fields: Sequence[int]) -> Iterator[None]:
+        before, self.m.open_units = self.m.open_units, frozenset(fields)
+        try:
+            yield
+        finally:
+            self.m.open_units = before
+
+    def level(self, x: float) -> None:
+        if self._epoch_thresholds is None:
+            self._epoch_thresholds = self.m.thresholds.detach().clone()
+        accepted = self.m.guard_thresholds
+        with torch.no_grad():
+            self.m.thresholds.copy_(accepted + x * (self._epoch_thresholds - accepted))
+
+    def accept(self) -> None:
+        self.m.guard_thresholds.copy_(self.m.thresholds.detach())
+        self._epoch_thresholds = None
+
+    def stop(self) -> None:
+        self.m.guard_stopped.fill_(True)
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.m.guard_stopped)

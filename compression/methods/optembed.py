@@ -76,10 +76,9 @@ dims down together, and the budget prunes rows.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Optional
 
 import numpy as np
@@ -94,7 +93,12 @@ from compression.base import CompressedEmbeddingBagCollection, MethodConfigError
 from compression.budget import Budget, BudgetError
 from compression.config_checks import bounded
 from compression.evolution import evolutionary_search
-from compression.prune_guard import PruningGuard
+from compression.prune_guard import (
+    PruningGuard,
+    ThresholdPruning,
+    add_guard_state,
+    drop_guard_state,
+)
 from compression.pruned import CompactTables, compact_configs
 from compression.sizing import BudgetedConfig
 from compression.stages import Stage, StageContext
@@ -171,6 +175,9 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
     features sharing a table share its rows, threshold and dim); every feature's output
     keeps its table's full dim D_t, zero-padded."""
 
+    guard_thresholds: torch.Tensor  # (compression.prune_guard's state)
+    guard_stopped: torch.Tensor
+
     def __init__(self, tables: list[EmbeddingBagConfig], config: OptEmbedConfig, ctx: BuildContext) -> None:
         super().__init__(tables, config=ctx.config)
         if config.retrain_from not in ("scratch", "supernet"):
@@ -207,9 +214,8 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         # supernet training steps taken (the pruning floor's schedule; resumes with the model)
         self.register_buffer("supernet_steps", torch.zeros((), dtype=torch.int64, device=ctx.device))
         # the pruning guard's state: the last thresholds it accepted, whether it stopped them
-        self.register_buffer("guard_thresholds", self.thresholds.detach().clone())
-        self.register_buffer("guard_stopped", torch.zeros((), dtype=torch.bool, device=ctx.device))
-        self._open: frozenset[int] = frozenset()  # units evaluated unpruned (the guard's)
+        add_guard_state(self)
+        self.open_units: frozenset[int] = frozenset()  # fields read unpruned (the guard's look)
         self._ramp_steps = 0  # steps over which the floor reaches the target (set by the stage)
         self._target_kept: Optional[float] = None
         self._target_known = False
@@ -283,9 +289,9 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
                         self.norm_scale[i] = m * self.norm_scale[i] + (1 - m) * e.abs().sum(dim=-1).mean()
                 t = self.thresholds[i].detach() if self.guard_stopped else self.thresholds[i]
                 mask = SurrogateStep.apply(self.importance(i, e) - t)
-                if i in self._open:  # the guard's look at the same supernet unpruned
+                if i in self.open_units:  # the guard's look at the same supernet unpruned
                     mask = torch.ones_like(mask)
-                if floor and i not in self._open:  # the rows the pruning schedule has cut so far
+                if floor and i not in self.open_units:  # the rows the pruning schedule has cut so far
                     ids = features[f].values()
                     if sampling:
                         getattr(self, f"seen_{self.units[i]}").index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
@@ -316,7 +322,8 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         self.supernet_steps.zero_()
         self._ramp_steps = int(self.config.prune_ramp * ctx.steps(self.config.supernet_epochs))
         tolerance = self.config.guard_tolerance if self.kept_target() is None else None
-        guard = PruningGuard(_SupernetPruning(self, ctx), tolerance)
+        guard = PruningGuard(ThresholdPruning(self, partial(ctx.evaluate, max_batches=self.config.guard_val_batches)),
+                             tolerance)  # fmt: skip
         metrics = ctx.fit(self.config.supernet_epochs, on_epoch=guard.epoch)
         self.freeze_rows()
         metrics.update(self.threshold_metrics())
@@ -532,8 +539,7 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
             delattr(self, f"kept_{u}")
             self.register_buffer(f"kept_{u}", torch.zeros(0, dtype=torch.bool))
         del self.supernet_steps  # the supernet's schedule and guard: not part of the export
-        del self.guard_thresholds
-        del self.guard_stopped
+        drop_guard_state(self)
         for u in self.units:
             if hasattr(self, f"seen_{u}"):
                 delattr(self, f"seen_{u}")
@@ -593,46 +599,6 @@ def initial_row_norm(weight: torch.Tensor, config: EmbeddingConfig) -> torch.Ten
     assert config.init_fn is not None  # TorchRec's EmbeddingConfig sets its default
     config.init_fn(sample)
     return sample.abs().sum(dim=1).mean()
-
-
-class _SupernetPruning:
-    """The supernet's thresholds as the pruning guard sees them (``compression.prune_guard``)."""
-
-    def __init__(self, module: OptEmbedCollection, ctx: StageContext) -> None:
-        self.m, self.ctx = module, ctx
-        self._epoch_thresholds: torch.Tensor | None = None
-
-    def fields(self) -> list[str]:
-        return self.m.units
-
-    def evaluate(self) -> dict[str, float]:
-        return self.ctx.evaluate(max_batches=self.m.config.guard_val_batches)
-
-    @contextlib.contextmanager
-    def opened(self, fields: Sequence[int]) -> Iterator[None]:
-        before, self.m._open = self.m._open, frozenset(fields)
-        try:
-            yield
-        finally:
-            self.m._open = before
-
-    def level(self, x: float) -> None:
-        if self._epoch_thresholds is None:
-            self._epoch_thresholds = self.m.thresholds.detach().clone()
-        accepted = self.m.guard_thresholds
-        with torch.no_grad():
-            self.m.thresholds.copy_(accepted + x * (self._epoch_thresholds - accepted))
-
-    def accept(self) -> None:
-        self.m.guard_thresholds.copy_(self.m.thresholds.detach())
-        self._epoch_thresholds = None
-
-    def stop(self) -> None:
-        self.m.guard_stopped.fill_(True)
-
-    @property
-    def stopped(self) -> bool:
-        return bool(self.m.guard_stopped)
 
 
 @register(OptEmbedConfig)
