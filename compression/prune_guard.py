@@ -20,8 +20,9 @@ Not guarded: PEP's soft threshold shrinks every element it keeps, so its model r
 without the thresholds is another model, not the same one unpruned (on the tests' tiny
 set, tables read raw score 0.02 AUC below the same tables thresholded at their 90th
 percentile); and in its paper setting its thresholds fall (99.5-100% of the elements kept).
-The budgeted prunings (PEP and DeepLight's floor, AutoSrh, ITEP) meet a count the user set
-and zero what they cut as they go: no unpruned model is left to compare with.
+The budgeted prunings meet a count the user set, and keep no unpruned model to compare
+with while they train: PEP's and DeepLight's floor zero the elements they cut, ITEP hands
+a pruned id's row to another id; AutoSrh prunes once, to the budget, after its search.
 
 Example::
 
