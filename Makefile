@@ -8,6 +8,9 @@ STAMP := $(VENV)/.setup-$(DEVICE)
 # Where a CPU build of torch comes from when the configured pip sources lack it.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
+# V=1: the libraries' INFO lines and Hydra's launch lines too (a sweep prints a line per job)
+V ?=
+RUN_ARGS = $(if $(V),verbose=true hydra/hydra_logging=default) $(ARGS)
 # pytest-xdist workers of make test (each runs torch on one thread)
 TEST_WORKERS ?= auto
 EXP ?= comparison
@@ -65,17 +68,17 @@ advise: $(STAMP) ## which method loses least at a budget, within a compute budge
 	$(PY) -m experiments.advise $(ARGS)
 
 experiment: $(STAMP) ## the main job: every method at 10x/100x/1000x + baseline (MovieLens-100K), report
-	$(PY) -m experiments.run --multirun experiment=comparison $(ARGS)
+	$(PY) -m experiments.run --multirun experiment=comparison $(RUN_ARGS)
 
 experiment-distributed: $(STAMP) ## sharded training: torchrun, NPROC processes (gloo on CPUs, NCCL on GPUs)
-	$(VENV)/bin/torchrun $(TORCHRUN_ARGS) --nproc-per-node=$(NPROC) -m experiments.run --multirun experiment=distributed $(ARGS)
+	$(VENV)/bin/torchrun $(TORCHRUN_ARGS) --nproc-per-node=$(NPROC) -m experiments.run --multirun experiment=distributed $(RUN_ARGS)
 
 experiment-%: $(STAMP) ## run experiments/conf/experiment/<name>.yaml as one sweep (see below)
 	@test -f experiments/conf/experiment/$*.yaml || { echo "error: no experiment '$*'; have: $(EXPERIMENTS)"; exit 1; }
-	$(PY) -m experiments.run --multirun experiment=$* $(ARGS)
+	$(PY) -m experiments.run --multirun experiment=$* $(RUN_ARGS)
 
 sweep: $(STAMP) ## any Hydra multirun: make sweep ARGS="compression=hashing,qr budget=10x,100x"
-	$(PY) -m experiments.run --multirun $(ARGS)
+	$(PY) -m experiments.run --multirun $(RUN_ARGS)
 
 report: $(STAMP) ## Pareto report of an experiment's latest sweep: make report EXP=comparison [PARENT="id1 id2"]
 	$(PY) -m experiments.report --experiment $(EXP) $(if $(PARENT),--parent $(PARENT))

@@ -96,6 +96,8 @@ class Config:
     # after training: the model as a torch.export program (model.pt2), reloaded and checked
     # against the in-memory model on a test batch, logged to the run with its size on disk
     export: bool = False
+    # third-party INFO lines (MLflow's) on the console; Hydra's: hydra/hydra_logging=default
+    verbose: bool = False
     # sharded training (torchrun; or mode=on in one process): recsys.training.distributed
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from compression import BudgetError, IdOutOfRangeError, MethodConfigError, UnknownMethodError
 from compression.config_checks import ConfigError
 from experiments.config import register_configs
+from experiments.console import quiet_libraries
 from experiments.job import CheckpointMismatch, JobSkipped, run_job
 from experiments.seeds import SeedsError
 from experiments.tracking import TrackingError
@@ -64,6 +66,7 @@ _quiet_libraries()
 def main(cfg: DictConfig) -> float | list[float]:
     """Run one job; returns ``cfg.objective`` (test AUC by default), what a sweeper optimises."""
     _quiet_libraries()
+    quiet_libraries(bool(cfg.verbose))
     if threading.current_thread() is threading.main_thread():  # (signals go to the main thread only)
         signal.signal(signal.SIGTERM, _terminated)
     try:
@@ -80,6 +83,8 @@ def main(cfg: DictConfig) -> float | list[float]:
     if not summary:  # a rank other than 0 of a sharded job: rank 0 records and reports
         return _objective(cfg, None)
     m = summary["metrics"]
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep's line: experiments.console
+        return _objective(cfg, m)
     split = "test" if "test_auc" in m else "final_val"  # (evaluate_test=false: validation only)
     log.info(
         "%s: %s AUC %.4f, logloss %.4f, %d embedding bytes (%.1fx), %.0f samples/s",

@@ -14,8 +14,11 @@ import urllib.request
 import mlflow
 import optuna
 import pandas as pd
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
 
-from tests.experiments.conftest import REPO, run_cli, smoke_overrides
+from tests.experiments.conftest import CONF, REPO, run_cli, smoke_overrides
 
 
 def test_multirun_has_a_parent_run_nested_jobs_and_a_report(tmp_path):
@@ -23,10 +26,19 @@ def test_multirun_has_a_parent_run_nested_jobs_and_a_report(tmp_path):
         "--multirun", "dataset=criteo_sample", "compression=none,qr", "budget=10x,1000x", "seeds=2",
         "trainer.max_steps_per_epoch=8", "hydra.callbacks.mlflow_sweep.overhead_rounds=3",
         *smoke_overrides(tmp_path), "mlflow.experiment_name=sweep-test", f"hydra.sweep.dir={tmp_path}/multi",
-        f"report_dir={tmp_path}/reports",
+        f"report_dir={tmp_path}/reports", "mlflow.log_system_metrics=true",
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    # the console: a line per job with a bar over the sweep and the time left, no library INFO
+    lines = [x for x in r.stdout.splitlines() if x.startswith("[#") or x.startswith("[-")]
+    assert [x.split("]")[1].split()[0] for x in lines] == ["1/4", "2/4", "3/4", "4/4"], r.stdout[-3000:]
+    qr10 = next(x for x in lines if " qr 10x " in x)
+    assert "seeds 0-1  test AUC 0." in qr10 and " bytes (" in qr10 and "x)" in qr10 and "left, ~" in qr10
+    assert any("qr 1000x: skipped  " in x for x in lines)  # (out of reach: stderr says why)
+    assert lines[-1].startswith("[" + "#" * 20 + "] 4/4") and "left" not in lines[-1]
+    out = r.stdout + r.stderr
+    assert " INFO " not in out and "[HYDRA]" not in out and "is_fx_tracing" not in out, out[-3000:]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["sweep-test"], output_format="list")
     parents = [x for x in runs if x.data.tags.get("embcomp.kind") == "sweep"]
@@ -162,3 +174,23 @@ def test_a_sweep_that_dies_leaves_its_parent_run_failed_not_running(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     parents = mlflow.search_runs(experiment_names=["test"], filter_string="tags.`embcomp.kind` = 'sweep'", output_format="list")
     assert [p.info.status for p in parents] == ["FAILED"]
+
+
+def test_the_sweep_counts_its_jobs_as_hydra_expands_them(compose_cfg):
+    """The bar's total: Hydra's own expansion of the sweep (config params and command line)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from experiments.console import count_jobs
+
+    for composed, task in ((["experiment=comparison"], ["seeds=3"]), ([], ["compression=none,qr,hashing", "budget=10x,100x"])):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=composed, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.overrides.task = task  # (what the command line sweeps)
+        params = cfg.hydra.sweeper.get("params") or {}
+        expanded = [f"{k}={v}" for k, v in params.items()] + list(cfg.hydra.overrides.task)
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(expanded), None)
+        assert count_jobs(cfg) == sum(len(b) for b in batches) > 1
+    GlobalHydra.instance().clear()
