@@ -103,7 +103,8 @@ class MLflowSweepCallback(Callback):
                 )
                 if out is not None:
                     print(out.markdown)
-                    print(f"report: {out.directory}/table.md, {out.directory}/table.csv, {out.directory}/pareto.png")
+                    print(f"report: {out.directory}/table.md, {out.directory}/table.csv, {out.directory}/pareto.png, "
+                          f"{out.directory}/pareto.html")
         finally:
             client.set_terminated(self._parent, RunStatus.to_string(RunStatus.FINISHED))
             self._parent = None

@@ -13,7 +13,9 @@ interval overlaps the best one's ``tied``: those differences are not answers yet
 
 Written under ``reports/<experiment>/``: ``pareto.png`` (mean AUC with its interval
 against bytes on a log axis, the frontier of the means, the baseline as a band),
-``table.md`` and ``table.csv``; logged to the sweep's parent run as artifacts.
+``pareto.html`` (the same chart to point at: hover a point for its figures, click it for
+its run; ``experiments.pareto_page``), ``table.md`` and ``table.csv``; logged to the
+sweep's parent run as artifacts.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import mlflow
 import pandas as pd
 
 from experiments.job import PARENT_TAG
+from experiments.pareto_page import DEFAULT_UI, write_page
 from experiments.seeds import Stat, aggregate
 from recsys.training.metrics import not_learned
 
@@ -101,12 +104,15 @@ def collect(experiment: str, parent_run_id: str | Sequence[str] | None = None) -
                 # what tells a model that learned from a constant predictor (recsys.training.metrics)
                 **{f"_{k}": m.get(f"test_{k}", math.nan) for k in ("base_logloss", "rows", "positives")},
                 "status": status if status == "complete" else "unreachable: " + t.get("embcomp.reason", "")[:160],
+                # the run a reader opens: the seeds' group run, or the run itself when it has none
+                "run_id": t[PARENT_TAG] if t.get(PARENT_TAG) not in (None, *parents) else r.info.run_id,
+                "experiment_id": r.info.experiment_id,
                 "start": r.info.start_time,
                 "_overrides": settings(t.get("embcomp.overrides", "")),
             }
         )
-    df = pd.DataFrame(rows, columns=[*KEYS, "seed", "bytes", "ratio", "auc", "logloss", *LEARNED, "status", "start",
-                                     "_overrides"])  # fmt: skip
+    df = pd.DataFrame(rows, columns=[*KEYS, "seed", "bytes", "ratio", "auc", "logloss", *LEARNED, "status", "run_id",
+                                     "experiment_id", "start", "_overrides"])  # fmt: skip
     if df.empty:
         return df.drop(columns="_overrides")
     # what else the sweep varies (trainer=bars, trainer.sparse_lr=...) tells rows apart
@@ -144,7 +150,7 @@ def summarise(runs: pd.DataFrame, overhead: pd.DataFrame | None = None) -> pd.Da
             "ratio": done["ratio"].mean() if len(done) else math.nan,
             "auc": auc.mean, "auc_std": auc.std, "auc_ci95": auc.ci95,
             "logloss": logloss.mean, "logloss_std": logloss.std, "logloss_ci95": logloss.ci95,
-            "status": status,
+            "status": status, "run_id": g["run_id"].iloc[-1], "experiment_id": g["experiment_id"].iloc[-1],
         })  # fmt: skip
     df = pd.DataFrame(rows)
     df["delta_auc"] = math.nan
@@ -298,10 +304,16 @@ def build_report(
     (directory / "table.md").write_text(md)
     df[COLUMNS].to_csv(directory / "table.csv", index=False)
     plot(df, directory / "pareto.png")
+    title = f"{experiment}: test AUC against embedding bytes"
+    uri = mlflow.get_tracking_uri()
+    write_page(df, directory / "pareto.html", title, uri if uri.startswith(("http://", "https://")) else DEFAULT_UI)
     if parents:
         client = mlflow.MlflowClient()
         for name in ("table.md", "table.csv", "pareto.png"):
             client.log_artifact(parents[0], str(directory / name), artifact_path="report")
+        with tempfile.TemporaryDirectory() as tmp:  # in MLflow's artifact view: links to the server it is on
+            write_page(df, Path(tmp) / "pareto.html", title, "/")
+            client.log_artifact(parents[0], str(Path(tmp) / "pareto.html"), artifact_path="report")
     return Report(directory=directory, table=df, markdown=md)
 
 
@@ -329,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     if report is None:
         return 1
     print(report.markdown)
-    print(f"report: {report.directory}/table.md, {report.directory}/table.csv, {report.directory}/pareto.png")
+    print(f"report: {report.directory}/table.md, {report.directory}/table.csv, {report.directory}/pareto.png, "
+          f"{report.directory}/pareto.html")
     return 0
 
 

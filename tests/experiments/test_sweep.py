@@ -10,6 +10,8 @@ import socket
 import subprocess
 import time
 import urllib.request
+from html.parser import HTMLParser
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -75,8 +77,47 @@ def test_multirun_has_a_parent_run_nested_jobs_and_a_report(tmp_path):
     assert base.step_vs_base == 1.0 and qr.step_vs_base > 0
     assert (report / "pareto.png").stat().st_size > 10_000
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "report")}
-    assert arts == {"report/table.md", "report/table.csv", "report/pareto.png", "report/overhead.csv"}
+    assert arts == {"report/table.md", "report/table.csv", "report/pareto.png", "report/pareto.html",
+                    "report/overhead.csv"}  # fmt: skip
+    # the Pareto page: a point per finished method and budget, its figures on hover, its run on click
+    page = _points((report / "pareto.html").read_text())
+    qr_group = groups[("qr", "10x")].info
+    assert set(page) == {"none", "qr"}
+    href, title = page["qr"]
+    assert href == f"http://127.0.0.1:5000/#/experiments/{qr_group.experiment_id}/runs/{qr_group.run_id}"
+    assert "qr at 10x" in title and f"{int(qr.bytes):,} bytes ({qr.ratio:.1f}x)" in title
+    assert f"test AUC {qr.auc:.4f} ± {qr.auc_ci95:.4f} over 2 seed(s)" in title and "best at 10x" in title
+    served = mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="report/pareto.html", dst_path=str(tmp_path))
+    assert _points(Path(served).read_text())["qr"][0] == f"/#/experiments/{qr_group.experiment_id}/runs/{qr_group.run_id}"
     assert "| qr | 10x |" in r.stdout
+
+
+def _points(page: str) -> dict[str, tuple[str, str]]:
+    """method -> (link, hover text) of the Pareto page's points."""
+    class Points(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.found, self.current, self.text = {}, None, None
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "a" and "data-method" in a:
+                self.current = (a["data-method"], a["href"])
+            elif tag == "title" and self.current:
+                self.text = ""
+
+        def handle_data(self, data):
+            if self.text is not None:
+                self.text += data
+
+        def handle_endtag(self, tag):
+            if tag == "title" and self.current and self.text is not None:
+                self.found[self.current[0]] = (self.current[1], self.text)
+                self.current, self.text = None, None
+
+    p = Points()
+    p.feed(page)
+    return p.found
 
 
 def _free_port() -> int:
