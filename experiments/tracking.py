@@ -21,6 +21,7 @@ from typing import Any
 import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
@@ -106,6 +107,7 @@ def store_lock(uri: str) -> Iterator[None]:
 
 
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+DEFAULT_EXPERIMENT_ID = "0"
 
 
 def use_experiment(uri: str, name: str) -> str:
@@ -132,8 +134,23 @@ def use_experiment(uri: str, name: str) -> str:
             if e.error_code != "RESOURCE_ALREADY_EXISTS" or (found := mlflow.get_experiment_by_name(name)) is None:
                 raise
             exp_id = found.experiment_id
+        _hide_empty_default()
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _hide_empty_default() -> None:
+    """The store's ``Default`` experiment, created with it and never used by embcomp, is
+    deleted (MLflow's soft delete: restorable) while it holds no run, so that the UI's
+    experiment list opens on embcomp's experiments, not on an empty one."""
+    client = mlflow.MlflowClient()
+    try:
+        default = client.get_experiment(DEFAULT_EXPERIMENT_ID)
+    except MlflowException:  # (a store without one)
+        return
+    if default.lifecycle_stage == "active" and not client.search_runs([DEFAULT_EXPERIMENT_ID], max_results=1,
+                                                                      run_view_type=ViewType.ALL):  # fmt: skip
+        client.delete_experiment(DEFAULT_EXPERIMENT_ID)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -24,6 +24,7 @@ def test_job_is_recorded_in_mlflow(compose_cfg, tmp_path):
     assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
     # the UI opens it on its training-runs view, not the GenAI overview
     assert mlflow.get_experiment_by_name("test").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert mlflow.get_experiment("0").lifecycle_stage == "deleted"  # the empty Default is not listed first
     m = run.data.metrics
     assert 0.5 < m["test_auc"] <= 1.0
     assert m["test_logloss"] > 0
@@ -129,3 +130,14 @@ def test_methods_sized_from_id_counts_run_as_jobs(compose_cfg, tmp_path, method)
                                       "budget=10x", "trainer.max_steps_per_epoch=3"))  # fmt: skip
     summary = run_job(cfg, tmp_path / "out")
     assert summary["metrics"]["compression_ratio"] == pytest.approx(10, rel=0.05)
+
+
+def test_a_default_experiment_with_runs_is_left_alone(tmp_path):
+    from experiments.tracking import use_experiment
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(experiment_id="0"):
+        mlflow.log_metric("x", 1.0)
+    use_experiment(uri, "mine")
+    assert mlflow.get_experiment("0").lifecycle_stage == "active"
