@@ -92,13 +92,17 @@ class Stage:
     trainer's standard training loop. Each stage of a multi-stage schedule is logged
     as a nested run. ``checkpoint=False``: a cheap stage that changes the module's
     structure (e.g. ``quantize``), re-run after an interruption instead of restored
-    from a checkpoint.
+    from a checkpoint. ``at_budget=False``: the stage's model is not yet the one the budget
+    sizes (a supernet, a search over a full-size table, a full table before it is merged),
+    so its validation figures must not be compared with other methods' (a search that
+    stops trials early compares only figures of models at their budget).
     """
 
     name: str
     run: Callable[[StageContext], dict[str, float]] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     checkpoint: bool = True
+    at_budget: bool = True
 
 
 def compact_then_finetune(
@@ -107,11 +111,13 @@ def compact_then_finetune(
     count_bytes: Callable[[], int],
     finetune_epochs: int = 0,
     extra: Callable[[], dict[str, float]] | None = None,
+    train_at_budget: bool = True,
 ) -> list[Stage]:
     """``train`` -> ``name`` (``compact()`` turns the module into its deployed form, in
     place; its metrics: validation after it, the bytes before and after, ``extra()``) ->
     ``finetune`` for ``finetune_epochs`` if any. The schedule of DPQ's pack and dedup's
-    merge.
+    merge. ``train_at_budget=False``: the trained form is not yet at the budget (dedup's
+    full tables before the merge).
 
     Example::
 
@@ -126,7 +132,7 @@ def compact_then_finetune(
         return {**metrics, "training_bytes": float(before), "embedding_bytes": float(count_bytes()),
                 **(extra() if extra is not None else {})}  # fmt: skip
 
-    out = [Stage("train"), Stage(name, run=run, checkpoint=False)]
+    out = [Stage("train", at_budget=train_at_budget), Stage(name, run=run, checkpoint=False)]
     if finetune_epochs:
         out.append(Stage("finetune", run=lambda ctx: ctx.fit(finetune_epochs), params={"epochs": finetune_epochs}))
     return out

@@ -274,7 +274,8 @@ class AutoDimCollection(CompressedEmbeddingBagCollection):
         c = self.config
         return [
             Stage("search", run=self._run_search, params={"candidates": ",".join(map(str, c.candidates)), "alpha_lr": c.alpha_lr,
-                                                          "tau0": c.tau0, "tau_min": c.tau_min, "anneal": c.anneal}),
+                                                          "tau0": c.tau0, "tau_min": c.tau_min, "anneal": c.anneal},
+                  at_budget=False),
             Stage("select", run=self._run_select, params={"retrain_from": c.retrain_from}, checkpoint=False),
             Stage("retrain", run=lambda ctx: ctx.fit(self.config.retrain_epochs), params={"epochs": c.retrain_epochs}),
         ]  # fmt: skip

@@ -304,7 +304,8 @@ class AutoSrhCollection(CompressedEmbeddingBagCollection):
     def stages(self) -> list[Stage]:
         c = self.config
         return [
-            Stage("search", run=self._run_search, params={"groups": c.groups, "l1": c.l1, "alpha_lr": c.alpha_lr}),
+            Stage("search", run=self._run_search, params={"groups": c.groups, "l1": c.l1, "alpha_lr": c.alpha_lr},
+                  at_budget=False),
             Stage("select", run=self._run_select, params={"retrain_from": c.retrain_from}, checkpoint=False),
             Stage("retrain", run=lambda ctx: ctx.fit(self.config.retrain_epochs), params={"epochs": c.retrain_epochs}),
         ]

@@ -168,7 +168,7 @@ class DedupEmbeddingBagCollection(IdMappedCollection):
     def stages(self) -> list[Stage]:
         return compact_then_finetune(
             "merge", self.merge, lambda: memory_report(self).bytes, self.config.finetune_epochs,
-            extra=lambda: {f"lsh_bits.{t}": float(b) for t, b in self.lsh_bits.items()},
+            extra=lambda: {f"lsh_bits.{t}": float(b) for t, b in self.lsh_bits.items()}, train_at_budget=False,
         )
 
     @torch.no_grad()

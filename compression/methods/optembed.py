@@ -252,7 +252,8 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
     def stages(self) -> list[Stage]:
         c = self.config
         return [
-            Stage("supernet", run=self._run_supernet, params={"alpha": c.alpha, "threshold_lr": c.threshold_lr}),
+            Stage("supernet", run=self._run_supernet, params={"alpha": c.alpha, "threshold_lr": c.threshold_lr},
+                  at_budget=False),
             Stage("search", run=self._run_search, params={"generations": c.generations, "mutations": c.mutations,
                                                           "crossovers": c.crossovers, "mutation_prob": c.mutation_prob,
                                                           "parents": c.parents}),

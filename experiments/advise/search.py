@@ -14,6 +14,9 @@ failed after a grace period and puts its point back (``RetryHeartbeatStaleTrialC
 a worker stopped by Ctrl-C or SIGTERM puts its point back itself. The point's trial
 directory keeps its checkpoints, so the retried trial continues where it stopped.
 
+Only epochs of a model at its budget are reported to the pruner (``Stage.at_budget``):
+a supernet's or a full-size search's validation AUC is not its method's at the budget.
+
 Round 0 holds every candidate's default settings, pruned against each other (so the
 methods meet on even terms and the weak ones cost a rung); later rounds tune each
 candidate. Between rounds, candidates fall behind: a point of round r (r >= 1) runs only
@@ -47,6 +50,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import FrozenTrial, TrialState
 
 from compression import BudgetError, IdOutOfRangeError, MethodConfigError
+from compression.stages import Stage
 from experiments.advise.candidates import Point
 from experiments.advise.config import AdviseConfig
 from experiments.advise.pruner import PerCandidateHalving
@@ -144,7 +148,12 @@ class Budget:
 
 
 class _Report(Callback):
-    """Each epoch's validation AUC to the trial; stops the trial when the pruner says so."""
+    """Each epoch's validation AUC to the trial; stops the trial when the pruner says so.
+
+    Epochs count from the start of the job (the cost), but only those of a stage whose
+    model is at its budget are reported: a supernet's or a full-size search's figures
+    (``Stage.at_budget``) are not that method's at the budget, and would outrank the
+    methods that train at it from the first epoch."""
 
     def __init__(self, trial: optuna.Trial, prune: bool, say: Callable[[str], None] = print, name: str = "") -> None:
         self.trial = trial
@@ -153,13 +162,17 @@ class _Report(Callback):
         self.name = name
         self.epochs = 0
         self.samples = 0.0
+        self.at_budget = True
+
+    def on_stage_start(self, stage: Stage, n_stages: int) -> None:
+        self.at_budget = stage.at_budget
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], step: int) -> None:
         self.epochs += 1
         self.samples = float(metrics.get("trained_samples", self.samples))
         self.trial.set_user_attr("trained_samples", self.samples)
         auc = metrics.get("val_auc")
-        if auc is None or not self.prune:
+        if auc is None or not self.prune or not self.at_budget:
             return
         self.trial.report(float(auc), self.epochs)
         stop = self.trial.should_prune()

@@ -289,6 +289,27 @@ def test_a_study_planned_for_other_candidates_is_refused(tmp_path):
         plan_study(study, plan[:1], "digest-b")
 
 
+def test_only_epochs_of_a_model_at_its_budget_are_ranked():
+    """A supernet's or a full-size search's validation AUC is not the method's at the
+    budget (AutoSrh's search stage scored 0.8708 on frappe_shaped, its deployed model
+    0.8638): those epochs count toward the cost but are not reported to the pruner."""
+    from compression.stages import Stage
+    from experiments.advise.pruner import PerCandidateHalving
+    from experiments.advise.search import _Report
+
+    study = optuna.create_study(direction="maximize", pruner=PerCandidateHalving(1, 3))
+    trial = study.ask()
+    report = _Report(trial, prune=True, say=lambda _: None)
+    report.on_stage_start(Stage("search", at_budget=False), 3)
+    for e, auc in enumerate([0.87, 0.871]):
+        report.on_epoch_end(e, {"val_auc": auc, "trained_samples": 100.0 * (e + 1)}, 0)
+    report.on_stage_start(Stage("select"), 3)
+    report.on_stage_start(Stage("retrain"), 3)
+    report.on_epoch_end(0, {"val_auc": 0.86, "trained_samples": 300.0}, 0)
+    frozen = study.trials[0]
+    assert frozen.intermediate_values == {3: 0.86} and frozen.user_attrs["trained_samples"] == 300.0
+
+
 def test_successive_halving_ranks_a_trial_against_its_rivals_only():
     from experiments.advise.pruner import PerCandidateHalving
 
