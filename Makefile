@@ -107,6 +107,7 @@ bench-lookup: $(STAMP) ## inference lookup time of quantized tables against fp32
 
 ui: $(STAMP) ## serve the MLflow UI for ./mlflow.db on 127.0.0.1 (PORT=5000)
 	@echo "MLflow UI: http://127.0.0.1:$(PORT)"
+	@$(PY) -m experiments.dashboard --tracking-uri $(TRACKING_URI) --ui http://127.0.0.1:$(PORT)/
 	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
 
 lint: $(STAMP) ## ruff and mypy

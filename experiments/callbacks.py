@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig
 
+from experiments.dashboard import sweep_links
 from experiments.job import PARENT_RUN_FILE
 from experiments.sharding import rank
 from experiments.tracking import TrackingError, check_tracking, use_experiment
@@ -102,9 +103,14 @@ class MLflowSweepCallback(Callback):
                     overhead=overhead,
                 )
                 if out is not None:
+                    for _, row in out.table.iterrows():  # the step-time column of the UI's view
+                        if row["step_vs_base"] == row["step_vs_base"]:
+                            client.log_metric(row["run_id"], "step_vs_none", float(row["step_vs_base"]))
                     print(out.markdown)
                     print(f"report: {out.directory}/table.md, {out.directory}/table.csv, {out.directory}/pareto.png, "
                           f"{out.directory}/pareto.html")
+            for s in sweep_links(config.mlflow.tracking_uri, parent_run_id=self._parent):
+                print(f"MLflow (make ui): the sweep's jobs by method: {s.table}\n  test AUC against bytes: {s.chart}")
         finally:
             client.set_terminated(self._parent, RunStatus.to_string(RunStatus.FINISHED))
             self._parent = None

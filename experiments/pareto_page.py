@@ -9,9 +9,10 @@ the means as a step line. Hovering a point shows the method, budget, settings, b
 ratio, AUC ± interval, ΔAUC, seeds and its rank at the budget; clicking it opens its run
 in the MLflow UI (its seeds' group run). Under each chart the same rows as a table.
 
-Links: in the artifact view (``ui_base="/"``) they are relative to the MLflow server
-the page is served from and open in the top window; in the file under ``reports/`` they
-point at ``ui_base`` (the ``make ui`` address by default).
+Links point at ``ui_base`` (the tracking server, or ``make ui``'s address). In MLflow's
+artifact view the page sits in a sandboxed frame that lets no link open (MLflow 3.17:
+``sandbox="allow-scripts"``): there the hover text and the table still hold every figure
+and the run's address, and the same page under ``reports/`` opens the runs.
 """
 
 from __future__ import annotations
@@ -22,20 +23,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.dashboard import DEFAULT_UI, run_url
+
 W, H = 720, 420
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 20, 50
 # a qualitative palette that stays apart for up to 20 methods
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
            "#756bb1", "#636363"]  # fmt: skip
-DEFAULT_UI = "http://127.0.0.1:5000/"
-
-
-def run_url(ui_base: str, experiment_id: str, run_id: str) -> str:
-    """The MLflow UI's page of one run."""
-    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
 def _bytes(n: float) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
@@ -150,7 +145,8 @@ def write_page(df: pd.DataFrame, path: Path, title: str, ui_base: str = DEFAULT_
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1 style='font-size:17px'>{html.escape(title)}</h1>"
              "<p>Each point: a method at a budget, its mean test AUC and 95% interval over seeds. Hover a point for "
-             "its figures; click it to open its run. Dashed: the full table (band: its interval); red: the frontier.</p>",
+             "its figures; click it to open its run (from the file under reports/: MLflow's artifact view lets no link "
+             "open). Dashed: the full table (band: its interval); red: the frontier.</p>",
              "<div class='legend'>" + "".join(f"<span><i style='background:{c}'></i>{html.escape(m)}</span>"
                                              for m, c in colours.items()) + "</div>"]  # fmt: skip
     for (dataset, model, setting), g in df.groupby(["dataset", "model", "setting"], sort=False):

@@ -31,8 +31,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from experiments.dashboard import ui_base
 from experiments.job import PARENT_TAG
-from experiments.pareto_page import DEFAULT_UI, write_page
+from experiments.pareto_page import write_page
 from experiments.seeds import Stat, aggregate
 from recsys.training.metrics import not_learned
 
@@ -305,15 +306,11 @@ def build_report(
     df[COLUMNS].to_csv(directory / "table.csv", index=False)
     plot(df, directory / "pareto.png")
     title = f"{experiment}: test AUC against embedding bytes"
-    uri = mlflow.get_tracking_uri()
-    write_page(df, directory / "pareto.html", title, uri if uri.startswith(("http://", "https://")) else DEFAULT_UI)
+    write_page(df, directory / "pareto.html", title, ui_base(mlflow.get_tracking_uri()))
     if parents:
         client = mlflow.MlflowClient()
-        for name in ("table.md", "table.csv", "pareto.png"):
+        for name in ("table.md", "table.csv", "pareto.png", "pareto.html"):
             client.log_artifact(parents[0], str(directory / name), artifact_path="report")
-        with tempfile.TemporaryDirectory() as tmp:  # in MLflow's artifact view: links to the server it is on
-            write_page(df, Path(tmp) / "pareto.html", title, "/")
-            client.log_artifact(parents[0], str(Path(tmp) / "pareto.html"), artifact_path="report")
     return Report(directory=directory, table=df, markdown=md)
 
 
