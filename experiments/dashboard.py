@@ -12,7 +12,8 @@ experiment's ``mlflow.experimentKind`` tag).
 For each sweep (and each ``make advise`` study) the view holds: the sweep's jobs (its
 direct children: one seed-group run per job, or the job's run), grouped by method, with
 budget, test AUC and its interval, logloss, bytes, ratio and step time against the full
-table as columns, sorted by test AUC; the chart view plots test AUC against bytes (log).
+table as columns, sorted by test AUC; the chart view plots test AUC against bytes (a linear
+axis: the view takes no log scale that this version applies).
 
 ``python -m experiments.dashboard`` (run by ``make ui``, and at the end of every sweep)
 writes the views and prints the links. What the UI cannot do from a link: open the home
@@ -72,7 +73,7 @@ def view_state(parent_run_id: str) -> dict:
         "compareRunSections": [{"uuid": "embcomp", "name": "test AUC against bytes", "display": True,
                                 "isReordered": False}],
         "compareRunCharts": [{"type": "SCATTER", "uuid": "embcomp-pareto", "metricSectionId": "embcomp",
-                              "xaxis": {"key": "embedding_bytes", "type": "METRIC", "scaleType": "log"},
+                              "xaxis": {"key": "embedding_bytes", "type": "METRIC"},
                               "yaxis": {"key": "test_auc", "type": "METRIC"},
                               "runsCountToCompare": 500, "deleted": False, "isGenerated": False}],
     }  # fmt: skip
