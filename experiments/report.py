@@ -334,6 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     if mlflow.get_experiment_by_name(args.experiment) is None:
         print(f"error: no MLflow experiment named '{args.experiment}' in {args.tracking_uri}")
         return 1
+    for parent in args.parent or []:
+        try:
+            kind = mlflow.get_run(parent).data.tags.get("embcomp.kind")
+        except mlflow.exceptions.MlflowException:
+            print(f"error: no run {parent} in {args.tracking_uri}")
+            return 1
+        if kind == "advise":
+            print(f"error: run {parent} is a make advise study, whose points differ in settings this report "
+                  "does not tell apart: its report is advice.md and grid.md under advise.report_dir")  # fmt: skip
+            return 1
     report = build_report(args.experiment, args.parent, args.out)
     if report is None:
         return 1

@@ -63,3 +63,17 @@ def test_a_model_that_has_not_learned_is_marked_failed_never_best_nor_on_the_fro
     assert table.loc["optembed", "status"] == "failed: has not learned (AUC 0.5001 is within noise of 0.5, ±0.0189 on 10,000 rows)"
     assert table.loc["optembed", "rank"] == "" and not table.loc["optembed", "pareto"]
     assert table.loc["hashing", "rank"] == "best"
+
+
+def test_a_make_advise_study_or_an_unknown_run_is_refused_in_one_line(tmp_path, capsys):
+    from experiments.report import main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("advise")
+    with mlflow.start_run(experiment_id=exp, tags={"embcomp.kind": "advise"}) as run:
+        pass
+    assert main(["--experiment", "advise", "--parent", run.info.run_id, "--tracking-uri", uri]) == 1
+    assert "is a make advise study" in capsys.readouterr().out
+    assert main(["--experiment", "advise", "--parent", "nope", "--tracking-uri", uri]) == 1
+    assert capsys.readouterr().out.strip().splitlines() == [f"error: no run nope in {uri}"]
