@@ -42,6 +42,12 @@ def _pm(mean: float, ci: float) -> str:
     return f"{mean:.4f} ± {ci:.4f}" if ci == ci else f"{mean:.4f}"
 
 
+def _link(ui_base: str, r: pd.Series) -> str:
+    if not r.get("run_id"):
+        return ""
+    return html.escape(run_url(ui_base, str(r["experiment_id"]), str(r["run_id"])), quote=True)
+
+
 def _describe(r: pd.Series) -> str:
     lines = [f"{r['method']} at {r['budget']}" + (f" ({r['setting']})" if r["setting"] else ""),
              f"{int(r['bytes']):,} bytes ({r['ratio']:.1f}x)",
@@ -100,7 +106,7 @@ def _chart(g: pd.DataFrame, colours: dict[str, str], ui_base: str) -> str:
     for _, r in done.iterrows():
         px, py, c = x(r["bytes"]), y(r["auc"]), colours[r["method"]]
         e = r["auc_ci95"] if r["auc_ci95"] == r["auc_ci95"] else 0.0
-        link = html.escape(run_url(ui_base, str(r["experiment_id"]), str(r["run_id"])), quote=True)
+        link = _link(ui_base, r)
         shape = (f'<rect x="{px - 5:.1f}" y="{py - 5:.1f}" width="10" height="10" fill="#000"/>' if r["method"] == "none"
                  else f'<circle cx="{px:.1f}" cy="{py:.1f}" r="5" fill="{c}"/>')  # fmt: skip
         out.append(f'<a href="{link}" target="_top" class="point" data-method="{html.escape(r["method"])}">'
@@ -120,7 +126,7 @@ def _table(g: pd.DataFrame, ui_base: str) -> str:
             rows.append(f"<tr><td>{html.escape(r['method'])}</td><td>{html.escape(str(r['budget']))}</td>"
                         f"<td colspan='9'>{html.escape(r['status'])}</td></tr>")  # fmt: skip
             continue
-        link = html.escape(run_url(ui_base, str(r["experiment_id"]), str(r["run_id"])), quote=True)
+        link = _link(ui_base, r)
         delta = f"{r['delta_auc']:+.4f}" if r["delta_auc"] == r["delta_auc"] else ""
         cells = [r["method"], r["budget"], r["setting"], f"{int(r['bytes']):,}", f"{r['ratio']:.1f}x",
                  _pm(r["auc"], r["auc_ci95"]), delta, int(r["seeds"]), r["rank"], "✓" if r["pareto"] else ""]  # fmt: skip

@@ -151,7 +151,9 @@ def summarise(runs: pd.DataFrame, overhead: pd.DataFrame | None = None) -> pd.Da
             "ratio": done["ratio"].mean() if len(done) else math.nan,
             "auc": auc.mean, "auc_std": auc.std, "auc_ci95": auc.ci95,
             "logloss": logloss.mean, "logloss_std": logloss.std, "logloss_ci95": logloss.ci95,
-            "status": status, "run_id": g["run_id"].iloc[-1], "experiment_id": g["experiment_id"].iloc[-1],
+            "status": status,
+            # the run a reader opens (none for runs given without their ids)
+            **{k: g[k].iloc[-1] if k in g else None for k in ("run_id", "experiment_id")},
         })  # fmt: skip
     df = pd.DataFrame(rows)
     df["delta_auc"] = math.nan
