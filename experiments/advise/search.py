@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
@@ -86,10 +87,33 @@ def storage(url: str, heartbeat_s: int = 10) -> RDBStorage:
     # all but the first fail with 'table ... already exists': one at a time)
     with store_lock(url), warnings.catch_warnings():  # (Optuna marks the heartbeat API experimental)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
+        out = RDBStorage(
             url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=GRACE_BEATS * heartbeat_s,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
         )  # fmt: skip
+    if url.startswith("sqlite"):
+        _immediate_transactions(out.engine)
+    return out
+
+
+def _immediate_transactions(engine: sqlalchemy.engine.Engine) -> None:
+    """Every transaction on this SQLite engine takes the write lock when it begins.
+
+    Optuna hands a waiting trial to a worker by reading it WAITING and writing it RUNNING;
+    SQLite's default (deferred) transactions let two processes both read WAITING before
+    either writes, and both run the trial (seen here: four workers popping one queue told
+    the same trials twice). ``BEGIN IMMEDIATE`` makes the read and the write one step; the
+    others wait (the connection's busy timeout)."""
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _: Any) -> None:
+        dbapi_connection.isolation_level = None  # (the driver's own BEGIN off: the one below instead)
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # (connections made before the listeners: closed, so every one has them)
 
 
 def open_study(url: str, name: str, advise: AdviseConfig) -> optuna.Study:

@@ -223,6 +223,44 @@ def test_processes_opening_a_new_study_file_at_once_all_open_it(tmp_path):
     assert [g for g in got if g != "ok"] == []
 
 
+def _pop_queue(url, barrier, results):
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="q", storage=storage(url))
+    barrier.wait()
+    got = []
+    try:
+        while True:
+            trial = study.ask()  # the next queued trial, or a new one when the queue is empty
+            if "q" not in trial.user_attrs:
+                study.tell(trial, state=TrialState.FAIL)
+                break
+            got.append(trial.user_attrs["q"])
+            study.tell(trial, 1.0)
+    except Exception as e:  # noqa: BLE001 (the test reports what each process met)
+        got.append(f"{type(e).__name__}: {e}")
+    results.put(got)
+
+
+def test_workers_popping_one_queue_each_get_different_trials(tmp_path):
+    """Four processes take queued trials from one SQLite study at once: each trial goes to
+    one of them (with SQLite's deferred transactions two read it waiting and both ran it,
+    and one then failed: 'Cannot tell a COMPLETE trial')."""
+    url = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.create_study(study_name="q", storage=storage(url))
+    for i in range(40):
+        study.enqueue_trial({}, user_attrs={"q": i})
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_pop_queue, args=(url, barrier, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    got = [x for _ in procs for x in results.get(timeout=300)]
+    for p in procs:
+        p.join(60)
+    assert all(isinstance(x, int) for x in got), [x for x in got if not isinstance(x, int)]
+    assert sorted(got) == list(range(40))  # each queued trial once
+
+
 def test_workers_share_one_study_with_no_trial_lost_or_run_twice(tmp_path):
     """A worker started on its own (as on another machine, same storage) waits for the plan
     and joins; the main process adds one more of its own (advise.workers=2)."""
