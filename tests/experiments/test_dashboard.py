@@ -23,19 +23,22 @@ from tests.experiments.conftest import REPO, run_cli, smoke_overrides
 CHROMIUM = os.environ.get("EMBCOMP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _sweep(tmp_path, *extra):
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """One real sweep (none and hashing at 10x, 2 seeds each) for the module's tests."""
+    tmp_path = tmp_path_factory.mktemp("dash")
     r = run_cli("--multirun", "dataset=criteo_sample", "compression=none,hashing", "budget=10x", "seeds=2",
                 "trainer.max_steps_per_epoch=8", "hydra.callbacks.mlflow_sweep.overhead_rounds=2",
                 *smoke_overrides(tmp_path), "mlflow.experiment_name=dash", f"hydra.sweep.dir={tmp_path}/multi",
-                f"report_dir={tmp_path}/reports", *extra, cwd=tmp_path)  # fmt: skip
+                f"report_dir={tmp_path}/reports", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return tmp_path, r
 
 
-def test_each_sweep_gets_a_saved_view_and_links_to_it(tmp_path):
+def test_each_sweep_gets_a_saved_view_and_links_to_it(swept):
     """The view: the sweep's jobs, grouped by method, the figures as columns, sorted by
     test AUC, and a chart of test AUC against bytes; the sweep prints its links."""
-    r = _sweep(tmp_path)
+    tmp_path, r = swept
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     [s] = sweep_links(uri, ui="http://127.0.0.1:5001/")
     mlflow.set_tracking_uri(uri)
@@ -60,14 +63,13 @@ def test_each_sweep_gets_a_saved_view_and_links_to_it(tmp_path):
 
 
 @pytest.mark.browser
-def test_the_printed_link_opens_the_comparison_in_a_browser(tmp_path):
+def test_the_printed_link_opens_the_comparison_in_a_browser(swept, tmp_path):
     """``make ui`` prints the links; Chromium opens them onto the jobs grouped by method with
     the AUC and bytes columns, and onto the chart of AUC against bytes."""
     if CHROMIUM is None:
         pytest.skip("no Chromium (apt-get install chromium, or set EMBCOMP_CHROMIUM)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="no Playwright (pip install playwright)")
-    _sweep(tmp_path)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = f"sqlite:///{swept[0]}/mlflow.db"
     port = _free_port()
     proc = subprocess.Popen(["make", "-s", "ui", f"PORT={port}", f"TRACKING_URI={uri}"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
