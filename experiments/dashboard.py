@@ -121,12 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--ui", default=None, help=f"the UI's address (default: the server, or {DEFAULT_UI})")
     args = p.parse_args(argv)
-    from experiments.tracking import TrackingError, check_tracking
+    from experiments.tracking import tracking_refusal
 
-    try:
-        check_tracking(args.tracking_uri)
-    except TrackingError as e:
-        print(f"error: {e}")
+    if (refusal := tracking_refusal(args.tracking_uri)) is not None:
+        print(refusal)
         return 1
     links = sweep_links(args.tracking_uri, args.ui)
     print(describe(links) if links else "no sweeps yet: make experiment, make sweep or make advise first")

@@ -325,12 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--out", default="reports", type=Path)
     args = p.parse_args(argv)
-    from experiments.tracking import TrackingError, check_tracking
+    from experiments.tracking import tracking_refusal
 
-    try:
-        check_tracking(args.tracking_uri)
-    except TrackingError as e:
-        print(f"error: {e}")
+    if (refusal := tracking_refusal(args.tracking_uri)) is not None:
+        print(refusal)
         return 1
     mlflow.set_tracking_uri(args.tracking_uri)
     if mlflow.get_experiment_by_name(args.experiment) is None:

@@ -65,6 +65,15 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
         )
 
 
+def tracking_refusal(uri: str) -> str | None:
+    """``check_tracking``'s refusal as the one line a command prints (None: usable)."""
+    try:
+        check_tracking(uri)
+    except TrackingError as e:
+        return f"error: {e}"
+    return None
+
+
 def _check_writable(uri: str, db: Path) -> None:
     """A store that cannot take a write is refused now, not after the data is prepared."""
     if db.is_dir():
