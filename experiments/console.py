@@ -97,12 +97,12 @@ class SweepProgress(Callback):
         self._job_start = time.time()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
             return
         self.done += 1
         took = time.time() - self._job_start
-        path = Path(HydraConfig.get().runtime.output_dir) / "summary.json"
-        hc = HydraConfig.get()
+        path = Path(hc.runtime.output_dir) / "summary.json"
         job = f"{hc.runtime.choices.get('compression', '?')} {config.get('budget') or 'none'}"
         if job_return.status == JobStatus.FAILED:  # (what failed is said on stderr)
             what = f"{job}: failed"
