@@ -83,7 +83,7 @@ sweep: $(STAMP) ## any Hydra multirun: make sweep ARGS="compression=hashing,qr b
 report: $(STAMP) ## Pareto report of an experiment's latest sweep: make report EXP=comparison [PARENT="id1 id2"]
 	$(PY) -m experiments.report --experiment $(EXP) $(if $(PARENT),--parent $(PARENT))
 
-readme-table: $(STAMP) ## regenerate README's comparison table from the latest 'comparison' sweep in MLflow
+readme-table: $(STAMP) ## regenerate the comparison table of docs/results.md from the latest 'comparison' sweep in MLflow
 	$(PY) -m experiments.readme_table --experiment comparison
 
 $(PEER_VENV)/.setup:
