@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from compression.base import CompressedEmbeddingBagCollection, MethodConfigError  # noqa: F401  (re-exported)
+from compression.base import CompressedEmbeddingBagCollection
+from compression.config_checks import check_fields
+from compression.errors import MethodConfigError, UnknownMethodError  # noqa: F401  (re-exported)
 from compression.quantization import Quantization, as_quantization, prepare, quantize_stage  # noqa: F401  (Quantization re-exported)
 from compression.stages import Stage
 
@@ -66,6 +68,15 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         self.quantization = as_quantization(self.quantization)
+        # the values each field declares it accepts (bounded, one_of), then the method's
+        # own cross-field checks: a bad value fails here, when the config is made
+        check_fields(self, self.method, MethodConfigError)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field checks of the method's config (raise ``MethodConfigError`` naming
+        the keys); the checks of one field are declared on it. Checks that need the tables
+        (their dims, pooling, counts) stay in the builder. Default: none."""
 
     def post_training_stages(self) -> list[Stage]:
         """Stages every method's schedule ends with when this config asks: ``quantize``
@@ -128,11 +139,6 @@ _BUILDERS: dict[type, Builder] = {}
 _BY_NAME: dict[str, type] = {}
 
 
-class UnknownMethodError(KeyError):
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0])
-
-
 def require_fbgemm_cuda(what: str, device: torch.device) -> None:
     """Refuse ``what`` on a CUDA device when fbgemm-gpu is its CPU build.
 
@@ -172,13 +178,21 @@ def register(config_cls: type[C]) -> Callable[[Builder], Builder]:
     return deco
 
 
+def _load_methods() -> None:
+    """Import every method (``compression.methods`` registers them): the registry is
+    complete whenever it is read, however the package was imported."""
+    import compression.methods  # noqa: F401
+
+
 def registered_methods() -> dict[str, type]:
     """Method name -> config class, for every registered method."""
+    _load_methods()
     return dict(_BY_NAME)
 
 
 def config_class(name: str) -> type:
     """The config class registered under ``name``; a clear error for an unknown one."""
+    _load_methods()
     try:
         return _BY_NAME[name]
     except KeyError:
@@ -211,6 +225,7 @@ def compress(
         table_device: where the TorchRec tables go (default ``device``); ``"meta"``
             allocates none of them (the sharded path: DMP allocates each rank's shards).
     """
+    _load_methods()
     builder = _BUILDERS.get(type(config))
     if builder is None:
         raise UnknownMethodError(

@@ -28,6 +28,7 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from compression.errors import IdOutOfRangeError, MethodConfigError
 from compression.stages import Stage, schedule
 
 if TYPE_CHECKING:  # the planner's types pull in torchrec.distributed: only for hints
@@ -36,14 +37,6 @@ if TYPE_CHECKING:  # the planner's types pull in torchrec.distributed: only for 
     from compression.api import CompressionConfig
 
 __all__ = ["CompressedEmbeddingBagCollection", "IdOutOfRangeError", "MethodConfigError", "Stage", "table_named"]
-
-
-class IdOutOfRangeError(IndexError):
-    """An id outside the table its feature is declared to use."""
-
-
-class MethodConfigError(ValueError):
-    """A method's config that cannot work with these tables (the message says why)."""
 
 
 def _tracing() -> bool:

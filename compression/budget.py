@@ -19,15 +19,12 @@ from typing import Optional
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from compression.config_checks import bounded, one_of
+from compression.errors import BudgetError
 from compression.memory import uncompressed_bytes
 
 SCOPES = ("model", "table")
 # A method must land within this fraction of its target bytes.
 BUDGET_TOLERANCE = 0.05
-
-
-class BudgetError(ValueError):
-    """A budget that is malformed or that a method cannot reach."""
 
 
 @dataclass

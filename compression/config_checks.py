@@ -24,9 +24,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from compression.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config value outside what its field accepts (the message names the key)."""
+__all__ = ["ConfigError", "bounded", "check_fields", "one_of", "unknown_key"]
 
 
 def bounded(
@@ -63,38 +63,39 @@ def _range_error(value: Any, r: Mapping[str, float | None]) -> str | None:
         ok = {"ge": value >= bound, "gt": value > bound, "le": value <= bound, "lt": value < bound}[op]
         if not ok:
             sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[op]
-            return f"must be {sign} {bound:g}, got {value!r}"
+            shown = f"{int(bound)}" if float(bound).is_integer() else f"{bound:g}"  # 2147483647, not 2.14748e+09
+            return f"must be {sign} {shown}, got {value!r}"
     return None
 
 
-def check_fields(obj: Any, prefix: str = "") -> None:
-    """Raise ``ConfigError`` for the first field of ``obj`` (a dataclass, recursively)
-    outside its declared range or choices."""
+def check_fields(obj: Any, prefix: str = "", error: type[ConfigError] = ConfigError) -> None:
+    """Raise ``error`` (a ``ConfigError``) for the first field of ``obj`` (a dataclass,
+    recursively) outside its declared range or choices."""
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         return
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}.{f.name}" if prefix else f.name
         if "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise ConfigError(f"{key}: must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}")
+            raise error(f"{key}: must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}")
         if "range" in f.metadata and value is not None:
             values = list(value) if f.metadata.get("each") else [value]
             for i, v in enumerate(values):
                 if (msg := _range_error(v, f.metadata["range"])) is not None:
                     where = f"{key}[{i}]" if f.metadata.get("each") else key
-                    raise ConfigError(f"{where}: {msg}")
-        _check_nested(value, key)
+                    raise error(f"{where}: {msg}")
+        _check_nested(value, key, error)
 
 
-def _check_nested(value: Any, key: str) -> None:
+def _check_nested(value: Any, key: str, error: type[ConfigError]) -> None:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        check_fields(value, key)
+        check_fields(value, key, error)
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _check_nested(v, f"{key}[{i}]")
+            _check_nested(v, f"{key}[{i}]", error)
     elif isinstance(value, Mapping):
         for k, v in value.items():
-            _check_nested(v, f"{key}.{k}")
+            _check_nested(v, f"{key}.{k}", error)
 
 
 def unknown_key(obj: Any, keys: list[str]) -> str | None:

@@ -47,6 +47,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.api import BuildContext
 from compression.base import CompressedEmbeddingBagCollection, MethodConfigError
 from compression.budget import Budget
+from compression.config_checks import bounded
 from compression.deployed import TableFormat, deployed_bytes
 from compression.quantization import as_quantization
 from compression.sizing import BudgetedConfig, FieldCost, Plan, plan_budget, plan_explicit, verify
@@ -79,12 +80,12 @@ class ElementPruningConfig(BudgetedConfig):
     sized_by_stages: ClassVar[bool] = True
 
     budget: Optional[Budget] = None
-    target_sparsity: Optional[float] = None
+    target_sparsity: Optional[float] = bounded(None, ge=0, lt=1)
     # epochs of the stage that prunes (None: the trainer's number), and the fraction of its
     # steps over which the kept count falls to the target
     prune_epochs: Optional[int] = None
-    prune_ramp: float = 0.75
-    prune_every: int = 10
+    prune_ramp: float = bounded(0.75, ge=0, le=1)
+    prune_every: int = bounded(10, ge=1)
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"target_sparsity": self.target_sparsity}
@@ -115,17 +116,14 @@ class ElementPruningConfig(BudgetedConfig):
 
 
 def check_config(method: str, config: ElementPruningConfig, tables: list[EmbeddingBagConfig]) -> None:
-    """One line per refusal: quantization, schedule knobs, pooling, tables too large."""
+    """One line per refusal: quantization, pooling, tables too large (the schedule knobs
+    are declared on ``ElementPruningConfig``'s fields and checked when it is made)."""
     q = as_quantization(config.quantization)
     if q is not None and (q.aware or q.precision not in SPARSE_PRECISIONS):
         raise MethodConfigError(
             f"{method}: quantization {q.label()} does not compose: the sparse tables' values are quantized "
             f"after training to {' or '.join(SPARSE_PRECISIONS)} (one scale a table); use one of those, aware: false"
         )
-    if config.target_sparsity is not None and not 0 <= config.target_sparsity < 1:
-        raise MethodConfigError(f"{method}: target_sparsity must be in [0, 1), got {config.target_sparsity}")
-    if not 0 <= config.prune_ramp <= 1 or config.prune_every < 1:
-        raise MethodConfigError(f"{method}: prune_ramp must be in [0, 1] and prune_every >= 1")
     for t in tables:
         if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
             raise MethodConfigError(f"{method}: table '{t.name}' pools by {t.pooling}; sum or mean only")

@@ -56,6 +56,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from compression.api import BuildContext, CompressionConfig, MethodConfigError
 from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import BUDGET_TOLERANCE, Budget, BudgetError
+from compression.config_checks import one_of
 from compression.deployed import TableFormat, deployed_bytes
 from compression.memory import uncompressed_bytes
 from compression.quantization import as_quantization, check_quantizable, row_alignment
@@ -92,14 +93,7 @@ class BudgetedConfig(CompressionConfig):
     """
 
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
-    budget_precision: str = "deployed"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.budget_precision not in BUDGET_PRECISIONS:
-            raise MethodConfigError(
-                f"{type(self).method}: budget_precision must be one of {BUDGET_PRECISIONS}, got '{self.budget_precision}'"
-            )
+    budget_precision: str = one_of("deployed", *BUDGET_PRECISIONS)
 
     def with_budget(self: B, budget: Budget | None) -> B:
         return dataclasses.replace(self, budget=budget)

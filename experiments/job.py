@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from compression import BudgetError, CompressionConfig, compress, memory_report
 from compression.base import CompressedEmbeddingBagCollection
+from compression.errors import EmbcompError
 from compression.preflight import available_bytes, check_fits, training_bytes
 from experiments.identity import describe_job, job_key, resolve_compression
 from experiments.record import RunRecord
@@ -466,7 +467,7 @@ def _system_metrics(record: RunRecord) -> Any:
     return monitor
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(EmbcompError, ValueError):
     """A checkpoint directory written by a job with a different effective config."""
 
 

@@ -19,21 +19,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from compression import BudgetError, IdOutOfRangeError, MethodConfigError, UnknownMethodError
-from compression.config_checks import ConfigError
+from compression.errors import EmbcompError
 from experiments.config import register_configs
 from experiments.console import quiet_libraries
-from experiments.job import CheckpointMismatch, JobSkipped, run_job
-from experiments.seeds import SeedsError
-from experiments.tracking import TrackingError
+from experiments.job import JobSkipped, run_job
 from experiments.validate import check_job
-from recsys.data.schema import DataError
-from recsys.training.distributed import DistributedError
 
-USER_ERRORS = (
-    DataError, BudgetError, MethodConfigError, IdOutOfRangeError, UnknownMethodError, TrackingError, FileNotFoundError,
-    DistributedError, CheckpointMismatch, SeedsError, ConfigError,
-)
+# what a user's input, config or environment causes: one line and a non-zero exit (every
+# error of the package derives from EmbcompError; a missing file is the OS's)
+USER_ERRORS = (EmbcompError, FileNotFoundError)
 log = logging.getLogger("experiments.run")
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 from scipy import stats  # type: ignore[import-untyped]
 
+from compression.errors import EmbcompError
+
 # metrics of the seed runs that the group run holds aggregated
 AGGREGATED = (
     "test_auc", "test_logloss", "embedding_bytes", "compression_ratio", "embedding_optimizer_bytes",
@@ -30,7 +32,7 @@ AGGREGATED = (
 )  # fmt: skip
 
 
-class SeedsError(ValueError):
+class SeedsError(EmbcompError, ValueError):
     """A ``seeds`` setting that is not a positive count or a list of distinct integers."""
 
 

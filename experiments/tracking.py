@@ -25,6 +25,7 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
+from compression.errors import EmbcompError
 from compression.stages import Stage
 from experiments.record import RunRecord
 from recsys.data.schema import ProcessedDataset
@@ -33,7 +34,7 @@ from recsys.training.callbacks import Callback
 log = logging.getLogger(__name__)
 
 
-class TrackingError(RuntimeError):
+class TrackingError(EmbcompError, RuntimeError):
     """The tracking store cannot be used; the message says which and why."""
 
 

@@ -43,13 +43,26 @@ def unknown_keys(node: Any, prefix: str = "") -> None:
                 unknown_keys(child, path)
 
 
+def _to_object(cfg: DictConfig, node: str) -> Any:
+    """The node as its dataclass. A method's config checks itself when made and names its
+    keys as the library does (``optembed.alpha``); here they are named as the override a
+    user types (``compression.alpha``)."""
+    try:
+        return OmegaConf.to_object(cfg[node])
+    except ConfigError as e:
+        method = getattr(OmegaConf.get_type(cfg[node]), "method", "")
+        if node != "compression" or not method:
+            raise
+        raise type(e)(str(e).replace(f"{method}.", "compression.") + f" ({method})") from None
+
+
 def check_job(cfg: DictConfig) -> None:
     """Every check that needs no data: keys, field ranges, the budget string, seeds."""
     from experiments.identity import parse_budget
 
     unknown_keys(cfg)
     for node in ("dataset", "model", "compression", "trainer", "mlflow", "distributed"):
-        check_fields(OmegaConf.to_object(cfg[node]), node)
+        check_fields(_to_object(cfg, node), node)
     resolve_seeds(cfg.get("seeds"), int(cfg.seed))
     if cfg.get("budget") is not None:
         budget = parse_budget(cfg.budget, cfg.get("budget_scope", "model"))

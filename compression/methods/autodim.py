@@ -42,7 +42,7 @@ batch), as for any model with batch norm (``tests/training/test_distributed.py``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -55,6 +55,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.api import BuildContext, MethodConfigError, register
 from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import BUDGET_TOLERANCE, Budget, BudgetError
+from compression.config_checks import bounded, one_of
 from compression.deployed import TableFormat, deployed_bytes
 from compression.formats import FP32_BYTES
 from compression.idmap import inner_table
@@ -63,6 +64,9 @@ from compression.quantization import refuse_aware
 from compression.segments import Segment, SegmentTables, pack_unit, segment_bytes
 from compression.sizing import BudgetedConfig
 from compression.stages import Stage, StageContext
+
+# where the retrain stage starts: the paper's re-initialised tables, or the searched weights
+RETRAIN_FROM = ("scratch", "search")
 
 
 @dataclass
@@ -76,16 +80,23 @@ class AutoDimConfig(BudgetedConfig):
     sized_by_stages: ClassVar[bool] = True
     budget: Optional[Budget] = None
     # candidate dims below each table's dim (the table's own dim is always a candidate)
-    candidates: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    candidates: list[int] = bounded(ge=1, each=True, default_factory=lambda: [2, 4, 8, 16])
     # epochs of each stage (None: the trainer's own number)
     search_epochs: Optional[int] = 2
     retrain_epochs: Optional[int] = 3
-    retrain_from: str = "scratch"
-    alpha_lr: float = 0.01
+    retrain_from: str = one_of("scratch", *RETRAIN_FROM)
+    alpha_lr: float = bounded(0.01, gt=0)
     # Gumbel-softmax temperature: tau0 · exp(-anneal · step), at least tau_min
-    tau0: float = 1.0
-    tau_min: float = 0.1
-    anneal: float = 0.005
+    tau0: float = bounded(1.0, gt=0)
+    tau_min: float = bounded(0.1, gt=0)
+    anneal: float = bounded(0.005, ge=0)
+
+    def check(self) -> None:
+        if not self.candidates:
+            raise MethodConfigError("autodim.candidates: must hold at least one dim, got []")
+        if self.tau_min > self.tau0:
+            raise MethodConfigError(f"autodim.tau_min and autodim.tau0: the temperature's floor must be <= its start, "
+                                    f"got {self.tau_min} > {self.tau0}")  # fmt: skip
 
     @classmethod
     def contract_examples(cls) -> list[AutoDimConfig]:
@@ -351,12 +362,6 @@ class AutoDimCollection(CompressedEmbeddingBagCollection):
 
 @register(AutoDimConfig)
 def build(tables: list[EmbeddingBagConfig], config: AutoDimConfig, ctx: BuildContext) -> AutoDimCollection:
-    if not config.candidates or min(config.candidates) < 1:
-        raise MethodConfigError(f"autodim: candidates must be positive dims, got {config.candidates}")
-    if config.retrain_from not in ("scratch", "search"):
-        raise MethodConfigError(f"autodim: retrain_from must be 'scratch' or 'search', got '{config.retrain_from}'")
-    if not (config.tau0 > 0 and 0 < config.tau_min <= config.tau0 and config.anneal >= 0 and config.alpha_lr > 0):
-        raise MethodConfigError("autodim: tau0 >= tau_min > 0, anneal >= 0 and alpha_lr > 0 are required")
     refuse_aware(config.quantization, "autodim", "the select stage replaces the tables it would train")
     fmt = config.table_format(ctx.device)
     unit = pack_unit(fmt)

@@ -52,6 +52,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.api import BuildContext, MethodConfigError, register
 from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import BUDGET_TOLERANCE, Budget, BudgetError
+from compression.config_checks import bounded, one_of
 from compression.deployed import TableFormat, deployed_bytes
 from compression.idmap import inner_table
 from compression.memory import uncompressed_bytes
@@ -68,6 +69,8 @@ from compression.sizing import BudgetedConfig
 from compression.stages import Stage, StageContext
 
 Entry = tuple[int, int]  # (group, block)
+# where the retrain stage starts: re-initialised tables, or the searched weights
+RETRAIN_FROM = ("scratch", "search")
 
 
 @dataclass
@@ -80,17 +83,17 @@ class AutoSrhConfig(BudgetedConfig):
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"l1": (3e-3, 1e-2, 3e-2)}
     sized_by_stages: ClassVar[bool] = True
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=4))
-    groups: int = 4
-    l1: float = 0.01
+    groups: int = bounded(4, ge=1)
+    l1: float = bounded(0.01, ge=0)
     # plain SGD: the L1 term then drifts alpha down at l1 · lr a step, against a task
     # gradient that grows with how often the group is looked up (Adam's normalised steps
     # would drift every alpha alike)
-    alpha_lr: float = 0.1
+    alpha_lr: float = bounded(0.1, gt=0)
     prune_threshold: float = 0.05
     # epochs of each stage (None: the trainer's own number)
     search_epochs: Optional[int] = 2
     retrain_epochs: Optional[int] = 3
-    retrain_from: str = "scratch"
+    retrain_from: str = one_of("scratch", *RETRAIN_FROM)
 
     @classmethod
     def contract_examples(cls) -> list[AutoSrhConfig]:
@@ -390,10 +393,6 @@ def _table_counts(t: EmbeddingBagConfig, ctx: BuildContext) -> np.ndarray:
 
 @register(AutoSrhConfig)
 def build(tables: list[EmbeddingBagConfig], config: AutoSrhConfig, ctx: BuildContext) -> AutoSrhCollection:
-    if config.groups < 1 or config.l1 < 0 or config.alpha_lr <= 0:
-        raise MethodConfigError("autosrh: groups >= 1, l1 >= 0 and alpha_lr > 0 are required")
-    if config.retrain_from not in ("scratch", "search"):
-        raise MethodConfigError(f"autosrh: retrain_from must be 'scratch' or 'search', got '{config.retrain_from}'")
     refuse_aware(config.quantization, "autosrh", "the select stage replaces the tables it would train")
     fmt = config.table_format(ctx.device)
     unit = pack_unit(fmt)

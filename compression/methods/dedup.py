@@ -38,8 +38,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.api import BuildContext, MethodConfigError, register
+from compression.api import BuildContext, register
 from compression.budget import Budget
+from compression.config_checks import bounded
 from compression.deployed import TableFormat, deployed_bytes
 from compression.idmap import IdMappedCollection, KeyParams, inner_table, with_values
 from compression.memory import memory_report
@@ -68,8 +69,8 @@ class DedupConfig(BudgetedConfig):
     sized_by_stages: ClassVar[bool] = True
     # the remap's 4 bytes an id cap the ratio below the dim (the default suits dim 8)
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=4))
-    rows: Optional[int] = None
-    finetune_epochs: int = 1
+    rows: Optional[int] = bounded(None, ge=1)
+    finetune_epochs: int = bounded(1, ge=0)
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"rows": self.rows}
@@ -223,8 +224,6 @@ def _cost(t: EmbeddingBagConfig, fmt: TableFormat) -> FieldCost:
 def build(tables: list[EmbeddingBagConfig], config: DedupConfig, ctx: BuildContext) -> DedupEmbeddingBagCollection:
     method = config.method
     check_exclusive(method, config.budget, **config.explicit_sizes())
-    if config.finetune_epochs < 0 or (config.rows is not None and config.rows < 1):
-        raise MethodConfigError(f"{method}: finetune_epochs must be >= 0 and rows >= 1")
     refuse_aware(config.quantization, method, "the merge stage replaces the tables it would train")
     fmt = config.table_format(ctx.device)
     costs = [_cost(t, fmt) for t in tables]

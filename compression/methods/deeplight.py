@@ -37,8 +37,8 @@ from typing import Any, ClassVar, Optional
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from compression.api import BuildContext, register
-from compression.base import MethodConfigError
 from compression.budget import Budget
+from compression.config_checks import bounded
 from compression.masked import (
     ElementPruningConfig,
     MaskedTablesCollection,
@@ -59,7 +59,7 @@ class DeepLightConfig(ElementPruningConfig):
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"prune_ramp": (0.5, 0.75)}
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
-    finetune_epochs: int = 1
+    finetune_epochs: int = bounded(1, ge=0)
 
     @classmethod
     def contract_examples(cls) -> list[DeepLightConfig]:
@@ -85,8 +85,6 @@ class DeepLightCollection(MaskedTablesCollection):
 def build(tables: list[EmbeddingBagConfig], config: DeepLightConfig, ctx: BuildContext) -> DeepLightCollection:
     check_exclusive("deeplight", config.budget, **config.explicit_sizes())
     check_config("deeplight", config, tables)
-    if config.finetune_epochs < 0:
-        raise MethodConfigError(f"deeplight: finetune_epochs must be >= 0, got {config.finetune_epochs}")
     plan = plan_kept("deeplight", config, tables)
     module = DeepLightCollection(tables, config, plan, ctx)
     verify_plan("deeplight", module, plan, config.value_precision())

@@ -54,6 +54,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
+from compression.config_checks import bounded, one_of
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import IdMappedCollection, fold, inner_table
@@ -70,13 +71,18 @@ class DHEConfig(BudgetedConfig):
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"layers": (1, 2)}
     # hidden width of every table's MLP, instead of a budget
-    width: Optional[int] = None
+    width: Optional[int] = bounded(None, ge=1)
     # k hash functions (the encoding's length) and m buckets each (the paper: k = 1024)
-    num_hashes: int = 128
-    buckets: int = 1_000_000
-    transform: str = "uniform"
+    num_hashes: int = bounded(128, ge=1)
+    buckets: int = bounded(1_000_000, ge=2, le=2**31 - 1)
+    transform: str = one_of("uniform", *TRANSFORMS)
     # hidden layers of the MLP
-    layers: int = 2
+    layers: int = bounded(2, ge=1)
+
+    def check(self) -> None:
+        if self.transform == "gaussian" and self.num_hashes % 2:
+            raise MethodConfigError(f"dhe.num_hashes and dhe.transform: the gaussian transform pairs the hashes, so "
+                                    f"num_hashes must be even, got {self.num_hashes}")  # fmt: skip
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"width": self.width}
@@ -158,16 +164,6 @@ def _check(config: DHEConfig, tables: list[EmbeddingBagConfig]) -> None:
             "dhe: quantization does not apply: its memory is an MLP, not TorchRec tables, and quantize "
             "quantizes TorchRec tables; leave quantization unset"
         )
-    if config.transform not in TRANSFORMS:
-        raise MethodConfigError(f"dhe: transform must be one of {TRANSFORMS}, got '{config.transform}'")
-    if config.num_hashes < 1 or (config.transform == "gaussian" and config.num_hashes % 2):
-        raise MethodConfigError(f"dhe: num_hashes must be >= 1 (even for gaussian), got {config.num_hashes}")
-    if not 2 <= config.buckets <= 2**31 - 1:
-        raise MethodConfigError(f"dhe: buckets must be in [2, 2^31 - 1], got {config.buckets}")
-    if config.layers < 1:
-        raise MethodConfigError(f"dhe: layers must be >= 1, got {config.layers}")
-    if config.width is not None and config.width < 1:
-        raise MethodConfigError(f"dhe: width must be >= 1, got {config.width}")
     for t in tables:
         if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
             raise MethodConfigError(f"dhe: table '{t.name}' has pooling {t.pooling}; dhe supports SUM and MEAN")

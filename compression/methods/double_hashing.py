@@ -34,6 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
 from compression.budget import Budget
+from compression.config_checks import bounded, one_of
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import (
@@ -61,9 +62,9 @@ class DoubleHashingConfig(BudgetedConfig):
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"combine": ("sum", "concat")}
     # rows M per hash function (budget: null)
     rows: Optional[int] = None
-    num_hashes: int = 2
-    combine: str = "sum"
-    tables: str = "shared"
+    num_hashes: int = bounded(2, ge=1)
+    combine: str = one_of("sum", *COMBINES)
+    tables: str = one_of("shared", *TABLES)
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"rows": self.rows}
@@ -80,12 +81,6 @@ class DoubleHashingConfig(BudgetedConfig):
 
 
 def _check(config: DoubleHashingConfig, tables: list[EmbeddingBagConfig]) -> None:
-    if config.combine not in COMBINES:
-        raise MethodConfigError(f"double_hashing: combine must be one of {COMBINES}, got '{config.combine}'")
-    if config.tables not in TABLES:
-        raise MethodConfigError(f"double_hashing: tables must be one of {TABLES}, got '{config.tables}'")
-    if config.num_hashes < 1:
-        raise MethodConfigError(f"double_hashing: num_hashes must be >= 1, got {config.num_hashes}")
     if config.combine == "concat":
         for t in tables:
             if t.embedding_dim % config.num_hashes:

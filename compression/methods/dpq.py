@@ -61,6 +61,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
 from compression.base import CompressedEmbeddingBagCollection
+from compression.config_checks import bounded
 from compression.deployed import TableFormat, deployed_bytes
 from compression.idmap import in_order, inner_table
 from compression.memory import memory_report
@@ -95,8 +96,14 @@ class DPQConfig(BudgetedConfig):
     sized_by_stages: ClassVar[bool] = True
     subspaces: Optional[int] = None
     centroids: Optional[int] = None
-    beta: float = 0.25
-    finetune_epochs: int = 0
+    beta: float = bounded(0.25, ge=0)
+    finetune_epochs: int = bounded(0, ge=0)
+
+    def check(self) -> None:
+        # neither given: the builder's check_exclusive says a budget or explicit sizes are needed
+        if self.budget is None and (self.subspaces is None) != (self.centroids is None):
+            raise MethodConfigError(f"{self.method}.subspaces and {self.method}.centroids: explicit sizes need both "
+                                    f"(or a budget), got {self.subspaces}, {self.centroids}")  # fmt: skip
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"subspaces": self.subspaces, "centroids": self.centroids}
@@ -112,8 +119,13 @@ class MGQEConfig(DPQConfig):
     rest the first K / ``cold_divisor`` (needs the train counts)."""
 
     method: ClassVar[str] = "mgqe"
-    hot_fraction: float = 0.1
-    cold_divisor: int = 4
+    hot_fraction: float = bounded(0.1, ge=0, lt=1)
+    cold_divisor: int = bounded(4, ge=1)
+
+    def check(self) -> None:
+        super().check()
+        if self.cold_divisor & (self.cold_divisor - 1):
+            raise MethodConfigError(f"{self.method}.cold_divisor: must be a power of two, got {self.cold_divisor}")
 
     def tiers(self) -> tuple[float, int]:
         return self.hot_fraction, self.cold_divisor
@@ -447,13 +459,6 @@ def _check(config: DPQConfig, tables: list[EmbeddingBagConfig]) -> int:
     """The config against the tables; values per byte of the quantized codebooks (1: none)."""
     method = config.method
     check_exclusive(method, config.budget, **config.explicit_sizes())
-    if config.budget is None and (config.subspaces is None or config.centroids is None):
-        raise MethodConfigError(f"{method}: explicit sizes need both subspaces and centroids (or a budget)")
-    if not config.beta >= 0 or config.finetune_epochs < 0:
-        raise MethodConfigError(f"{method}: beta and finetune_epochs must be >= 0")
-    hot, divisor = config.tiers()
-    if not 0 <= hot < 1 or divisor < 1 or divisor & (divisor - 1):
-        raise MethodConfigError(f"{method}: hot_fraction must be in [0, 1) and cold_divisor a power of two, got {hot}, {divisor}")
     q = refuse_aware(config.quantization, method, "the codebooks become TorchRec tables only at the pack stage")
     return 1 if q is None or q.bits >= 8 else 8 // q.bits
 

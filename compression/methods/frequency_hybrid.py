@@ -36,6 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
 from compression.budget import Budget
+from compression.config_checks import bounded
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import IdMappedCollection, KeyParams, in_range, inner_table, with_values
@@ -54,8 +55,18 @@ class FrequencyHybridConfig(BudgetedConfig):
     # share of each compressed table's rows that are exact (top-k) rows
     exact_fraction: float = 0.5
     # explicit sizes for every table (budget: null): exact ids and hashed rows
-    top_k: Optional[int] = None
-    hashed_rows: Optional[int] = None
+    top_k: Optional[int] = bounded(None, ge=0)
+    hashed_rows: Optional[int] = bounded(None, ge=1)
+
+    def check(self) -> None:
+        # exact_fraction splits a budget's rows: checked only under one (budget: null ignores it)
+        if self.budget is not None and not 0.0 <= self.exact_fraction < 1.0:
+            raise MethodConfigError(f"frequency_hybrid.exact_fraction: must be >= 0 and < 1 under a "
+                                    f"frequency_hybrid.budget, got {self.exact_fraction}")  # fmt: skip
+        # neither given: the builder's check_exclusive says a budget or explicit sizes are needed
+        if self.budget is None and (self.top_k is None) != (self.hashed_rows is None):
+            raise MethodConfigError(f"frequency_hybrid.top_k and frequency_hybrid.hashed_rows: explicit sizes need "
+                                    f"both (or a budget), got {self.top_k}, {self.hashed_rows}")  # fmt: skip
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"top_k": self.top_k, "hashed_rows": self.hashed_rows}
@@ -159,14 +170,6 @@ def _cost(t: EmbeddingBagConfig, split: Callable[[int], int], fmt: TableFormat) 
                      lambda r: fmt.table(r, d, f) + ID_BYTES * split(r))  # fmt: skip
 
 
-def _check(config: FrequencyHybridConfig) -> None:
-    if config.budget is not None and not 0.0 <= config.exact_fraction < 1.0:
-        raise MethodConfigError(f"frequency_hybrid: exact_fraction must be in [0, 1), got {config.exact_fraction}")
-    k, m = config.top_k, config.hashed_rows
-    if config.budget is None and (k is None or m is None or k < 0 or m < 1):
-        raise MethodConfigError(f"frequency_hybrid: explicit sizes need top_k >= 0 and hashed_rows >= 1, got {k}, {m}")
-
-
 def _splitter(config: FrequencyHybridConfig) -> Callable[[int], int]:
     """The exact (top-k) rows of a compressed table of R rows: the budget's share of R
     (at least one hashed row), or the explicit ``top_k``."""
@@ -184,7 +187,6 @@ def build(tables: list[EmbeddingBagConfig], config: FrequencyHybridConfig, ctx: 
 
     def check() -> None:  # the counts first: without them nothing can be sized
         counts.update({t.name: table_counts(t, ctx.counts) for t in tables})
-        _check(config)
 
     return build_sized(
         tables, config, ctx,

@@ -65,6 +65,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.api import BuildContext, MethodConfigError, register
 from compression.base import _tracing
 from compression.budget import Budget
+from compression.config_checks import bounded
 from compression.deployed import TableFormat, deployed_bytes
 from compression.idmap import IdMappedCollection, KeyParams, inner_table, with_values
 from compression.memory import memory_report
@@ -95,12 +96,13 @@ class ItepConfig(BudgetedConfig):
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"pruning_interval": (300, 1001)}
     sized_by_stages: ClassVar[bool] = True
-    num_embeddings_post_pruning: Optional[int] = None
+    # at least the pruned ids' shared row and one kept id
+    num_embeddings_post_pruning: Optional[int] = bounded(None, ge=MIN_ROWS)
     # training steps between prunings (after TorchRec's early ones); TorchRec's default
-    pruning_interval: int = 1001
+    pruning_interval: int = bounded(1001, ge=1)
     # utilities decay by this factor at each pruning after the first interval (FBGEMM's)
-    decay: float = 0.98
-    finetune_epochs: int = 0
+    decay: float = bounded(0.98, gt=0, le=1)
+    finetune_epochs: int = bounded(0, ge=0)
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"num_embeddings_post_pruning": self.num_embeddings_post_pruning}
@@ -305,11 +307,6 @@ def _cost(t: EmbeddingBagConfig, fmt: TableFormat) -> FieldCost:
 
 def _check(config: ItepConfig, tables: list[EmbeddingBagConfig]) -> None:
     method = config.method
-    if config.pruning_interval < 1 or not 0 < config.decay <= 1 or config.finetune_epochs < 0:
-        raise MethodConfigError(f"{method}: pruning_interval must be >= 1, decay in (0, 1], finetune_epochs >= 0")
-    k = config.num_embeddings_post_pruning
-    if k is not None and k < MIN_ROWS:
-        raise MethodConfigError(f"{method}: num_embeddings_post_pruning must be >= {MIN_ROWS} (the pruned ids' row and one id), got {k}")
     for t in tables:
         if t.num_embeddings >= 1 << TABLE_SHIFT:
             raise MethodConfigError(f"{method}: table '{t.name}' has {t.num_embeddings} ids, more than 2^{TABLE_SHIFT}")

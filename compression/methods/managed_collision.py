@@ -52,8 +52,9 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression.api import BuildContext, MethodConfigError, register, require_fbgemm_cuda
+from compression.api import BuildContext, register, require_fbgemm_cuda
 from compression.budget import Budget
+from compression.config_checks import bounded
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import (
@@ -80,7 +81,7 @@ class ManagedCollisionConfig(BudgetedConfig):
     # slots (rows, the fallback included) of every MC table (budget: null)
     zch_size: Optional[int] = None
     # training steps between two LFU evictions
-    eviction_interval: int = 1
+    eviction_interval: int = bounded(1, ge=1)
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"zch_size": self.zch_size}
@@ -201,11 +202,6 @@ def _cost(t: EmbeddingBagConfig, fmt: TableFormat) -> FieldCost:
                      lambda z: fmt.table(z, d, f) + per_slot * z + per_table)  # fmt: skip
 
 
-def _check(config: ManagedCollisionConfig) -> None:
-    if config.eviction_interval < 1:
-        raise MethodConfigError(f"managed_collision: eviction_interval must be >= 1, got {config.eviction_interval}")
-
-
 @register(ManagedCollisionConfig)
 def build(tables: list[EmbeddingBagConfig], config: ManagedCollisionConfig, ctx: BuildContext) -> ManagedCollisionEmbeddingBags:
     require_fbgemm_cuda("managed_collision", ctx.device)
@@ -219,7 +215,6 @@ def build(tables: list[EmbeddingBagConfig], config: ManagedCollisionConfig, ctx:
 
     return build_sized(
         tables, config, ctx,
-        check=lambda: _check(config),
         costs=lambda fmt: [_cost(t, fmt) for t in tables],
         fixed=lambda fmt: base + 2 * fmt.collection(tables),  # both collections: at most this
         settle=settle,

@@ -42,6 +42,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
 from compression.budget import Budget
+from compression.config_checks import one_of
 from compression.deployed import TableFormat
 from compression.formats import FP32_BYTES
 from compression.idmap import IdMappedCollection, KeyParams, feature_order, in_order, inner_table
@@ -60,7 +61,7 @@ class MixedDimConfig(BudgetedConfig):
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=4))
     # the power rule's temperature: 0 gives every table the same dim
     alpha: float = 0.3
-    rule: str = "cardinality"
+    rule: str = one_of("cardinality", *RULES)
     # explicit dim per table name (budget: null); tables not listed keep their dim
     dims: Optional[dict[str, int]] = None
 
@@ -76,8 +77,6 @@ def power_weights(
     tables: list[EmbeddingBagConfig], config: MixedDimConfig, counts: Mapping[str, np.ndarray]
 ) -> dict[str, float]:
     """Bytes weight per table, n_t^(1 - alpha), n_t from cardinality or popularity."""
-    if config.rule not in RULES:
-        raise MethodConfigError(f"mixed_dim: rule must be one of {RULES}, got '{config.rule}'")
     out = {}
     for t in tables:
         n = float(t.num_embeddings)

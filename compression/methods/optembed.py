@@ -89,9 +89,9 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, register
-from compression.base import CompressedEmbeddingBagCollection, MethodConfigError
+from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import Budget, BudgetError
-from compression.config_checks import bounded
+from compression.config_checks import bounded, one_of
 from compression.evolution import evolutionary_search
 from compression.prune_guard import (
     PruningGuard,
@@ -134,28 +134,28 @@ class OptEmbedConfig(BudgetedConfig):
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"alpha": (1e-2, 3e-2)}
     sized_by_stages: ClassVar[bool] = True
     budget: Optional[Budget] = None
-    alpha: float = 1e-2
-    threshold_lr: float = 0.1
+    alpha: float = bounded(1e-2, ge=0)
+    threshold_lr: float = bounded(0.1, ge=0)
     threshold_init: float = 0.0
-    norm_momentum: float = 0.99
-    supernet_epochs: Optional[int] = None
-    retrain_epochs: Optional[int] = None
-    retrain_from: str = "scratch"
-    mutations: int = 10
-    crossovers: int = 10
-    mutation_prob: float = 0.1
-    generations: int = 30
-    parents: int = 15
-    search_val_batches: Optional[int] = None
+    norm_momentum: float = bounded(0.99, ge=0, lt=1)
+    supernet_epochs: Optional[int] = bounded(None, ge=1)
+    retrain_epochs: Optional[int] = bounded(None, ge=1)
+    retrain_from: str = one_of("scratch", "scratch", "supernet")
+    mutations: int = bounded(10, ge=0)
+    crossovers: int = bounded(10, ge=0)
+    mutation_prob: float = bounded(0.1, ge=0, le=1)
+    generations: int = bounded(30, ge=0)
+    parents: int = bounded(15, ge=1)
+    search_val_batches: Optional[int] = bounded(None, ge=1)
     # row pruning to a level asked for (see the module docstring): keep this fraction of all
     # rows after the supernet (None: the thresholds alone decide, the paper's setting, unless
     # a budget sets it); the floor rises over the first prune_ramp of the supernet's steps
-    target_kept: Optional[float] = None
-    prune_ramp: float = 0.5
-    prune_every_steps: int = 10
+    target_kept: Optional[float] = bounded(None, gt=0, le=1)
+    prune_ramp: float = bounded(0.5, ge=0, le=1)
+    prune_every_steps: int = bounded(10, ge=1)
     # under a budget without target_kept: keep the rows the budget holds at this share of
     # each table's dim (the search then chooses the dims)
-    budget_dim_share: float = 0.5
+    budget_dim_share: float = bounded(0.5, gt=0, le=1)
     # the supernet's pruning checked after each epoch against the same supernet unpruned,
     # on validation (compression.prune_guard): where it costs more AUC than this, the
     # thresholds back off and stop; None: the cost is logged only. Without a target (the
@@ -180,8 +180,6 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
 
     def __init__(self, tables: list[EmbeddingBagConfig], config: OptEmbedConfig, ctx: BuildContext) -> None:
         super().__init__(tables, config=ctx.config)
-        if config.retrain_from not in ("scratch", "supernet"):
-            raise MethodConfigError(f"optembed: retrain_from must be 'scratch' or 'supernet', got '{config.retrain_from}'")
         self.config = config
         self.seed = ctx.seed
         self.units = [t.name for t in tables]
@@ -606,12 +604,4 @@ def initial_row_norm(weight: torch.Tensor, config: EmbeddingConfig) -> torch.Ten
 def build(tables: list[EmbeddingBagConfig], config: OptEmbedConfig, ctx: BuildContext) -> OptEmbedCollection:
     if config.budget is not None:
         config.budget.validate(tables)
-    if not config.alpha >= 0 or not config.threshold_lr >= 0:
-        raise MethodConfigError("optembed: alpha and threshold_lr must be non-negative")
-    if config.generations < 0 or config.parents < 1 or not 0 <= config.mutation_prob <= 1:
-        raise MethodConfigError("optembed: generations >= 0, parents >= 1 and mutation_prob in [0, 1] are required")
-    if config.target_kept is not None and not 0 < config.target_kept <= 1:
-        raise MethodConfigError(f"optembed: target_kept must be in (0, 1], got {config.target_kept}")
-    if not 0 <= config.prune_ramp <= 1 or config.prune_every_steps < 1 or not 0 < config.budget_dim_share <= 1:
-        raise MethodConfigError("optembed: prune_ramp in [0, 1], prune_every_steps >= 1 and budget_dim_share in (0, 1] are required")
     return OptEmbedCollection(tables, config, ctx)

@@ -50,6 +50,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from compression.api import BuildContext, register
 from compression.base import MethodConfigError
 from compression.budget import Budget
+from compression.config_checks import bounded, one_of
 from compression.masked import (
     ElementPruningConfig,
     MaskedTablesCollection,
@@ -71,10 +72,15 @@ class PEPConfig(ElementPruningConfig):
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"threshold_lr": (1e-3, 1e-2)}
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
-    granularity: str = "table"
+    granularity: str = one_of("table", *GRANULARITIES)
     threshold_init: float = -15.0
     threshold_lr: float = 1e-2
-    retrain_epochs: int = 1
+    retrain_epochs: int = bounded(1, ge=0)
+
+    def check(self) -> None:
+        if self.budget is not None and self.target_sparsity is not None:
+            raise MethodConfigError("pep.budget and pep.target_sparsity: set either a budget or target_sparsity, "
+                                    "not both (budget: null for target_sparsity)")  # fmt: skip
 
     @classmethod
     def contract_examples(cls) -> list[PEPConfig]:
@@ -138,12 +144,6 @@ class PEPCollection(MaskedTablesCollection):
 @register(PEPConfig)
 def build(tables: list[EmbeddingBagConfig], config: PEPConfig, ctx: BuildContext) -> PEPCollection:
     check_config("pep", config, tables)
-    if config.budget is not None and config.target_sparsity is not None:
-        raise MethodConfigError("pep: set either a budget or target_sparsity, not both (budget: null for target_sparsity)")
-    if config.granularity not in GRANULARITIES:
-        raise MethodConfigError(f"pep: granularity must be one of {GRANULARITIES}, got '{config.granularity}'")
-    if config.retrain_epochs < 0:
-        raise MethodConfigError(f"pep: retrain_epochs must be >= 0, got {config.retrain_epochs}")
     plan = plan_kept("pep", config, tables)
     module = PEPCollection(tables, config, plan, ctx)
     verify_plan("pep", module, plan, config.value_precision())

@@ -39,6 +39,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.api import BuildContext, MethodConfigError, register
 from compression.base import _tracing
 from compression.budget import Budget
+from compression.config_checks import bounded, one_of
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import (
@@ -64,8 +65,8 @@ class QRConfig(BudgetedConfig):
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"combine": ("mult", "add", "concat")}
     # c, the remainder table's rows, for every table (budget: null)
-    collisions: Optional[int] = None
-    combine: str = "mult"
+    collisions: Optional[int] = bounded(None, ge=1)
+    combine: str = one_of("mult", *COMBINES)
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"collisions": self.collisions}
@@ -265,8 +266,6 @@ def _single_hot(features: KeyedJaggedTensor) -> bool:
 
 
 def _check(config: QRConfig, tables: list[EmbeddingBagConfig]) -> None:
-    if config.combine not in COMBINES:
-        raise MethodConfigError(f"qr: combine must be one of {COMBINES}, got '{config.combine}'")
     if config.combine == "concat":
         for t in tables:
             if t.embedding_dim % 2:
@@ -274,8 +273,6 @@ def _check(config: QRConfig, tables: list[EmbeddingBagConfig]) -> None:
                     f"qr with combine='concat' gives each of the two tables half the dim: "
                     f"dim {t.embedding_dim} of table '{t.name}' is odd"
                 )
-    if config.collisions is not None and config.collisions < 1:
-        raise MethodConfigError(f"qr: collisions must be >= 1, got {config.collisions}")
 
 
 @register(QRConfig)

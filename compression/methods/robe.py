@@ -60,6 +60,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
 from compression.base import _tracing
+from compression.config_checks import bounded
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import IdMappedCollection
@@ -75,11 +76,16 @@ class RobeConfig(BudgetedConfig):
 
     method: ClassVar[str] = "robe"
     # rows of the array (``align`` values each), instead of a budget
-    rows: Optional[int] = None
+    rows: Optional[int] = bounded(None, ge=1)
     # Z, the values of one chunk (a divisor of every table's dim); null: each table's dim
-    chunk: Optional[int] = None
+    chunk: Optional[int] = bounded(None, ge=1)
     # offsets are multiples of this many values (1: any offset, as the paper)
-    align: int = 4
+    align: int = bounded(4, ge=1)
+
+    def check(self) -> None:
+        if self.chunk is not None and self.chunk % self.align:
+            raise MethodConfigError(f"robe.chunk and robe.align: chunk Z={self.chunk} must be a multiple of "
+                                    f"align={self.align}")  # fmt: skip
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"rows": self.rows}
@@ -94,10 +100,6 @@ def _chunk(config: RobeConfig, t: EmbeddingBagConfig) -> int:
 
 
 def _check(config: RobeConfig, tables: list[EmbeddingBagConfig]) -> None:
-    if config.align < 1:
-        raise MethodConfigError(f"robe: align must be >= 1, got {config.align}")
-    if config.rows is not None and config.rows < 1:
-        raise MethodConfigError(f"robe: rows must be >= 1, got {config.rows}")
     for t in tables:
         z = _chunk(config, t)
         if z < 1 or t.embedding_dim % z or z % config.align:

@@ -66,6 +66,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
 from compression.budget import Budget
+from compression.config_checks import bounded
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import IdMappedCollection, fold
@@ -78,7 +79,7 @@ class TTRecConfig(BudgetedConfig):
 
     method: ClassVar[str] = "tt_rec"
     # TT rank of every table, instead of a budget
-    rank: Optional[int] = None
+    rank: Optional[int] = bounded(None, ge=1)
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"rank": self.rank}
@@ -286,8 +287,6 @@ def _check(config: TTRecConfig) -> None:
             "tt_rec: quantization does not apply: the TT cores are per-id TorchRec EmbeddingCollections "
             "whose products make the rows, and quantize swaps EmbeddingBagCollections; leave quantization unset"
         )
-    if config.rank is not None and config.rank < 1:
-        raise MethodConfigError(f"tt_rec: rank must be >= 1, got {config.rank}")
 
 
 @register(TTRecConfig)

@@ -67,6 +67,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
 from compression.budget import Budget
+from compression.config_checks import bounded, one_of
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import (
@@ -97,25 +98,33 @@ class UnifiedEmbeddingConfig(BudgetedConfig):
     # rows M of every shared table, instead of a budget (set budget: null)
     rows: Optional[int] = None
     # d, the dim of one chunk; None: the source dim / chunks
-    chunk_dim: Optional[int] = None
+    chunk_dim: Optional[int] = bounded(None, ge=1)
     # chunks per feature under the uniform rule (the mean under cardinality); None: dim / chunk_dim
-    chunks: Optional[int] = None
+    chunks: Optional[int] = bounded(None, ge=1)
     # uniform | cardinality | explicit
-    chunk_rule: str = "uniform"
+    chunk_rule: str = one_of("uniform", *CHUNK_RULES)
     # cardinality rule: at most this many chunks per feature
-    max_chunks: int = 4
+    max_chunks: int = bounded(4, ge=1)
     # explicit rule: feature -> chunks (features not named take the uniform count)
     feature_chunks: dict[str, int] = field(default_factory=dict)
     # refuse a rule that gives features different output dims (DLRM)
     uniform_output: bool = False
     # shared tables per group, chunks dealt round-robin
-    num_tables: int = 1
+    num_tables: int = bounded(1, ge=1)
     # all | single | cardinality | explicit
-    groups: str = "all"
+    groups: str = one_of("all", *GROUPINGS)
     # groups=cardinality: how many groups
-    n_groups: int = 2
+    n_groups: int = bounded(2, ge=1)
     # groups=explicit: lists of feature names
     group_features: list[list[str]] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.feature_chunks and self.chunk_rule != "explicit":
+            raise MethodConfigError(f"{NAME}.feature_chunks and {NAME}.chunk_rule: feature_chunks is only read "
+                                    f"with chunk_rule=explicit (chunk_rule is '{self.chunk_rule}')")  # fmt: skip
+        if self.group_features and self.groups != "explicit":
+            raise MethodConfigError(f"{NAME}.group_features and {NAME}.groups: group_features is only read with "
+                                    f"groups=explicit (groups is '{self.groups}')")  # fmt: skip
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"rows": self.rows}
@@ -163,11 +172,7 @@ class Layout:
 
 
 def _chunk_dim(tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig) -> int:
-    if config.chunks is not None and config.chunks < 1:
-        raise _fail(f"chunks must be >= 1, got {config.chunks}")
     if config.chunk_dim is not None:
-        if config.chunk_dim < 1:
-            raise _fail(f"chunk_dim must be >= 1, got {config.chunk_dim}")
         return config.chunk_dim
     dim, c = math.gcd(*(t.embedding_dim for t in tables)), config.chunks or 1
     if dim % c:
@@ -200,15 +205,9 @@ def _by_cardinality(tables: list[EmbeddingBagConfig], total: int, top: int) -> l
 
 def _chunk_counts(tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig, d: int) -> dict[str, int]:
     rule = config.chunk_rule
-    if rule not in CHUNK_RULES:
-        raise _fail(f"chunk_rule must be one of {CHUNK_RULES}, got '{rule}'")
-    if config.feature_chunks and rule != "explicit":
-        raise _fail(f"feature_chunks is only read with chunk_rule=explicit (chunk_rule is '{rule}')")
     if rule == "uniform":
         return {t.name: _uniform(t, d, config) for t in tables}
     if rule == "cardinality":
-        if config.max_chunks < 1:
-            raise _fail(f"max_chunks must be >= 1, got {config.max_chunks}")
         total = sum(_uniform(t, d, config) for t in tables)
         if len(tables) > 1 and not len(tables) < total < len(tables) * config.max_chunks:
             raise _fail(
@@ -232,17 +231,11 @@ def _chunk_counts(tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConf
 
 def _groups(tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig) -> list[tuple[str, list[EmbeddingBagConfig]]]:
     kind = config.groups
-    if kind not in GROUPINGS:
-        raise _fail(f"groups must be one of {GROUPINGS}, got '{kind}'")
-    if config.group_features and kind != "explicit":
-        raise _fail(f"group_features is only read with groups=explicit (groups is '{kind}')")
     if kind == "all":
         return [("all", list(tables))]
     if kind == "single":
         return [(t.name, [t]) for t in tables]
     if kind == "cardinality":
-        if config.n_groups < 1:
-            raise _fail(f"n_groups must be >= 1, got {config.n_groups}")
         by_size = sorted(tables, key=lambda t: t.num_embeddings)  # stable: ties keep source order
         parts = np.array_split(np.arange(len(tables)), min(config.n_groups, len(tables)))
         return [(f"g{i}", [by_size[j] for j in p]) for i, p in enumerate(parts)]
@@ -268,9 +261,8 @@ def _groups(tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig) ->
 
 
 def layout(tables: list[EmbeddingBagConfig], config: UnifiedEmbeddingConfig) -> Layout:
-    """Check the config against the tables; a ``MethodConfigError`` names what is wrong."""
-    if config.num_tables < 1:
-        raise _fail(f"num_tables must be >= 1, got {config.num_tables}")
+    """Check the config against the tables; a ``MethodConfigError`` names what is wrong
+    (the checks of the config alone ran when it was made: its fields' bounds, ``check``)."""
     d = _chunk_dim(tables, config)
     chunks = _chunk_counts(tables, config, d)
     dims = sorted({c * d for c in chunks.values()})

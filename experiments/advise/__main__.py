@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job, config = parse(argv)
         advise(job, config, argv=argv)
-    except (AdviseError, *USER_ERRORS) as e:
+    except USER_ERRORS as e:  # AdviseError among them
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

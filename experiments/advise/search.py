@@ -51,6 +51,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import FrozenTrial, TrialState
 
 from compression import BudgetError, IdOutOfRangeError, MethodConfigError
+from compression.errors import EmbcompError
 from compression.stages import Stage
 from experiments.advise.candidates import Point
 from experiments.advise.config import AdviseConfig
@@ -70,7 +71,7 @@ PARENT_ATTR = "embcomp.parent_run"
 Runner = Callable[[Point, int, list[Callback]], dict[str, Any]]
 
 
-class AdviseError(ValueError):
+class AdviseError(EmbcompError, ValueError):
     """A search that cannot start or go on as asked (the message says why and what to do)."""
 
 

@@ -29,13 +29,15 @@ from typing import Any
 
 import numpy as np
 
+from compression.errors import EmbcompError
+
 SPLITS = ("train", "val", "test")
 SCHEMA_FILE = "schema.json"
 COUNTS_FILE = "counts.parquet"
 FORMAT_VERSION = 1
 
 
-class DataError(ValueError):
+class DataError(EmbcompError, ValueError):
     """Bad input data: the message names the file, line, field or id."""
 
 

@@ -128,12 +128,28 @@ def test_refusals_are_one_line():
     with pytest.raises(BudgetError, match=r"smallest .* ratio of [\d.]+x") as e:
         compress(TABLES, AutoDimConfig(budget=Budget(ratio=1000)))
     assert "\n" not in str(e.value)
-    with pytest.raises(MethodConfigError, match="candidates must be positive"):
-        compress(TABLES, AutoDimConfig(candidates=[0, 4]))
+    with pytest.raises(MethodConfigError, match=r"^autodim\.candidates\[0\]: must be >= 1, got 0$"):
+        AutoDimConfig(candidates=[0, 4])
     with pytest.raises(MethodConfigError, match=r"int4 packs 2 values per byte, but candidates \[3\] of table 't_small'"):
         compress(TABLES, AutoDimConfig(candidates=[3, 4], budget=Budget(ratio=2), quantization=Quantization("int4")))
     with pytest.raises(MethodConfigError, match="quantization-aware training is refused"):
         compress(TABLES, AutoDimConfig(quantization=Quantization("int8", aware=True)))
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"candidates": [2, -4]}, "autodim.candidates[1]: must be >= 1"),
+    ({"candidates": []}, "autodim.candidates: must hold at least one dim"),
+    ({"retrain_from": "warm"}, "autodim.retrain_from: must be one of scratch, search"),
+    ({"alpha_lr": 0.0}, "autodim.alpha_lr: must be > 0"),
+    ({"tau0": 0.0}, "autodim.tau0: must be > 0"),
+    ({"tau_min": 0.0}, "autodim.tau_min: must be > 0"),
+    ({"anneal": -0.1}, "autodim.anneal: must be >= 0"),
+    ({"tau0": 0.5, "tau_min": 0.6}, "autodim.tau_min and autodim.tau0:"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        AutoDimConfig(**kwargs)
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
 
 
 def test_int8_budget_counts_the_quantized_deployed_tables():

@@ -135,10 +135,22 @@ def test_refusals_are_one_line():
     assert "\n" not in str(e.value)
     with pytest.raises(MethodConfigError, match=r"needs the counts of feature\(s\) \['tags'\]"):
         compress(TABLES, AutoSrhConfig(), counts={"small": COUNTS["small"], "big": COUNTS["big"]})
-    with pytest.raises(MethodConfigError, match="groups >= 1"):
-        compress(TABLES, AutoSrhConfig(groups=0), counts=COUNTS)
+    with pytest.raises(MethodConfigError, match=r"^autosrh\.groups: must be >= 1, got 0$"):
+        AutoSrhConfig(groups=0)
     with pytest.raises(MethodConfigError, match="quantization-aware training is refused"):
         compress(TABLES, AutoSrhConfig(quantization=Quantization("int8", aware=True)), counts=COUNTS)
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"groups": 0}, "autosrh.groups: must be >= 1"),
+    ({"l1": -0.01}, "autosrh.l1: must be >= 0"),
+    ({"alpha_lr": 0.0}, "autosrh.alpha_lr: must be > 0"),
+    ({"retrain_from": "warm"}, "autosrh.retrain_from: must be one of scratch, search"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        AutoSrhConfig(**kwargs)
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

@@ -72,7 +72,7 @@ def test_every_config_declares_with_budget_and_with_uniform_output(name):
 
 def test_budget_precision_is_checked_and_defaults_to_the_deployed_module():
     assert HashingConfig().budget_precision == "deployed"
-    with pytest.raises(MethodConfigError, match="budget_precision must be one of"):
+    with pytest.raises(MethodConfigError, match="hashing.budget_precision: must be one of"):
         HashingConfig(budget_precision="int8")
     q = Quantization("int4")
     assert HashingConfig(quantization=q).table_format(torch.device("cpu")) == TableFormat("int4", 1)

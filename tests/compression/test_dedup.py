@@ -73,6 +73,16 @@ def test_merged_tables_quantize_to_the_deployed_budget():
         compress(TABLES, DedupConfig(quantization=Quantization("int8", aware=True)))
 
 
+@pytest.mark.parametrize("kwargs, key", [
+    ({"budget": None, "rows": 0}, "dedup.rows: must be >= 1, got 0"),
+    ({"finetune_epochs": -1}, "dedup.finetune_epochs: must be >= 0, got -1"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        DedupConfig(**kwargs)
+    assert str(e.value) == key
+
+
 def test_the_remap_bounds_the_ratio():
     with pytest.raises(BudgetError, match=r"dedup cannot reach 100x .* smallest it can hold"):
         compress(TABLES, DedupConfig(budget=Budget(ratio=100)))

@@ -114,8 +114,6 @@ def test_fp16_values_and_the_fp32_budget_precision():
     (DeepLightConfig(budget=None), "^deeplight: needs a budget or explicit sizes"),
     (DeepLightConfig(budget=Budget(ratio=1e6)), r"^deeplight cannot reach 1e\+06x .* a ratio of [0-9.e+]+x$"),
     (DeepLightConfig(quantization=Quantization("int2")), "^deeplight: quantization int2 does not compose"),
-    (DeepLightConfig(finetune_epochs=-1), "^deeplight: finetune_epochs must be >= 0"),
-    (DeepLightConfig(prune_ramp=2.0), r"^deeplight: prune_ramp must be in \[0, 1\]"),
 ])  # fmt: skip
 def test_refusals_are_one_line(config, words):
     with pytest.raises((BudgetError, MethodConfigError), match=words) as err:
@@ -123,6 +121,21 @@ def test_refusals_are_one_line(config, words):
     assert "\n" not in str(err.value)
     reason = compress(TABLES, DeepLightConfig()).sharding_refusal()
     assert reason is not None and reason.startswith("deeplight: ") and "\n" not in reason
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"finetune_epochs": -1}, "deeplight.finetune_epochs: must be >= 0, got -1"),
+    ({"prune_ramp": 2.0}, "deeplight.prune_ramp: must be <= 1, got 2.0"),
+    ({"prune_ramp": -0.5}, "deeplight.prune_ramp: must be >= 0, got -0.5"),
+    ({"prune_every": 0}, "deeplight.prune_every: must be >= 1, got 0"),
+    ({"budget": None, "target_sparsity": 1.0}, "deeplight.target_sparsity: must be < 1, got 1.0"),
+    ({"budget": None, "target_sparsity": -0.1}, "deeplight.target_sparsity: must be >= 0, got -0.1"),
+    ({"budget_precision": "int8"}, "deeplight.budget_precision: must be one of deployed, fp32, got 'int8'"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        DeepLightConfig(**kwargs)
+    assert str(e.value) == key
 
 
 def test_the_schedule_reaches_the_target_in_a_training_loop(tiny_dataset):

@@ -56,7 +56,25 @@ def test_meta_builds_the_mlps_on_meta():
 def test_refusals_in_one_line():
     with pytest.raises(MethodConfigError, match="^dhe: quantization does not apply"):
         compress(TABLES, DHEConfig(quantization=Quantization("int8")))
-    with pytest.raises(MethodConfigError, match="even for gaussian"):
-        compress(TABLES, DHEConfig(num_hashes=3, transform="gaussian"))
+    with pytest.raises(MethodConfigError, match=r"^dhe\.num_hashes and dhe\.transform: .* must be even, got 3$"):
+        DHEConfig(num_hashes=3, transform="gaussian")
     with pytest.raises(BudgetError, match="cannot reach 100x"):  # 1024 hashes' coefficients alone are 32 KiB
         compress(TABLES, DHEConfig(num_hashes=1024, budget=Budget(ratio=100)))
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"budget": None, "width": 0}, "dhe.width: must be >= 1, got 0"),
+    ({"num_hashes": 0}, "dhe.num_hashes: must be >= 1, got 0"),
+    ({"buckets": 1}, "dhe.buckets: must be >= 2, got 1"),
+    ({"buckets": 2**31}, "dhe.buckets: must be <= 2147483647, got 2147483648"),
+    ({"transform": "laplace"}, "dhe.transform: must be one of uniform, gaussian, got 'laplace'"),
+    ({"layers": 0}, "dhe.layers: must be >= 1, got 0"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        DHEConfig(**kwargs)
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+    DHEConfig(buckets=2), DHEConfig(buckets=2**31 - 1), DHEConfig(num_hashes=1), DHEConfig(num_hashes=2, transform="gaussian")

@@ -3,7 +3,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compression import Budget, compress
+from compression import Budget, MethodConfigError, compress
 from compression.methods.double_hashing import DoubleHashingConfig
 
 TABLES = [
@@ -73,12 +73,19 @@ def test_multi_hot_bags_pool_the_sum_of_every_ids_rows():
 
 
 def test_concat_needs_a_divisible_dim():
-    with pytest.raises(ValueError, match="dim 6 of table 't_big' is not divisible by num_hashes=4"):
+    with pytest.raises(MethodConfigError, match="dim 6 of table 't_big' is not divisible by num_hashes=4"):
         compress(TABLES, DoubleHashingConfig(combine="concat", num_hashes=4))
-    with pytest.raises(ValueError, match="combine must be one of"):
-        compress(TABLES, DoubleHashingConfig(combine="max"))
-    with pytest.raises(ValueError, match="tables must be one of"):
-        compress(TABLES, DoubleHashingConfig(tables="many"))
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"num_hashes": 0}, "double_hashing.num_hashes: must be >= 1, got 0"),
+    ({"combine": "max"}, "double_hashing.combine: must be one of sum, concat, got 'max'"),
+    ({"tables": "many"}, "double_hashing.tables: must be one of shared, separate, got 'many'"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        DoubleHashingConfig(**kwargs)
+    assert str(e.value) == key
 
 
 def test_bytes_per_row_of_m():

@@ -108,8 +108,28 @@ def test_unreachable_budgets_and_bad_sizes_are_refused_in_one_line():
         compress(TABLES, DPQConfig(budget=Budget(ratio=1000)))
     with pytest.raises(MethodConfigError, match="cannot take 3 subspaces x 16 centroids"):
         compress(TABLES, DPQConfig(budget=None, subspaces=3, centroids=16))
-    with pytest.raises(MethodConfigError, match="explicit sizes need both subspaces and centroids"):
-        compress(TABLES, DPQConfig(budget=None, subspaces=4))
+    with pytest.raises(MethodConfigError, match=r"^dpq\.subspaces and dpq\.centroids: explicit sizes need both"):
+        DPQConfig(budget=None, subspaces=4)
+    with pytest.raises(MethodConfigError, match=r"^mgqe\.subspaces and mgqe\.centroids: explicit sizes need both"):
+        MGQEConfig(budget=None, centroids=16)
+    with pytest.raises(BudgetError, match="^dpq: needs a budget or explicit sizes"):  # neither: the builder says
+        compress(TABLES, DPQConfig(budget=None))
+
+
+@pytest.mark.parametrize("cls, kwargs, key", [
+    (DPQConfig, {"beta": -0.1}, "dpq.beta: must be >= 0, got -0.1"),
+    (DPQConfig, {"finetune_epochs": -1}, "dpq.finetune_epochs: must be >= 0, got -1"),
+    (MGQEConfig, {"beta": -0.1}, "mgqe.beta: must be >= 0, got -0.1"),
+    (MGQEConfig, {"hot_fraction": -0.1}, "mgqe.hot_fraction: must be >= 0, got -0.1"),
+    (MGQEConfig, {"hot_fraction": 1.0}, "mgqe.hot_fraction: must be < 1, got 1.0"),
+    (MGQEConfig, {"cold_divisor": 0}, "mgqe.cold_divisor: must be >= 1, got 0"),
+    (MGQEConfig, {"cold_divisor": 3}, "mgqe.cold_divisor: must be a power of two, got 3"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(cls, kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        cls(**kwargs)
+    assert str(e.value) == key
+    MGQEConfig(hot_fraction=0.0, cold_divisor=1)  # the edges are accepted
 
 
 @pytest.mark.parametrize("cls", [DPQConfig, MGQEConfig])

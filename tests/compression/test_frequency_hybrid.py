@@ -4,7 +4,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compression import Budget, compress
+from compression import Budget, MethodConfigError, compress
 from compression.methods.frequency_hybrid import FrequencyHybridConfig
 
 N = 2000
@@ -81,8 +81,8 @@ def test_explicit_sizes_and_a_top_k_larger_than_the_vocabulary():
     assert d["t_tiny.rows"] == "exact" and "t_tiny.top_k" not in d and d["uncompressed_fields"] == "tiny"
     assert m.ebc.embedding_bags["t_tiny"].weight.shape == (5, 8)
     assert m.rows(ids_of("tiny", [0, 1, 2, 3, 4]))[10:].tolist() == [0, 1, 2, 3, 4]
-    with pytest.raises(ValueError, match="hashed_rows >= 1"):
-        build(budget=None, top_k=6, hashed_rows=0)
+    with pytest.raises(MethodConfigError, match=r"^frequency_hybrid\.hashed_rows: must be >= 1, got 0$"):
+        FrequencyHybridConfig(budget=None, top_k=6, hashed_rows=0)
 
 
 def test_counts_are_required_and_checked():
@@ -90,8 +90,27 @@ def test_counts_are_required_and_checked():
         compress(TABLES, FrequencyHybridConfig())
     with pytest.raises(ValueError, match="one count per id, at most 5"):
         compress(TABLES, FrequencyHybridConfig(), counts={**COUNTS, "tiny": np.ones(6)})
-    with pytest.raises(ValueError, match="exact_fraction must be in"):
-        compress(TABLES, FrequencyHybridConfig(exact_fraction=1.0), counts=COUNTS)
+    with pytest.raises(MethodConfigError, match=r"^frequency_hybrid\.exact_fraction: must be >= 0 and < 1"):
+        FrequencyHybridConfig(exact_fraction=1.0)
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"budget": None, "top_k": -1, "hashed_rows": 5}, "frequency_hybrid.top_k: must be >= 0, got -1"),
+    ({"budget": None, "top_k": 5, "hashed_rows": 0}, "frequency_hybrid.hashed_rows: must be >= 1, got 0"),
+    ({"exact_fraction": -0.1}, "frequency_hybrid.exact_fraction: must be >= 0 and < 1 under a frequency_hybrid.budget"),
+    ({"exact_fraction": 1.0}, "frequency_hybrid.exact_fraction: must be >= 0 and < 1 under a frequency_hybrid.budget"),
+    ({"budget": None, "top_k": 5}, "frequency_hybrid.top_k and frequency_hybrid.hashed_rows: explicit sizes need both"),
+    ({"budget": None, "hashed_rows": 5}, "frequency_hybrid.top_k and frequency_hybrid.hashed_rows:"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        FrequencyHybridConfig(**kwargs)
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
+
+
+def test_exact_fraction_is_checked_only_under_a_budget():
+    # budget: null sizes by top_k and hashed_rows; the fraction is unused, as before
+    FrequencyHybridConfig(budget=None, top_k=0, hashed_rows=1, exact_fraction=1.0)
 
 
 def test_shorter_counts_mean_zero_for_the_tail():

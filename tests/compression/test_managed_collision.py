@@ -3,7 +3,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from compression import Budget, compress, memory_report
+from compression import Budget, MethodConfigError, compress, memory_report
 from compression.methods.managed_collision import ManagedCollisionConfig, mch_bytes
 
 TABLES = [
@@ -122,7 +122,15 @@ def test_the_empty_slot_marker_is_not_an_id():
 
 
 def test_bad_configs():
-    with pytest.raises(ValueError, match="eviction_interval must be >= 1"):
-        compress(TABLES, ManagedCollisionConfig(eviction_interval=0))
     with pytest.raises(ValueError, match="either a budget or zch_size"):
         compress(TABLES, ManagedCollisionConfig(zch_size=10))
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"eviction_interval": 0}, "managed_collision.eviction_interval: must be >= 1, got 0"),
+    ({"budget_precision": "int4"}, "managed_collision.budget_precision: must be one of deployed, fp32, got 'int4'"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        ManagedCollisionConfig(**kwargs)
+    assert str(e.value) == key

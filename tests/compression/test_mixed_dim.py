@@ -5,7 +5,14 @@ from torch.nn import functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compression import Budget, BudgetError, IdOutOfRangeError, compress, memory_report
+from compression import (
+    Budget,
+    BudgetError,
+    IdOutOfRangeError,
+    MethodConfigError,
+    compress,
+    memory_report,
+)
 from compression.methods.mixed_dim import MixedDimConfig, split
 
 SIZES = {"a": 20_000, "b": 5000, "c": 1000, "d": 50}
@@ -94,14 +101,23 @@ def test_popularity_rule_and_bad_configs():
     assert pop["b"] > card["b"]  # b's rows are read 100x as often: more dims
     with pytest.raises(ValueError, match="needs the train counts"):
         compress(TABLES, MixedDimConfig(rule="popularity"))
-    with pytest.raises(ValueError, match="rule must be one of"):
-        compress(TABLES, MixedDimConfig(rule="size"))
     with pytest.raises(ValueError, match="unknown tables"):
         compress(TABLES, MixedDimConfig(budget=None, dims={"t_x": 3}))
     with pytest.raises(ValueError, match="must be in \\[1, 16\\]"):
         compress(TABLES, MixedDimConfig(budget=None, dims={"t_a": 0}))
     with pytest.raises(BudgetError, match="smallest it can hold"):
         compress(TABLES, MixedDimConfig(budget=Budget(ratio=100)))
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"rule": "size"}, "mixed_dim.rule: must be one of cardinality, popularity, got 'size'"),
+    # refused when made whether or not a budget would read the rule
+    ({"rule": "size", "budget": None, "dims": {"t_a": 3}}, "mixed_dim.rule: must be one of cardinality, popularity"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        MixedDimConfig(**kwargs)
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
 
 
 class LazyCounts(dict):

@@ -9,7 +9,15 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compression import Budget, BudgetError, Quantization, compress, memory_report, quantize_
+from compression import (
+    Budget,
+    BudgetError,
+    MethodConfigError,
+    Quantization,
+    compress,
+    memory_report,
+    quantize_,
+)
 from compression.deployed import TableFormat
 from compression.methods.optembed import OptEmbedConfig, SurrogateStep, evolutionary_search
 from compression.preflight import training_bytes
@@ -352,3 +360,16 @@ def test_the_guard_backs_off_pruning_that_costs_more_auc_than_its_tolerance(tiny
     assert all(m[f"threshold.{u}"] == backed[0][f"threshold.{u}"] for m in after for u in fields)  # stopped
     unguarded_kept = logged[-1]["kept_row_ratio"]
     assert guarded[-1]["kept_row_ratio"] > unguarded_kept
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [({"alpha": -1.0}, "alpha"), ({"threshold_lr": -0.1}, "threshold_lr"), ({"retrain_from": "search"}, "retrain_from"),
+     ({"mutation_prob": 1.5}, "mutation_prob"), ({"parents": 0}, "parents"), ({"generations": -1}, "generations"),
+     ({"target_kept": 0.0}, "target_kept"), ({"prune_ramp": 2.0}, "prune_ramp"), ({"prune_every_steps": 0}, "prune_every_steps"),
+     ({"budget_dim_share": 0.0}, "budget_dim_share"), ({"norm_momentum": 1.0}, "norm_momentum"),
+     ({"supernet_epochs": 0}, "supernet_epochs"), ({"guard_tolerance": -0.1}, "guard_tolerance")],
+)
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError, match=rf"^optembed\.{key}: must be"):
+        OptEmbedConfig(**kwargs)

@@ -129,14 +129,27 @@ def test_int8_values_meet_the_deployed_budget_and_stay_close():
     (PEPConfig(budget=Budget(ratio=1e6)), r"^pep cannot reach 1e\+06x .* a ratio of [0-9.e+]+x$"),
     (PEPConfig(quantization=Quantization("int4")), "^pep: quantization int4 does not compose"),
     (PEPConfig(quantization=Quantization("int8", aware=True)), "^pep: quantization int8-qat does not compose"),
-    (PEPConfig(target_sparsity=0.5), "^pep: set either a budget or target_sparsity"),
-    (PEPConfig(budget=None, target_sparsity=1.0), r"^pep: target_sparsity must be in \[0, 1\)"),
-    (PEPConfig(granularity="row"), "^pep: granularity must be one of"),
 ])  # fmt: skip
 def test_refusals_are_one_line(config, words):
     with pytest.raises((BudgetError, MethodConfigError), match=words) as err:
         compress(TABLES, config)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"granularity": "row"}, "pep.granularity: must be one of table, dim, got 'row'"),
+    ({"retrain_epochs": -1}, "pep.retrain_epochs: must be >= 0, got -1"),
+    ({"budget": None, "target_sparsity": 1.0}, "pep.target_sparsity: must be < 1, got 1.0"),
+    ({"budget": None, "target_sparsity": -0.5}, "pep.target_sparsity: must be >= 0, got -0.5"),
+    ({"prune_ramp": 1.5}, "pep.prune_ramp: must be <= 1, got 1.5"),
+    ({"prune_ramp": -0.1}, "pep.prune_ramp: must be >= 0, got -0.1"),
+    ({"prune_every": 0}, "pep.prune_every: must be >= 1, got 0"),
+    ({"target_sparsity": 0.5}, "pep.budget and pep.target_sparsity: set either a budget or target_sparsity, not both"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        PEPConfig(**kwargs)
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
 
 
 def test_sharding_is_refused_in_one_line():

@@ -3,7 +3,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compression import Budget, compress
+from compression import Budget, MethodConfigError, compress
 from compression.methods.qr import QRConfig, quotient_remainder
 
 N = 5000
@@ -114,9 +114,15 @@ def test_gradients_reach_both_tables_on_multi_hot_bags():
 def test_bad_configs():
     with pytest.raises(ValueError, match="dim 5 of table 't' is odd"):
         compress([EmbeddingBagConfig(name="t", embedding_dim=5, num_embeddings=100, feature_names=["f"])], QRConfig(combine="concat"))
-    with pytest.raises(ValueError, match="combine must be one of"):
-        compress(TABLES, QRConfig(combine="max"))
     with pytest.raises(ValueError, match="either a budget or collisions"):
         compress(TABLES, QRConfig(collisions=10))
-    with pytest.raises(ValueError, match="collisions must be >= 1"):
-        compress(TABLES, QRConfig(budget=None, collisions=0))
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"combine": "max"}, "qr.combine: must be one of mult, add, concat, got 'max'"),
+    ({"budget": None, "collisions": 0}, "qr.collisions: must be >= 1, got 0"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        QRConfig(**kwargs)
+    assert str(e.value) == key

@@ -61,7 +61,17 @@ def test_one_array_for_every_table_and_its_gradient():
 def test_refusals_in_one_line():
     with pytest.raises(MethodConfigError, match="chunk Z=3 must divide table 't_big''s dim 8"):
         compress(TABLES, RobeConfig(chunk=3, align=1))
-    with pytest.raises(MethodConfigError, match="multiple of align=4"):
-        compress(TABLES, RobeConfig(chunk=2))
     with pytest.raises(BudgetError, match="the smallest it can hold these tables in is"):
         compress(TABLES, RobeConfig(budget=Budget(bytes=40)))
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"budget": None, "rows": 0}, "robe.rows: must be >= 1, got 0"),
+    ({"chunk": 0}, "robe.chunk: must be >= 1, got 0"),
+    ({"align": 0}, "robe.align: must be >= 1, got 0"),
+    ({"chunk": 2}, "robe.chunk and robe.align: chunk Z=2 must be a multiple of align=4"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        RobeConfig(**kwargs)
+    assert str(e.value) == key

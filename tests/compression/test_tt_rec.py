@@ -46,3 +46,13 @@ def test_explicit_rank_and_quantization_refused_in_one_line():
     assert m.describe()["t_big.ranks"] == "3x3"
     with pytest.raises(MethodConfigError, match="^tt_rec: quantization does not apply"):
         compress(TABLES, TTRecConfig(quantization=Quantization("int8")))
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"budget": None, "rank": 0}, "tt_rec.rank: must be >= 1, got 0"),
+    ({"budget": None, "rank": -2}, "tt_rec.rank: must be >= 1, got -2"),
+])  # fmt: skip
+def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
+    with pytest.raises(MethodConfigError) as e:
+        TTRecConfig(**kwargs)
+    assert str(e.value) == key

@@ -265,19 +265,24 @@ def test_any_int64_id_is_hashed():
 
 
 @pytest.mark.parametrize(
-    "budget,msg",
+    "budget,key",
     [
-        (Budget(ratio=0), "must be positive"),
-        (Budget(ratio=-2), "must be positive"),
-        (Budget(bytes=0), "must be positive"),
-        (Budget(bytes=-1), "must be positive"),
-        (Budget(ratio=0.5), "more memory than the uncompressed"),
-        (Budget(bytes=10**12), "larger than the uncompressed"),
+        (Budget(ratio=0), "unified_embedding.budget.ratio: must be >= 1, got 0"),
+        (Budget(ratio=-2), "unified_embedding.budget.ratio: must be >= 1, got -2"),
+        (Budget(ratio=0.5), "unified_embedding.budget.ratio: must be >= 1, got 0.5"),
+        (Budget(bytes=0), "unified_embedding.budget.bytes: must be >= 1, got 0"),
+        (Budget(bytes=-1), "unified_embedding.budget.bytes: must be >= 1, got -1"),
     ],
 )
-def test_refuses_bad_budgets(budget, msg):
-    with pytest.raises(BudgetError, match=msg):
-        build(budget=budget)
+def test_refuses_bad_budgets_when_the_config_is_made(budget, key):
+    with pytest.raises(MethodConfigError) as e:
+        UE(budget=budget)
+    assert str(e.value) == key
+
+
+def test_refuses_a_budget_larger_than_the_tables():
+    with pytest.raises(BudgetError, match="larger than the uncompressed"):
+        build(budget=Budget(bytes=10**12))
 
 
 @pytest.mark.parametrize(
@@ -285,24 +290,43 @@ def test_refuses_bad_budgets(budget, msg):
     [
         ({"chunk_rule": "explicit", "feature_chunks": {"zz": 2}}, "feature_chunks names unknown feature 'zz'"),
         ({"chunk_rule": "explicit", "feature_chunks": {"a": 0}}, "feature_chunks\\['a'\\] must be >= 1"),
-        ({"feature_chunks": {"a": 2}}, "only read with chunk_rule=explicit"),
         ({"chunk_dim": 3}, "chunk_dim 3 does not divide the dim 8 of table 't_a'"),
         ({"chunks": 3}, "dim 8 is not divisible by chunks=3"),
         ({"chunk_rule": "cardinality"}, "leaves nothing to vary"),
-        ({"chunk_rule": "by_size"}, "chunk_rule must be one of"),
         ({"groups": "explicit", "group_features": [["a", "zz"], ["b", "c"]]}, "unknown feature 'zz'"),
         ({"groups": "explicit", "group_features": [["a", "b"], ["b", "c"]]}, "feature 'b' is in two groups"),
         ({"groups": "explicit", "group_features": [["a", "b"]]}, "features in no group: c"),
         ({"groups": "explicit", "group_features": [["a", "b", "c"], []]}, "group_features\\[1\\] is empty"),
-        ({"group_features": [["a"]]}, "only read with groups=explicit"),
-        ({"groups": "some"}, "groups must be one of"),
-        ({"num_tables": 0}, "num_tables must be >= 1"),
         ({"budget": None, "rows": 0}, "below the smallest allowed"),
     ],
 )
 def test_refuses_bad_configs_with_a_clear_message(kw, msg):
-    with pytest.raises(MethodConfigError, match=msg):
-        build(**kw)
+    config = UE(**kw)  # the config alone is fine: the tables refuse it
+    with pytest.raises(MethodConfigError, match=msg) as e:
+        compress(TABLES, config)
+    assert str(e.value).startswith("unified_embedding: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        ({"chunk_dim": 0}, "unified_embedding.chunk_dim: must be >= 1, got 0"),
+        ({"chunks": 0}, "unified_embedding.chunks: must be >= 1, got 0"),
+        ({"chunk_rule": "by_size"}, "unified_embedding.chunk_rule: must be one of uniform, cardinality, explicit, got 'by_size'"),
+        ({"max_chunks": 0}, "unified_embedding.max_chunks: must be >= 1, got 0"),
+        ({"num_tables": 0}, "unified_embedding.num_tables: must be >= 1, got 0"),
+        ({"groups": "some"}, "unified_embedding.groups: must be one of all, single, cardinality, explicit, got 'some'"),
+        ({"n_groups": 0}, "unified_embedding.n_groups: must be >= 1, got 0"),
+        ({"feature_chunks": {"a": 2}}, "unified_embedding.feature_chunks and unified_embedding.chunk_rule: "
+                                       "feature_chunks is only read with chunk_rule=explicit (chunk_rule is 'uniform')"),
+        ({"group_features": [["a"]]}, "unified_embedding.group_features and unified_embedding.groups: "
+                                      "group_features is only read with groups=explicit (groups is 'all')"),
+    ],
+)
+def test_a_bad_value_is_refused_when_the_config_is_made(kw, key):
+    with pytest.raises(MethodConfigError) as e:
+        UE(**kw)
+    assert str(e.value) == key
 
 
 def test_budget_and_rows_are_exclusive():

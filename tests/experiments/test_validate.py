@@ -20,6 +20,9 @@ CASES = [
     ("dataset.split=[0.5,0.5,0.5]", "dataset.split: must be three fractions"),
     ("seeds=0", "seeds"),
     ("trainer.sparse_lr=0", "trainer.sparse_lr: must be > 0, got 0"),
+    # a method's config checks itself when made; named as the override, its method beside
+    ("compression=optembed compression.alpha=-1", "compression.alpha: must be >= 0, got -1.0 (optembed)"),
+    ("compression=optembed compression.retrain_from=search", "compression.retrain_from: must be one of scratch, supernet"),
 ]
 
 

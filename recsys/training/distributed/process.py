@@ -10,11 +10,12 @@ import torch
 import torch.distributed as dist
 
 from compression.api import require_fbgemm_cuda
+from compression.errors import EmbcompError
 
 MODES = ("auto", "on", "off")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(EmbcompError, RuntimeError):
     """A sharded run that cannot start (the message says why and what to change)."""
 
 
