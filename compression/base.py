@@ -100,6 +100,12 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """The uncompressed tables this module stands for (what the ratio is against)."""
         return self._source_tables
 
+    def target_bytes(self) -> int | None:
+        """The bytes its config's budget allows these tables (None: no budget); what a
+        method that sizes itself in a stage (a search, a selection) must fit."""
+        budget = getattr(self.compression_config, "budget", None)
+        return None if budget is None else budget.target_bytes(self.source_tables())
+
     @property
     def feature_names(self) -> list[str]:
         return self._feature_names

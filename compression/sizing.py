@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
 import torch
+from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from compression.api import BuildContext, CompressionConfig, MethodConfigError
@@ -402,11 +403,12 @@ def build_sized(
     costs: Callable[[TableFormat], Sequence[FieldCost]],
     fixed: Callable[[TableFormat], int],
     construct: Callable[[Plan], M],
-    check: Callable[[], None] | None = None,
+    check: Callable[[], object] | None = None,
     sizes: Callable[[], Mapping[str, int]] | None = None,
     units: Mapping[str, Sequence[str]] | None = None,
     weights: Mapping[str, float] | None = None,
     settle: Callable[[TableFormat, Plan], int] | None = None,
+    deployed: Callable[[M, Plan], nn.Module] | None = None,
 ) -> M:
     """The one path from a budgeted config to its module: check, costs, fixed bytes,
     plan, construct, verify.
@@ -418,7 +420,10 @@ def build_sized(
     or unit when there is no budget; default: the config's one explicit knob for
     every table), ``weights`` (each table's share of a model-scope budget) and
     ``settle(fmt, plan)``, the fixed bytes of the sizes chosen where they depend on
-    them (at most ``fixed(fmt)``: what that frees is spent on the tables).
+    them (at most ``fixed(fmt)``: what that frees is spent on the tables), and, for a
+    method that reaches its budgeted form in a stage of its schedule (``sized_by_stages``:
+    dedup's merge, ITEP's compact, DPQ's pack), ``deployed(module, plan)``: that form on
+    ``meta``, which is what the budget and the quantization are checked against.
 
     Example::
 
@@ -451,10 +456,11 @@ def build_sized(
         if plan.target is not None:
             _top_up(plan, {c.table: c for c in priced}, plan.target)
     module = construct(plan)
+    form: nn.Module = module if deployed is None else deployed(module, plan)
     if fmt.quantized:  # a format the tables cannot take is refused here, not miscounted
         q = as_quantization(config.quantization)
         assert q is not None
-        check_quantizable(module, q, method)
-    verify(method, plan, deployed_bytes(module, fmt))
+        check_quantizable(form, q, method)
+    verify(method, plan, deployed_bytes(form, fmt))
     return module
 

@@ -307,9 +307,6 @@ class AutoDimCollection(CompressedEmbeddingBagCollection):
         return {"embedding_bytes": float(held), **{f"dim.{t}": float(c[0]) for t, c in self.chosen.items()}}
 
     # -- the deployed form --------------------------------------------------------------------
-    def target_bytes(self) -> Optional[int]:
-        return None if self.config.budget is None else self.config.budget.target_bytes(self.source_tables())
-
     @torch.no_grad()
     def deploy(self, chosen: dict[str, Choice], warm: bool = False) -> None:
         """Become the deployed form of ``chosen`` (in place): re-initialised, seeded, or

@@ -53,6 +53,7 @@ from compression.api import BuildContext, MethodConfigError, register
 from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import BUDGET_TOLERANCE, Budget, BudgetError
 from compression.config_checks import bounded, one_of
+from compression.counts import table_counts
 from compression.deployed import TableFormat, deployed_bytes
 from compression.idmap import inner_table
 from compression.memory import uncompressed_bytes
@@ -327,9 +328,6 @@ class AutoSrhCollection(CompressedEmbeddingBagCollection):
         ctx.log_params(self.describe())
         return {"embedding_bytes": float(deployed_bytes(self, self.fmt))}
 
-    def target_bytes(self) -> Optional[int]:
-        return None if self.config.budget is None else self.config.budget.target_bytes(self.source_tables())
-
     # -- the deployed form --------------------------------------------------------------------
     @torch.no_grad()
     def deploy(self, segments: dict[str, list[Segment]], warm: bool = False) -> None:
@@ -382,15 +380,6 @@ class AutoSrhCollection(CompressedEmbeddingBagCollection):
         return out
 
 
-def _table_counts(t: EmbeddingBagConfig, ctx: BuildContext) -> np.ndarray:
-    """Train count of each id of ``t``, summed over its features (ids past a count array: 0)."""
-    total = np.zeros(t.num_embeddings, dtype=np.float64)
-    for f in t.feature_names:
-        c = np.asarray(ctx.counts[f], dtype=np.float64)[: t.num_embeddings]
-        total[: len(c)] += c
-    return total
-
-
 @register(AutoSrhConfig)
 def build(tables: list[EmbeddingBagConfig], config: AutoSrhConfig, ctx: BuildContext) -> AutoSrhCollection:
     refuse_aware(config.quantization, "autosrh", "the select stage replaces the tables it would train")
@@ -403,7 +392,7 @@ def build(tables: list[EmbeddingBagConfig], config: AutoSrhConfig, ctx: BuildCon
         missing = [f for f in t.feature_names if f not in ctx.counts]
         if missing:
             raise MethodConfigError(f"autosrh groups ids by train frequency: it needs the counts of feature(s) {missing}")
-    groups = {t.name: frequency_groups(_table_counts(t, ctx), t.num_embeddings, config.groups) for t in tables}
+    groups = {t.name: frequency_groups(table_counts(t, ctx.counts, config.method), t.num_embeddings, config.groups) for t in tables}
     if config.budget is not None:
         target = config.budget.target_bytes(tables)
         remapped = {t for t, (r, _) in groups.items() if not np.array_equal(r, np.arange(len(r)))}

@@ -41,19 +41,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.api import BuildContext, register
 from compression.budget import Budget
 from compression.config_checks import bounded
-from compression.deployed import TableFormat, deployed_bytes
+from compression.deployed import TableFormat
 from compression.idmap import IdMappedCollection, KeyParams, inner_table, with_values
 from compression.memory import memory_report
 from compression.quantization import refuse_aware
-from compression.sizing import (
-    BudgetedConfig,
-    FieldCost,
-    Plan,
-    check_exclusive,
-    plan_budget,
-    plan_explicit,
-    verify,
-)
+from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
 from compression.stages import Stage, compact_then_finetune
 
 ID_BYTES = 4  # the remap id -> merged row is int32
@@ -222,17 +214,13 @@ def _cost(t: EmbeddingBagConfig, fmt: TableFormat) -> FieldCost:
 
 @register(DedupConfig)
 def build(tables: list[EmbeddingBagConfig], config: DedupConfig, ctx: BuildContext) -> DedupEmbeddingBagCollection:
-    method = config.method
-    check_exclusive(method, config.budget, **config.explicit_sizes())
-    refuse_aware(config.quantization, method, "the merge stage replaces the tables it would train")
-    fmt = config.table_format(ctx.device)
-    costs = [_cost(t, fmt) for t in tables]
     n_features = sum(len(t.feature_names) for t in tables)
-    fixed = fmt.collection(tables) + KeyParams.nbytes(2, n_features)
-    if config.budget is not None:
-        plan = plan_budget(method, costs, config.budget, tables, fixed, precision=fmt.precision)
-    else:
-        plan = plan_explicit(method, costs, {t.name: int(config.rows or 0) for t in tables}, tables, fixed)
-    module = DedupEmbeddingBagCollection(tables, plan, config, ctx)
-    verify(method, plan, deployed_bytes(_Deployed(tables, plan, module.params), fmt))
-    return module
+    return build_sized(
+        tables, config, ctx,
+        check=lambda: refuse_aware(config.quantization, config.method, "the merge stage replaces the tables it would train"),
+        costs=lambda fmt: [_cost(t, fmt) for t in tables],
+        fixed=lambda fmt: fmt.collection(tables) + KeyParams.nbytes(2, n_features),
+        sizes=lambda: {t.name: int(config.rows or 0) for t in tables},
+        construct=lambda plan: DedupEmbeddingBagCollection(tables, plan, config, ctx),
+        deployed=lambda module, plan: _Deployed(tables, plan, module.params),
+    )  # fmt: skip

@@ -62,19 +62,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.api import BuildContext, MethodConfigError, register
 from compression.base import CompressedEmbeddingBagCollection
 from compression.config_checks import bounded
-from compression.deployed import TableFormat, deployed_bytes
+from compression.counts import table_counts
+from compression.deployed import TableFormat
 from compression.idmap import in_order, inner_table
 from compression.memory import memory_report
-from compression.quantization import as_quantization, check_quantizable, refuse_aware
-from compression.sizing import (
-    BudgetedConfig,
-    FieldCost,
-    Plan,
-    check_exclusive,
-    plan_budget,
-    plan_explicit,
-    verify,
-)
+from compression.quantization import as_quantization, refuse_aware
+from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
 from compression.stages import Stage, compact_then_finetune
 
 ID_BYTES = 4  # hot ids are stored as int32
@@ -204,20 +197,6 @@ def shape_bytes(t: EmbeddingBagConfig, s: Shape, fmt: TableFormat) -> int:
 def _cost(t: EmbeddingBagConfig, shapes: list[tuple[int, Shape]], fmt: TableFormat) -> FieldCost:
     full = fmt.table(t.num_embeddings, t.embedding_dim, len(t.feature_names))
     return FieldCost(t.name, full, 0, len(shapes) - 1, lambda i: shapes[i][0])
-
-
-def table_counts(t: EmbeddingBagConfig, counts: Mapping[str, np.ndarray], method: str) -> np.ndarray:
-    """Train count of every id of ``t``, summed over its features."""
-    total = np.zeros(t.num_embeddings, dtype=np.int64)
-    for f in t.feature_names:
-        if f not in counts:
-            raise MethodConfigError(
-                f"{method} needs the train counts of feature '{f}' (compress(..., counts=...)); "
-                f"it has counts for {sorted(counts) or 'none'}"
-            )
-        c = np.asarray(counts[f]).astype(np.int64)[: t.num_embeddings]
-        total[: len(c)] += c
-    return total
 
 
 # -- the deployed form ---------------------------------------------------------------------
@@ -455,28 +434,22 @@ class DPQEmbeddingBagCollection(CompressedEmbeddingBagCollection):
 
 
 # -- build ---------------------------------------------------------------------------------
-def _check(config: DPQConfig, tables: list[EmbeddingBagConfig]) -> int:
-    """The config against the tables; values per byte of the quantized codebooks (1: none)."""
-    method = config.method
-    check_exclusive(method, config.budget, **config.explicit_sizes())
-    q = refuse_aware(config.quantization, method, "the codebooks become TorchRec tables only at the pack stage")
-    return 1 if q is None or q.bits >= 8 else 8 // q.bits
-
-
 @register(DPQConfig)
 @register(MGQEConfig)
 def build(tables: list[EmbeddingBagConfig], config: DPQConfig, ctx: BuildContext) -> DPQEmbeddingBagCollection:
     method = config.method
-    per_byte = _check(config, tables)
     hot_fraction, divisor = config.tiers()
-    fmt = config.table_format(ctx.device)
-    options = {t.name: sorted(((shape_bytes(t, s, fmt), s) for s in shapes_for(t, hot_fraction, divisor, per_byte)),
-                              key=lambda x: (x[0], x[1].subspaces, x[1].centroids)) for t in tables}  # fmt: skip
-    costs = [_cost(t, options[t.name], fmt) for t in tables]
-    fixed = fmt.collection(tables)
-    if config.budget is not None:
-        plan = plan_budget(method, costs, config.budget, tables, fixed, precision=fmt.precision)
-    else:
+    options: dict[str, list[tuple[int, Shape]]] = {}  # per table: (bytes, shape), smallest first
+
+    def costs(fmt: TableFormat) -> list[FieldCost]:
+        q = as_quantization(config.quantization)  # values per byte of the quantized codebooks (1: none)
+        per_byte = 1 if q is None or q.bits >= 8 else 8 // q.bits
+        for t in tables:
+            options[t.name] = sorted(((shape_bytes(t, s, fmt), s) for s in shapes_for(t, hot_fraction, divisor, per_byte)),
+                                     key=lambda x: (x[0], x[1].subspaces, x[1].centroids))  # fmt: skip
+        return [_cost(t, options[t.name], fmt) for t in tables]
+
+    def explicit() -> dict[str, int]:  # the option of each table holding the shape asked for
         index = {}
         for t in tables:
             found = [i for i, (_, s) in enumerate(options[t.name]) if (s.subspaces, s.centroids) == (config.subspaces, config.centroids)]
@@ -487,18 +460,27 @@ def build(tables: list[EmbeddingBagConfig], config: DPQConfig, ctx: BuildContext
                     f"centroids be a power of two from 2 to min({MAX_CENTROIDS}, ids)"
                 )
             index[t.name] = found[0]
-        plan = plan_explicit(method, costs, index, tables, fixed)
-    shapes = {t.name: None if plan.sizes[t.name] is None else options[t.name][plan.sizes[t.name]][1] for t in tables}  # type: ignore[index]
-    hot_ids = {}
-    for t in tables:
-        s = shapes[t.name]
-        if s is not None and s.hot:
-            counts = table_counts(t, ctx.counts, method)
-            hot_ids[t.name] = np.sort(np.argsort(-counts, kind="stable")[: s.hot]).astype(np.int32)
-    module = DPQEmbeddingBagCollection(tables, plan, shapes, hot_ids, config, ctx)
-    deployed = PackedCodes(tables, shapes, torch.device("meta"), torch.device("meta"))
-    q = as_quantization(config.quantization)
-    if q is not None:  # the codebooks and exact tables must take it: said now, not after training
-        check_quantizable(deployed, q, method)
-    verify(method, plan, deployed_bytes(deployed, fmt))
-    return module
+        return index
+
+    def shapes(plan: Plan) -> dict[str, Shape | None]:
+        return {t.name: None if plan.sizes[t.name] is None else options[t.name][plan.sizes[t.name]][1] for t in tables}  # type: ignore[index]
+
+    def construct(plan: Plan) -> DPQEmbeddingBagCollection:
+        chosen = shapes(plan)
+        hot_ids = {}
+        for t in tables:
+            s = chosen[t.name]
+            if s is not None and s.hot:
+                counts = table_counts(t, ctx.counts, method)
+                hot_ids[t.name] = np.sort(np.argsort(-counts, kind="stable")[: s.hot]).astype(np.int32)
+        return DPQEmbeddingBagCollection(tables, plan, chosen, hot_ids, config, ctx)
+
+    return build_sized(
+        tables, config, ctx,
+        check=lambda: refuse_aware(config.quantization, method, "the codebooks become TorchRec tables only at the pack stage"),
+        costs=costs,
+        fixed=lambda fmt: fmt.collection(tables),
+        sizes=explicit,
+        construct=construct,
+        deployed=lambda module, plan: PackedCodes(tables, shapes(plan), torch.device("meta"), torch.device("meta")),
+    )  # fmt: skip

@@ -37,6 +37,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.api import BuildContext, MethodConfigError, register
 from compression.budget import Budget
 from compression.config_checks import bounded
+from compression.counts import table_counts
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
 from compression.idmap import IdMappedCollection, KeyParams, in_range, inner_table, with_values
@@ -74,26 +75,6 @@ class FrequencyHybridConfig(BudgetedConfig):
     @classmethod
     def contract_examples(cls) -> list[FrequencyHybridConfig]:
         return [cls(), cls(exact_fraction=0.0, budget=Budget(ratio=5)), cls(budget=None, top_k=5, hashed_rows=20)]
-
-
-def table_counts(table: EmbeddingBagConfig, counts: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Train count of every id of ``table``, summed over its features (missing tail: 0)."""
-    n = table.num_embeddings
-    total = np.zeros(n, dtype=np.int64)
-    for f in table.feature_names:
-        if f not in counts:
-            raise MethodConfigError(
-                f"frequency_hybrid needs the train counts of feature '{f}' "
-                f"(compress(..., counts=...) / BuildContext.counts); it has counts for {sorted(counts) or 'none'}"
-            )
-        c = np.asarray(counts[f])
-        if c.ndim != 1 or len(c) > n:
-            raise MethodConfigError(
-                f"frequency_hybrid: counts of feature '{f}' must be one count per id, at most {n} of them; "
-                f"got shape {c.shape}"
-            )
-        total[: len(c)] += c.astype(np.int64)
-    return total
 
 
 def top_ids(counts: np.ndarray, k: int) -> np.ndarray:
@@ -186,7 +167,7 @@ def build(tables: list[EmbeddingBagConfig], config: FrequencyHybridConfig, ctx: 
     n_features = sum(len(t.feature_names) for t in tables)
 
     def check() -> None:  # the counts first: without them nothing can be sized
-        counts.update({t.name: table_counts(t, ctx.counts) for t in tables})
+        counts.update({t.name: table_counts(t, ctx.counts, "frequency_hybrid") for t in tables})
 
     return build_sized(
         tables, config, ctx,

@@ -66,19 +66,11 @@ from compression.api import BuildContext, MethodConfigError, register
 from compression.base import _tracing
 from compression.budget import Budget
 from compression.config_checks import bounded
-from compression.deployed import TableFormat, deployed_bytes
+from compression.deployed import TableFormat
 from compression.idmap import IdMappedCollection, KeyParams, inner_table, with_values
 from compression.memory import memory_report
 from compression.quantization import refuse_aware
-from compression.sizing import (
-    BudgetedConfig,
-    FieldCost,
-    Plan,
-    check_exclusive,
-    plan_budget,
-    plan_explicit,
-    verify,
-)
+from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
 from compression.stages import Stage, compact_then_finetune
 
 KEPT_ID_BYTES = 8  # deployed: one int64 key per kept id
@@ -315,18 +307,13 @@ def _check(config: ItepConfig, tables: list[EmbeddingBagConfig]) -> None:
 
 @register(ItepConfig)
 def build(tables: list[EmbeddingBagConfig], config: ItepConfig, ctx: BuildContext) -> ItepEmbeddingBagCollection:
-    method = config.method
-    check_exclusive(method, config.budget, **config.explicit_sizes())
-    _check(config, tables)
-    fmt = config.table_format(ctx.device)
-    costs = [_cost(t, fmt) for t in tables]
     n_features = sum(len(t.feature_names) for t in tables)
-    fixed = fmt.collection(tables) + KeyParams.nbytes(3, n_features) + 8  # + the step counter
-    if config.budget is not None:
-        plan = plan_budget(method, costs, config.budget, tables, fixed, precision=fmt.precision)
-    else:
-        k = int(config.num_embeddings_post_pruning or 0)
-        plan = plan_explicit(method, costs, {t.name: k for t in tables}, tables, fixed)
-    module = ItepEmbeddingBagCollection(tables, plan, config, ctx)
-    verify(method, plan, deployed_bytes(_Deployed(tables, plan, module.params), fmt))
-    return module
+    return build_sized(
+        tables, config, ctx,
+        check=lambda: _check(config, tables),
+        costs=lambda fmt: [_cost(t, fmt) for t in tables],
+        fixed=lambda fmt: fmt.collection(tables) + KeyParams.nbytes(3, n_features) + 8,  # + the step counter
+        sizes=lambda: {t.name: int(config.num_embeddings_post_pruning or 0) for t in tables},
+        construct=lambda plan: ItepEmbeddingBagCollection(tables, plan, config, ctx),
+        deployed=lambda module, plan: _Deployed(tables, plan, module.params),
+    )  # fmt: skip

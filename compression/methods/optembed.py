@@ -488,11 +488,6 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         # thresholds (fp32), norm scales (fp32) and chosen dims (int64) stay in the module
         return total + len(self.units) * (4 + 4 + 8)
 
-    def target_bytes(self) -> Optional[int]:
-        if self.config.budget is None:
-            return None
-        return self.config.budget.target_bytes(self.source_tables())
-
     def training_metrics(self) -> dict[str, float]:
         """Thresholds and kept-row ratios per table at each supernet epoch end (recorded)."""
         if self.mode != "supernet" or self.compact_module is not None:

@@ -145,3 +145,13 @@ def test_budget_bound_on_criteo_sample_once_packed(cls):
         assert 0.95 * full / ratio <= held <= full / ratio and m.describe()["planned_bytes"] == held
     with pytest.raises(BudgetError, match="smallest it can hold"):
         compress(tables, cls(budget=Budget(ratio=1000)), counts=counts)
+
+
+def test_counts_longer_than_the_table_are_refused_not_cut():
+    """The counts of a feature must be one per id of its table: a longer array (another
+    dataset's counts) is refused naming the feature and table, as every method reads them."""
+    t = EmbeddingBagConfig(name="t_x", embedding_dim=16, num_embeddings=5000, feature_names=["x"])
+    cfg = MGQEConfig(budget=None, subspaces=8, centroids=64, hot_fraction=0.05)
+    compress([t], cfg, counts={"x": np.arange(5000)})  # one per id: builds
+    with pytest.raises(MethodConfigError, match="mgqe: counts of feature 'x' must be one count per id of table 't_x', at most 5000"):
+        compress([t], cfg, counts={"x": np.arange(6000)})

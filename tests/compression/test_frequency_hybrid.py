@@ -88,7 +88,7 @@ def test_explicit_sizes_and_a_top_k_larger_than_the_vocabulary():
 def test_counts_are_required_and_checked():
     with pytest.raises(ValueError, match="needs the train counts of feature 'a'"):
         compress(TABLES, FrequencyHybridConfig())
-    with pytest.raises(ValueError, match="one count per id, at most 5"):
+    with pytest.raises(ValueError, match="one count per id of table 't_tiny', at most 5"):
         compress(TABLES, FrequencyHybridConfig(), counts={**COUNTS, "tiny": np.ones(6)})
     with pytest.raises(MethodConfigError, match=r"^frequency_hybrid\.exact_fraction: must be >= 0 and < 1"):
         FrequencyHybridConfig(exact_fraction=1.0)
