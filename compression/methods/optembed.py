@@ -76,6 +76,7 @@ dims down together, and the budget prunes rows.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -103,6 +104,7 @@ from compression.pruned import CompactTables, compact_configs
 from compression.sizing import BudgetedConfig
 from compression.stages import Stage, StageContext
 
+log = logging.getLogger(__name__)
 ID_BYTES = 4  # kept ids are stored as int32
 # rows drawn to estimate a table's initial row norm when its tables are on meta (no values)
 NORM_SAMPLE_ROWS = 4096
@@ -221,6 +223,8 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
             for u, rows in zip(self.units, self.rows):
                 self.register_buffer(f"seen_{u}", torch.zeros(rows, dtype=torch.float32, device=ctx.table_device))
         self.mode = "supernet"
+        # the rest of the model's initial weights (a copy taken when the supernet starts; not state)
+        self._dense_init: dict[str, torch.Tensor] | None = None
         self.compact_module: CompactTables | None = None
         self.history: dict[str, list[Any]] = {"thresholds": [], "kept": [], "rows": [], "fitness": []}
 
@@ -316,6 +320,7 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
     # -- the stages --------------------------------------------------------------------
     def _run_supernet(self, ctx: StageContext) -> dict[str, float]:
         self.mode = "supernet"
+        self._dense_init = dense_state(ctx.model, ctx.module)  # what a retrain from scratch restarts from
         self.unit_dims.copy_(torch.tensor(self.full_dims))
         self.thresholds.requires_grad_(True)
         self.supernet_steps.zero_()
@@ -373,12 +378,17 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
     def _run_retrain(self, ctx: StageContext) -> dict[str, float]:
         self.mode = "fixed"
         self.thresholds.requires_grad_(False)
-        if self.config.retrain_from == "scratch":  # each table's own init (as built), seeded
+        if self.config.retrain_from == "scratch":  # the whole model restarts (see the module docstring)
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 torch.manual_seed(self.seed + 1)
                 for w, c in zip(self.weights(), self.table_configs()):
                     assert c.init_fn is not None  # TorchRec's EmbeddingConfig sets its default
                     c.init_fn(w)
+            if self._dense_init is not None:
+                restart_dense(ctx.model, self._dense_init)
+            else:
+                log.warning("optembed: the supernet ran before this process (resumed), so the retrain's dense "
+                            "layers continue from the supernet's; only the tables restart")  # fmt: skip
         return ctx.fit(self.config.retrain_epochs)
 
     def _run_compact(self, ctx: StageContext) -> dict[str, float]:
@@ -577,6 +587,19 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         ax.tick_params(axis="x", rotation=90, labelsize=6)
         figs["optembed_dims.png"] = fig
         return figs
+
+
+def dense_state(model: nn.Module, module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state outside its embedding module ``module`` (the dense layers)."""
+    prefix = next(f"{name}." for name, m in model.named_modules() if m is module)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(prefix)}
+
+
+@torch.no_grad()
+def restart_dense(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give the dense layers of ``model`` the weights ``state`` holds (``dense_state``)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
 
 
 @torch.no_grad()
