@@ -178,7 +178,9 @@ def test_the_schedule_reaches_the_budget_in_a_training_loop(tiny_dataset):
     numel = sum(t.num_embeddings * t.embedding_dim for t in tables)
     kept = sum(k if k is not None else t.num_embeddings * t.embedding_dim for k, t in zip(planned, tables))
     assert result.stages["retrain"]["kept_fraction"] <= kept / numel  # zeros among the kept may appear
-    assert result.stages["prune"]["val_auc"] > 0.5 and result.stages["compact"]["val_auc"] > 0.5
+    assert result.stages["prune"]["val_auc"] > 0.5
+    # compacting is exact: the sparse tables compute what the retrained masked model did
+    assert result.stages["compact"]["val_auc"] == pytest.approx(result.stages["retrain"]["val_auc"], abs=1e-6)
     # validation while pruning sees the cut the stage ends with: the best epoch's AUC is the cut's
     assert result.stages["prune"]["cut_val_auc"] == pytest.approx(result.stages["prune"]["val_auc"], abs=1e-6)
     assert 0.95 * full / 4 <= memory_report(module).bytes <= full / 4
