@@ -30,13 +30,19 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+from recsys.data.schema import ProcessedDataset
 
 log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
@@ -219,9 +225,6 @@ class RunRecord:
         metrics.clear()
 
     def _log_dataset(self, slot: str, op: dict[str, Any]) -> None:
-        from experiments.tracking import dataset_input
-        from recsys.data.schema import ProcessedDataset
-
         try:
             ds = ProcessedDataset.open(op["root"])
         except Exception:  # noqa: BLE001  (a cache deleted since: the input is only provenance)
@@ -239,3 +242,20 @@ class RunRecord:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def dataset_input(ds: ProcessedDataset) -> MetaDataset:
+    """The processed dataset as an MLflow dataset input (source, digest, schema)."""
+    s = ds.schema
+    cols: list[ColSpec | TensorSpec] = [ColSpec("float", s.label)]
+    cols += [ColSpec("float", n) for n in s.dense]
+    cols += [ColSpec("long", f.name) for f in s.sparse]
+    with warnings.catch_warnings():  # two registered local sources match a path: same class
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(ds.root.resolve()))
+    return MetaDataset(  # type: ignore[abstract]
+        source=source,
+        name=s.name,
+        digest=ds.root.name.rsplit("-", 1)[-1][:16],
+        schema=Schema(cols),
+    )

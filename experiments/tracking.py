@@ -13,22 +13,17 @@ import os
 import sqlite3
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
-from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from compression.errors import EmbcompError
 from compression.stages import Stage
 from experiments.record import RunRecord
-from recsys.data.schema import ProcessedDataset
 from recsys.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
@@ -173,23 +168,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def dataset_input(ds: ProcessedDataset) -> MetaDataset:
-    """The processed dataset as an MLflow dataset input (source, digest, schema)."""
-    s = ds.schema
-    cols: list[ColSpec | TensorSpec] = [ColSpec("float", s.label)]
-    cols += [ColSpec("float", n) for n in s.dense]
-    cols += [ColSpec("long", f.name) for f in s.sparse]
-    with warnings.catch_warnings():  # two registered local sources match a path: same class
-        warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(str(ds.root.resolve()))
-    return MetaDataset(  # type: ignore[abstract]
-        source=source,
-        name=s.name,
-        digest=ds.root.name.rsplit("-", 1)[-1][:16],
-        schema=Schema(cols),
-    )
 
 
 class RecordCallback(Callback):

@@ -38,75 +38,16 @@ from typing import Any, Optional
 from recsys.data.base import DatasetConfig
 from recsys.data.common import cached_dataset, file_fingerprint
 from recsys.data.schema import DataError, ProcessedDataset
-
-# Part of the cache key: bump whenever the processed output of the same input changes.
-CODE_VERSION = 1
-TRANSFORMS = ("none", "log1p", "standardise")
-_SPELLINGS = {"standardize": "standardise"}
-
-
-@dataclass
-class NumericColumn:
-    """A numeric column and its transform: ``none``, ``log1p`` or ``standardise``.
-
-    Example::
-
-        NumericColumn("price", "log1p")
-    """
-
-    name: str = ""
-    transform: str = "none"
-
-
-@dataclass
-class MultiHotColumn:
-    """A column of several values per row: a list column, or text cut at ``separator``.
-
-    The separator is used only where the column is text (always in CSV/TSV), so one
-    declaration reads both a CSV export and a Parquet file with a list column.
-
-    Example::
-
-        MultiHotColumn("tags", separator="|")
-    """
-
-    name: str = ""
-    separator: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class Columns:
-    """The checked column declaration: every used column with its role.
-
-    Example::
-
-        cols = TabularConfig(categorical=["user"]).columns()
-        cols.sparse        # ['user']
-    """
-
-    label: str
-    threshold: Optional[float]
-    categorical: tuple[str, ...]
-    multi_hot: dict[str, Optional[str]]  # name -> separator
-    numeric: dict[str, str]  # name -> transform
-    min_counts: dict[str, int]  # every sparse column -> its min_count
-
-    @property
-    def sparse(self) -> list[str]:
-        """Sparse fields in output order: categorical, then multi-hot."""
-        return [*self.categorical, *self.multi_hot]
-
-    @property
-    def used(self) -> list[str]:
-        """Every source column read, label first."""
-        return [self.label, *self.numeric, *self.sparse]
-
-    def role(self, name: str) -> str:
-        if name == self.label:
-            return "label"
-        if name in self.numeric:
-            return "numeric"
-        return "multi_hot" if name in self.multi_hot else "categorical"
+from recsys.data.tabular_build import preprocess_tabular
+from recsys.data.tabular_columns import (
+    _SPELLINGS,
+    CODE_VERSION,
+    TRANSFORMS,
+    Columns,
+    MultiHotColumn,
+    NumericColumn,
+)
+from recsys.data.tabular_source import open_sources
 
 
 @dataclass
@@ -216,9 +157,6 @@ class TabularConfig(DatasetConfig):
 
     def prepare(self, cache_root: Path) -> ProcessedDataset:
         """Check the declaration and the files' headers, then build (or reuse) the cache."""
-        from recsys.data.tabular_build import preprocess_tabular
-        from recsys.data.tabular_source import open_sources
-
         columns = self.columns()
         sources = open_sources(self.files(), columns, **self.read_options())
         key = {

@@ -34,7 +34,7 @@ from recsys.data.common import (
     write_counts,
 )
 from recsys.data.schema import COUNTS_FILE, SPLITS, DataError, DatasetSchema, SparseField
-from recsys.data.tabular import CODE_VERSION, Columns
+from recsys.data.tabular_columns import CODE_VERSION, Columns
 from recsys.data.tabular_parse import bad_flag, diagnose, parsed
 from recsys.data.tabular_source import ROW, Source
 

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from recsys.data.common import assign_splits
 from recsys.data.schema import COUNTS_FILE, SPLITS
-from recsys.data.tabular import Columns, TabularConfig
+from recsys.data.tabular import TabularConfig
+from recsys.data.tabular_columns import Columns
 from recsys.data.tabular_source import SEPARATORS, SUFFIXES
 
 

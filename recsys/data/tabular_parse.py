@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 
 from recsys.data.schema import DataError
-from recsys.data.tabular import Columns
+from recsys.data.tabular_columns import Columns
 from recsys.data.tabular_source import ROW, Source, kind
 
 FLOAT32_MAX = 3.4028234663852886e38

@@ -29,7 +29,7 @@ from recsys.data.files import (
     text_read_error,
 )
 from recsys.data.schema import DataError
-from recsys.data.tabular import Columns
+from recsys.data.tabular_columns import Columns
 
 # The 0-based data row of every scanned row; a name no user column is expected to have.
 ROW = "__embcomp_row"

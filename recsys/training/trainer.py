@@ -28,11 +28,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import recsys.training.checkpoint as checkpoint
 from compression.base import CompressedEmbeddingBagCollection
 from compression.config_checks import bounded, one_of
 from compression.stages import EpochHook, Stage
 from recsys.data.loader import BatchLoader
-from recsys.training import checkpoint
 from recsys.training.backends import Backend, LocalBackend
 from recsys.training.callbacks import Callback
 from recsys.training.metrics import evaluate
