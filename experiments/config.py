@@ -113,8 +113,11 @@ def register_configs() -> None:
         cs.store(group="dataset", name=f"schema_{name}", node=cls)
     for name, cls in MODEL_SCHEMAS.items():
         cs.store(group="model", name=f"schema_{name}", node=cls)
+    variants = Path(__file__).parent / "conf" / "compression"
     for name, cls in compression.registered_methods().items():
         cs.store(group="compression", name=f"schema_{name}", node=cls)
+        if not (variants / f"{name}.yaml").exists():  # compression=<name>: the dataclass's defaults
+            cs.store(group="compression", name=name, node=cls)
 
 
 __all__ = ["Budget", "Config", "MLflowConfig", "register_configs"]
