@@ -12,100 +12,56 @@ retraining, and a compact export, as one method with its own four-stage schedule
    supernet's validation AUC under the candidate's dims. With a ``budget``, candidates
    must fit it (a field may then take dim 0: dropped), so the search answers "the best
    architecture that fits this budget".
-3. ``retrain``: the rows kept and dims found are fixed; weights restart from scratch
-   (``retrain_from="scratch"``) or from the supernet.
+3. ``retrain``: the rows kept and dims found are fixed; the whole model restarts from the
+   weights it was built with (``retrain_from="scratch"``: tables and dense layers) or goes
+   on from the supernet.
 4. ``compact``: each field becomes a TorchRec table of only its kept rows at its dim,
    plus one zero row for pruned ids, behind a sorted int32 list of kept ids
    (``torch.searchsorted`` remap, 4 bytes per kept row, counted); a field that kept
    every row needs neither. Output is padded with zeros back to D, exactly what the
    masked model computes, so DLRM takes it.
 
-Threshold scale (the reference code's thresholds stayed ~1e-5 against row L1 norms
-of 0.1-1, so nothing but never-seen rows was pruned): importance here is the row's
-L1 norm divided by a running mean of the L1 norms of the rows the field looked up
-(a detached buffer), so t_f is in units of "the field's typical row" (0.5 prunes rows
-below half of it) whatever the embedding scale. Defects of the reference search are
-not reproduced: crossover cuts over fields, fitness is each candidate's own AUC,
-candidates are copied before mutation, and sizes count dimensions, not indices.
-
-Why thresholds stall on small data: the regulariser's gradient on t_f is
--alpha * exp(-t_f), so one SGD step raises t_f by at most alpha * lr (1e-3 at the
-defaults alpha=0.01, lr 0.1), less as it grows, and the task loss pulls it back down
-wherever rows near the threshold help. After S steps t_f <= alpha * lr * S whatever the
-data: MovieLens-100K's 156 steps an epoch take it to about 0.4 in 4 epochs (the
-rarely-seen rows, 8-10% of them), a sample of Criteo's few hundred steps prune
-nothing. Raising alpha or the rate far enough to prune more also pushes every
-threshold up together, the useful rows of small fields with them.
-
-A masked row still learns: in the supernet the forward multiplies a row by its mask,
-but the backward gives the row the gradient it would get if kept (straight through).
-Multiplying by the mask alone starved it (e * 0 has no gradient in e): a row masked
-before it had learned (the rare ids of a heavy-tailed field, still near their initial
-norm after an epoch) could never raise its norm, the importance, and stayed pruned
-whatever the loss wanted. On data whose signal is in two heavy-tailed fields
-(``dataset=sparse_signal``, DeepFM, seed 0, paper setting) that kept 382 of 957 user and
-338 of 4,082 item rows at test AUC 0.7965 against the full table's 0.8075; with the rows
-learning, 844 and 3,583 are kept, the eight noise fields pruned whole, at 0.8164.
-
-The guard (``compression.prune_guard``): after each supernet epoch the supernet is
-evaluated on validation with its masks and without them (same weights), and with each
-field alone masked; the costs are logged beside the thresholds and rows kept. In the
-paper's setting, a cost over ``guard_tolerance`` (0.001) sends the thresholds back,
-bisected between the last accepted ones and the epoch's, to the deepest that costs at
-most the tolerance, and stops them there.
-
-Pruning to a level (``target_kept``, or a budget): the kept fraction of all rows falls
-linearly from 1 to the target over the first ``prune_ramp`` of the supernet's steps,
-and stays there; every ``prune_every_steps`` steps the rows kept are, among those
-above their threshold, the ones worth most: importance times how often the supernet
-looked the row up, one cut across all tables (every row costs the same bytes at a
-dim, so this keeps the most L1 mass per byte: the rare tail of the large tables goes
-first, a 7-row field's rows stay). Under a budget without ``target_kept`` the target
-is what the budget holds with every table at ``budget_dim_share`` of its dim, so the
-budget drives rows as well as dims; the search then chooses the dims. Each supernet
-epoch logs ``kept_row_ratio`` beside its validation AUC. ``budget: null`` and
-``target_kept: null`` is the paper's setting: the thresholds alone decide.
-
-A budgeted search used to fail on a Frappe-shaped dataset (10 fields, vocabularies
-957 to 2): repair lowered first the field whose step saved the most bytes, which is
-always the largest table, down to dim 0 (its kept-id list made the last step the
-largest of all), so every candidate had lost the most informative field, and with
-rows unpruned the rest of the budget held tiny dims. Repair now scales a candidate's
-dims down together, and the budget prunes rows.
+Importance is the row's L1 norm over a running mean of the norms of the rows the field
+looked up, so a threshold is in units of "the field's typical row" whatever the scale. A
+masked row still learns in the supernet (straight through), so a row masked before it had
+learned can come back. The guard (``compression.prune_guard``) checks each supernet epoch's
+pruning against the same supernet unpruned, on validation, and in the paper's setting
+backs the thresholds off past ``guard_tolerance``. Pruning to a level (``target_kept``, or
+a budget) raises a floor over the first ``prune_ramp`` of the supernet's steps, one cut
+across tables by importance times use. ``budget: null`` and ``target_kept: null`` is the
+paper's setting: the thresholds alone decide. The schedule is ``compression.optembed_schedule``,
+the byte model ``compression.optembed_bytes``; why each choice was made, with its
+measurements, is in ``docs/methods.md`` (OptEmbed).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from compression import optembed_schedule as schedule
 from compression.api import BuildContext, register
 from compression.base import CompressedEmbeddingBagCollection
-from compression.budget import Budget, BudgetError
+from compression.budget import Budget
 from compression.config_checks import bounded, one_of
-from compression.evolution import evolutionary_search
+from compression.optembed_bytes import export_bytes
 from compression.prune_guard import (
-    PruningGuard,
-    ThresholdPruning,
     add_guard_state,
     drop_guard_state,
 )
-from compression.pruned import CompactTables, compact_configs
+from compression.pruned import CompactTables
 from compression.sizing import BudgetedConfig
-from compression.stages import Stage, StageContext
+from compression.stages import Stage
 
 log = logging.getLogger(__name__)
-ID_BYTES = 4  # kept ids are stored as int32
 # rows drawn to estimate a table's initial row norm when its tables are on meta (no values)
 NORM_SAMPLE_ROWS = 4096
 
@@ -254,14 +210,31 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
     def stages(self) -> list[Stage]:
         c = self.config
         return [
-            Stage("supernet", run=self._run_supernet, params={"alpha": c.alpha, "threshold_lr": c.threshold_lr},
-                  at_budget=False),
-            Stage("search", run=self._run_search, params={"generations": c.generations, "mutations": c.mutations,
-                                                          "crossovers": c.crossovers, "mutation_prob": c.mutation_prob,
-                                                          "parents": c.parents}),
-            Stage("retrain", run=self._run_retrain, params={"retrain_from": c.retrain_from}),
-            Stage("compact", run=self._run_compact, checkpoint=False),
-        ]
+            Stage("supernet", run=partial(schedule.supernet, self),
+                  params={"alpha": c.alpha, "threshold_lr": c.threshold_lr}, at_budget=False),
+            Stage("search", run=partial(schedule.search, self),
+                  params={"generations": c.generations, "mutations": c.mutations, "crossovers": c.crossovers,
+                          "mutation_prob": c.mutation_prob, "parents": c.parents}),
+            Stage("retrain", run=partial(schedule.retrain, self), params={"retrain_from": c.retrain_from}),
+            Stage("compact", run=partial(schedule.compact_stage, self), checkpoint=False),
+        ]  # fmt: skip
+
+    # -- the pruning floor (compression.optembed_schedule) ------------------------------
+    def kept_target(self) -> Optional[float]:
+        """The fraction of all rows the supernet keeps (None: the thresholds alone decide)."""
+        return schedule.kept_target(self)
+
+    def apply_floor(self, keep: float) -> None:
+        """Keep at most ``keep`` of all rows, those worth most (``schedule.apply_floor``)."""
+        schedule.apply_floor(self, keep)
+
+    def freeze_rows(self) -> None:
+        """Fix the kept rows from the thresholds (at the target level, when there is one)."""
+        schedule.freeze_rows(self)
+
+    def figures(self) -> dict[str, Any]:
+        """Plots of the schedule (thresholds, kept rows, search fitness, dims)."""
+        return schedule.figures(self)
 
     # -- forward ----------------------------------------------------------------------
     def importance(self, i: int, rows: torch.Tensor) -> torch.Tensor:
@@ -278,7 +251,7 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         sampling = self.mode == "supernet" and self.training
         floor = self.mode == "supernet" and self.kept_target() is not None
         if sampling and floor:
-            self._advance_floor()
+            schedule.advance_floor(self)
         pooled = []
         for f in self.feature_names:
             i = self._unit_of[f]
@@ -317,161 +290,7 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
             keys=self.feature_names, length_per_key=[p.shape[1] for p in pooled], values=torch.cat(pooled, dim=1)
         )
 
-    # -- the stages --------------------------------------------------------------------
-    def _run_supernet(self, ctx: StageContext) -> dict[str, float]:
-        self.mode = "supernet"
-        self._dense_init = dense_state(ctx.model, ctx.module)  # what a retrain from scratch restarts from
-        self.unit_dims.copy_(torch.tensor(self.full_dims))
-        self.thresholds.requires_grad_(True)
-        self.supernet_steps.zero_()
-        self._ramp_steps = int(self.config.prune_ramp * ctx.steps(self.config.supernet_epochs))
-        tolerance = self.config.guard_tolerance if self.kept_target() is None else None
-        guard = PruningGuard(ThresholdPruning(self, partial(ctx.evaluate, max_batches=self.config.guard_val_batches)),
-                             tolerance)  # fmt: skip
-        metrics = ctx.fit(self.config.supernet_epochs, on_epoch=guard.epoch)
-        self.freeze_rows()
-        metrics.update(self.threshold_metrics())
-        return metrics
-
-    def _run_search(self, ctx: StageContext) -> dict[str, float]:
-        self.mode = "fixed"
-        ctx.model.eval()
-
-        def fitness(dims: tuple[int, ...]) -> float:
-            self.unit_dims.copy_(torch.tensor(dims, dtype=torch.int64))
-            return ctx.evaluate(max_batches=self.config.search_val_batches)["auc"]
-
-        def log(gen: int, best: float) -> None:
-            self.history["fitness"].append(best)
-            ctx.log({"search_best_auc": best}, step=gen)
-
-        best, best_auc = evolutionary_search(
-            self.search_space(), self.full_dims, fitness, self.candidate_bytes, self.target_bytes(),
-            self.config, self.seed, log,
-        )
-        if not any(best):  # every field dropped: try the best single field that fits instead
-            best, best_auc = self._best_single_field(fitness)
-        self.unit_dims.copy_(torch.tensor(best, dtype=torch.int64))
-        return {"search_best_val_auc": best_auc, "search_bytes": float(self.candidate_bytes(best)),
-                **{f"dim.{u}": float(d) for u, d in zip(self.units, best)}}
-
-    def _best_single_field(self, fitness: Any) -> tuple[tuple[int, ...], float]:
-        """Under a budget so small that the search dropped every field: each field alone at
-        the largest dim that fits, the fittest of them; a ``BudgetError`` if none fits."""
-        n, target = len(self.units), self.target_bytes()
-        alone = []
-        for i in range(n):
-            fits = [d for d in range(1, self.full_dims[i] + 1)
-                    if target is None or self.candidate_bytes([d if j == i else 0 for j in range(n)]) <= target]  # fmt: skip
-            if fits:
-                alone.append(tuple(fits[-1] if j == i else 0 for j in range(n)))
-        if not alone:
-            smallest = min(self.candidate_bytes([1 if j == i else 0 for j in range(n)]) for i in range(n))
-            raise BudgetError(
-                f"optembed cannot reach the budget of {target} bytes with any field kept: the smallest "
-                f"architecture that keeps one field (at dim 1) holds {smallest} bytes"
-            )
-        scored = [(fitness(c), c) for c in alone]
-        auc, arch = max(scored, key=lambda x: (x[0], self.candidate_bytes(list(x[1]))))
-        return arch, auc
-
-    def _run_retrain(self, ctx: StageContext) -> dict[str, float]:
-        self.mode = "fixed"
-        self.thresholds.requires_grad_(False)
-        if self.config.retrain_from == "scratch":  # the whole model restarts (see the module docstring)
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(self.seed + 1)
-                for w, c in zip(self.weights(), self.table_configs()):
-                    assert c.init_fn is not None  # TorchRec's EmbeddingConfig sets its default
-                    c.init_fn(w)
-            if self._dense_init is not None:
-                restart_dense(ctx.model, self._dense_init)
-            else:
-                log.warning("optembed: the supernet ran before this process (resumed), so the retrain's dense "
-                            "layers continue from the supernet's; only the tables restart")  # fmt: skip
-        return ctx.fit(self.config.retrain_epochs)
-
-    def _run_compact(self, ctx: StageContext) -> dict[str, float]:
-        kept_before = self.kept_counts()
-        self.compact()
-        assert self.kept_counts() == [k if d > 0 else 0 for k, d in zip(kept_before, self.unit_dims.tolist())]
-        ctx.model.to(ctx.device)
-        kept = self.kept_counts()
-        return {"kept_rows": float(sum(kept)), "kept_row_ratio": sum(kept) / sum(self.rows),
-                **{f"kept_rows.{u}": float(k) for u, k in zip(self.units, kept)}}
-
     # -- rows, dims, bytes ---------------------------------------------------------------
-    def kept_target(self) -> Optional[float]:
-        """The fraction of all rows the supernet keeps: ``target_kept``; under a budget
-        without one, what the budget holds at ``budget_dim_share`` of every dim; None (the
-        thresholds alone decide, the paper's setting) otherwise."""
-        if not self._target_known:
-            self._target_kept, self._target_known = self._kept_target(), True
-        return self._target_kept
-
-    def _kept_target(self) -> Optional[float]:
-        c, target = self.config, self.target_bytes()
-        if c.target_kept is not None or target is None:
-            return c.target_kept
-        dims = [max(1, round(c.budget_dim_share * d)) for d in self.full_dims]
-
-        def fits(rho: float) -> bool:
-            return self.bytes_of([max(1, math.floor(rho * n)) for n in self.rows], dims) <= target
-
-        if fits(1.0):
-            return 1.0
-        lo, hi = 0.0, 1.0
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo
-
-    def _advance_floor(self) -> None:
-        """Every ``prune_every_steps`` supernet steps, raise the floor towards the target:
-        the kept fraction falls linearly from 1 to it over the first ``_ramp_steps``."""
-        step = int(self.supernet_steps)
-        self.supernet_steps += 1
-        if step % max(1, self.config.prune_every_steps):
-            return
-        target = self.kept_target()
-        assert target is not None
-        ramp = min(1.0, (step + 1) / self._ramp_steps) if self._ramp_steps > 0 else 1.0
-        self.apply_floor(1.0 - (1.0 - target) * ramp)
-
-    @torch.no_grad()
-    def apply_floor(self, keep: float) -> None:
-        """Keep at most ``keep`` of all rows: of the rows above their table's threshold,
-        those worth the most, a row's worth being its importance times how often the
-        supernet looked it up (the L1 mass it adds to the pooled outputs).
-
-        Every kept row costs the same bytes at a given dim, so one cut across tables
-        keeps the most mass per byte: it falls on the rare tail of the large tables,
-        never on the few, constantly used rows of a small one (a cut on importance
-        alone, which ignores use, emptied 7-row fields of a Frappe-shaped dataset).
-        """
-        worth = []
-        for i, (u, w) in enumerate(zip(self.units, self.weights())):
-            imp = self.importance(i, w)
-            worth.append(torch.where(imp > self.thresholds[i], getattr(self, f"seen_{u}") * imp, -1.0))
-        flat = torch.cat(worth)
-        top = torch.argsort(flat, descending=True, stable=True)[: int(keep * flat.numel())]
-        flags = torch.zeros_like(flat, dtype=torch.bool)
-        flags[top] = True
-        flags &= flat >= 0
-        for u, part in zip(self.units, torch.split(flags, self.rows)):
-            getattr(self, f"kept_{u}").copy_(part)
-
-    @torch.no_grad()
-    def freeze_rows(self) -> None:
-        """Fix the kept rows from the thresholds over every row of every table (at the
-        target level exactly, when there is one)."""
-        target = self.kept_target()
-        if target is not None:
-            self.apply_floor(target)  # the floor's rows are within the thresholds' already
-            return
-        for i, (u, w) in enumerate(zip(self.units, self.weights())):
-            getattr(self, f"kept_{u}").copy_(self.importance(i, w) > self.thresholds[i])
-
     def kept_counts(self) -> list[int]:
         if self.compact_module is not None:
             return [self.compact_module.kept_count(i) for i in range(len(self.units))]
@@ -486,17 +305,9 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         return self.bytes_of(self.kept_counts(), list(dims))
 
     def bytes_of(self, kept: list[int], dims: list[int]) -> int:
-        """Bytes of a compact export keeping ``kept`` rows per table at ``dims`` (its rows,
-        a zero row and the kept-id list of each pruned table, buffers), its tables in the
-        format the budget counts (``table_format``). A table that keeps every row needs
-        neither the id list nor the zero row."""
-        fmt = self.table_format
-        configs = compact_configs(self.units, self.unit_features, kept, dims, self.rows)
-        total = sum(fmt.table(c.num_embeddings, c.embedding_dim, len(c.feature_names)) for c in configs)
-        total += fmt.collection(configs) if configs else 0
-        total += ID_BYTES * sum(k for k, n, d in zip(kept, self.rows, dims) if d > 0 and k < n)
-        # thresholds (fp32), norm scales (fp32) and chosen dims (int64) stay in the module
-        return total + len(self.units) * (4 + 4 + 8)
+        """Bytes of a compact export keeping ``kept`` rows per table at ``dims``, its tables in
+        the format the budget counts (``table_format``): ``optembed_bytes.export_bytes``."""
+        return export_bytes(self.table_format, self.units, self.unit_features, self.rows, kept, dims)
 
     def training_metrics(self) -> dict[str, float]:
         """Thresholds and kept-row ratios per table at each supernet epoch end (recorded)."""
@@ -553,54 +364,6 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         for u, d in zip(self.units, self.unit_dims.tolist()):
             out[f"{u}.dim"] = d
         return out
-
-    def figures(self) -> dict[str, Any]:
-        """Plots of the schedule (thresholds, kept rows, search fitness, dims)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figs = {}
-        if self.history["thresholds"]:
-            for key, title in (("thresholds", "threshold t (units of the typical row norm)"),
-                               ("kept", "fraction of rows kept")):
-                fig, ax = plt.subplots(figsize=(7, 4))
-                arr = np.array(self.history[key])
-                for j, u in enumerate(self.units):
-                    ax.plot(np.arange(1, len(arr) + 1), arr[:, j], label=u)
-                if key == "kept":  # every table together: what the pruning level counts
-                    ax.plot(np.arange(1, len(arr) + 1), self.history["rows"], "k--", label="all rows")
-                ax.set_xlabel("supernet epoch")
-                ax.set_title(title)
-                ax.legend(fontsize=6, ncol=3)
-                figs[f"optembed_{key}.png"] = fig
-        if self.history["fitness"]:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            ax.plot(range(len(self.history["fitness"])), self.history["fitness"], marker="o")
-            ax.set_xlabel("generation")
-            ax.set_ylabel("best validation AUC")
-            figs["optembed_search.png"] = fig
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar(self.units, self.unit_dims.tolist())
-        ax.set_ylabel("chosen dim")
-        ax.tick_params(axis="x", rotation=90, labelsize=6)
-        figs["optembed_dims.png"] = fig
-        return figs
-
-
-def dense_state(model: nn.Module, module: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of ``model``'s state outside its embedding module ``module`` (the dense layers)."""
-    prefix = next(f"{name}." for name, m in model.named_modules() if m is module)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(prefix)}
-
-
-@torch.no_grad()
-def restart_dense(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give the dense layers of ``model`` the weights ``state`` holds (``dense_state``)."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected, unexpected
-
 
 @torch.no_grad()
 def initial_row_norm(weight: torch.Tensor, config: EmbeddingConfig) -> torch.Tensor:

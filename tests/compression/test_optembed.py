@@ -19,7 +19,9 @@ from compression import (
     quantize_,
 )
 from compression.deployed import TableFormat
-from compression.methods.optembed import OptEmbedConfig, SurrogateStep, evolutionary_search
+from compression.evolution import evolutionary_search
+from compression.methods.optembed import OptEmbedConfig, SurrogateStep
+from compression.optembed_schedule import best_single_field
 from compression.preflight import training_bytes
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import embedding_tables
@@ -229,13 +231,13 @@ def test_a_budget_below_every_pair_of_fields_keeps_the_fittest_single_field():
     target = max(one) + 4 * 3  # any field fits alone at a small dim; two fields at dim 1 do not
     assert module.candidate_bytes([1] * n) > target
     module.config.budget = Budget(bytes=target)
-    arch, auc = module._best_single_field(lambda dims: float(dims[1] > 0) + 0.01 * sum(dims))
+    arch, auc = best_single_field(module, lambda dims: float(dims[1] > 0) + 0.01 * sum(dims))
     assert sum(d > 0 for d in arch) == 1 and arch[1] > 0  # the fitter field
     assert module.candidate_bytes(list(arch)) <= target
     assert module.candidate_bytes([arch[0], arch[1] + 1]) > target  # the largest dim that fits
     module.config.budget = Budget(bytes=min(one) - 1)
     with pytest.raises(BudgetError, match=r"smallest architecture that keeps one field \(at dim 1\) holds"):
-        module._best_single_field(lambda dims: 0.5)
+        best_single_field(module, lambda dims: 0.5)
 
 
 FRAPPE_VOCAB = [957, 4082, 7, 7, 2, 3, 2, 9, 80, 233]  # the published Frappe CSV's fields
