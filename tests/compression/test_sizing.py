@@ -217,8 +217,11 @@ def test_explicit_sizes_and_exclusivity():
     check_exclusive("x", None, rows=5)
 
 
-@pytest.mark.parametrize("name", [n for n in compression.registered_methods() if n != "none"])
+@pytest.mark.parametrize("name", [n for n in compression.registered_methods()
+                                  if n != "none" and (REPO / "experiments" / "conf" / "compression" / f"{n}.yaml").exists()])
 def test_yaml_matches_the_config_defaults(name):
+    """A method's YAML, where it has one (one without composes from its dataclass alone),
+    documents the dataclass's defaults and says nothing else."""
     cls = compression.config_class(name)
     text = (REPO / "experiments" / "conf" / "compression" / f"{name}.yaml").read_text()
     assert text.startswith("#")
