@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         _worker(args.worker, args.src, args.dst, args.seed)
         return
 
-    from recsys.data.synthetic import write_criteo_tsv
+    from recsys.data.synthetic_tsv import write_criteo_tsv
 
     src = args.out / f"synthetic-criteo-{args.rows}-seed{args.seed}.tsv"
     if not src.is_file():

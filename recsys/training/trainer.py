@@ -19,7 +19,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 import recsys.training.checkpoint as checkpoint
 from compression.base import CompressedEmbeddingBagCollection
 from compression.config_checks import bounded, one_of
-from compression.stages import EpochHook, Stage
+from compression.stages import EpochHook
 from recsys.data.loader import BatchLoader
 from recsys.training.backends import Backend, LocalBackend
 from recsys.training.callbacks import Callback
-from recsys.training.metrics import evaluate
 from recsys.training.optim import L2_MODES, SPARSE_OPTIMIZERS, Optimizers
+from recsys.training.stage_context import StageContext
 from recsys.training.step import TrainStep
 
 
@@ -141,44 +141,6 @@ class RunResult:
     val: dict[str, float] = field(default_factory=dict)
     # training samples of every stage together (the cost of the run)
     trained_samples: int = 0
-
-
-@dataclass
-class StageContext:
-    """The trainer's side of ``compression.stages.StageContext``: what a stage's ``run``
-    gets (the model and module, the loop on this job's data, the callbacks to log to)."""
-
-    trainer: Trainer
-    model: nn.Module
-    module: CompressedEmbeddingBagCollection
-    train: BatchLoader
-    val: BatchLoader
-    stage: Stage
-    checkpoint_dir: Path | None
-
-    @property
-    def device(self) -> torch.device:
-        return self.trainer.device
-
-    def fit(self, epochs: Optional[int] = None, on_epoch: Optional[EpochHook] = None) -> dict[str, float]:
-        fit = self.trainer.fit(self.model, self.module, self.train, self.val, self.checkpoint_dir, epochs=epochs,
-                               on_epoch=on_epoch)  # fmt: skip
-        return {**{f"val_{k}": v for k, v in fit.best_val.items()}, "samples_per_s": fit.samples_per_s,
-                "step_time_ms": fit.step_time_ms, "epochs_run": float(fit.epochs_run)}
-
-    def steps(self, epochs: Optional[int] = None) -> int:
-        return (epochs or self.trainer.cfg.epochs) * len(self.train)
-
-    def evaluate(self, max_batches: Optional[int] = None) -> dict[str, float]:
-        return evaluate(self.model, self.val, self.trainer.device, max_batches=max_batches)
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        for cb in self.trainer.callbacks:
-            cb.on_step(step, dict(metrics))
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        for cb in self.trainer.callbacks:
-            cb.on_params(dict(params))
 
 
 class Trainer:

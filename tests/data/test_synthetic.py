@@ -10,7 +10,8 @@ import pytest
 from recsys.data.criteo import CriteoConfig
 from recsys.data.loader import BatchLoader
 from recsys.data.schema import SPLITS
-from recsys.data.synthetic import SyntheticConfig, write_criteo_tsv, zipf_ranks
+from recsys.data.synthetic import SyntheticConfig, zipf_ranks
+from recsys.data.synthetic_tsv import write_criteo_tsv
 
 CARDS = [10, 1_000, 50_000, 10**8]
 
