@@ -1,4 +1,4 @@
-"""Element pruning's training form, its budget and its schedule steps (PEP, DeepLight).
+"""Element pruning's training form, its schedule steps and its deployed form (PEP, DeepLight).
 
 Training form: each table is a full TorchRec table (an ``EmbeddingCollection`` per dim:
 the lookups come back per id, unpooled) and a boolean mask of its elements. A lookup is
@@ -16,13 +16,10 @@ denser epoch (on MovieLens-100K at 10x, epoch 1 at 24% kept: val AUC 0.767, 0.72
 cut), and the cut then thins it at once; with it, the epoch restored is the best at the
 budget and the cut changes nothing the validation saw.
 
-Budget: a table keeping ``k`` elements costs ``sparse_bytes(rows, dim, k)`` (CSR or COO,
-``compression.sparse``), or its dense bytes when it keeps all. ``compression.sizing``'s
-``plan_budget`` turns the budget into each table's kept count (its knob, 1..rows·dim-1;
-a table whose dense form fits its share stays dense and unpruned), so the deployed bytes
-land in [0.95, 1.0] of the target and an unreachable budget is refused with the smallest
-ratio (one element in each table). ``target_sparsity`` (no budget) keeps
-``round((1 - s)·rows·dim)`` of every table.
+Budget: each table's kept count comes from ``compression.masked_plan`` (``plan_kept``:
+sparse bytes per kept count, planned by ``compression.sizing``), with the refusals
+(``check_config``) and the check that the planned deployed form holds the bytes planned
+(``verify_plan``); this module re-exports them for PEP and DeepLight.
 
 Quantization: the deployed tables' values become int8 (one fp32 scale per table,
 symmetric, so pruned zeros stay 0) or fp16 in the ``quantize`` stage after ``compact``;
@@ -40,7 +37,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -49,21 +46,12 @@ from compression.base import CompressedEmbeddingBagCollection, MethodConfigError
 from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.deployed import TableFormat, deployed_bytes
+from compression.masked_plan import check_config, plan_kept, verify_plan  # noqa: F401  (re-exported)
 from compression.quantization import as_quantization
-from compression.sizing import BudgetedConfig, FieldCost, Plan, plan_budget, plan_explicit, verify
-from compression.sparse import (
-    MAX_INDEX,
-    SCALE_BYTES,
-    VALUE_BYTES,
-    SparseTable,
-    SparseTables,
-    choose,
-    pool,
-    sparse_bytes,
-)
+from compression.sizing import BudgetedConfig, Plan
+from compression.sparse import SparseTable, SparseTables, choose, pool
 from compression.stages import Stage, StageContext
 
-SPARSE_PRECISIONS = ("int8", "fp16")
 PRUNE, FIXED = 0, 1  # phase: the schedule prunes / the mask is fixed
 
 
@@ -113,44 +101,6 @@ class ElementPruningConfig(BudgetedConfig):
                     "embedding_bytes_before": float(before), "embedding_bytes": float(module.deployed_bytes())}  # fmt: skip
 
         return [Stage("quantize", run=run, params={"precision": precision}, checkpoint=False)]
-
-
-def check_config(method: str, config: ElementPruningConfig, tables: list[EmbeddingBagConfig]) -> None:
-    """One line per refusal: quantization, pooling, tables too large (the schedule knobs
-    are declared on ``ElementPruningConfig``'s fields and checked when it is made)."""
-    q = as_quantization(config.quantization)
-    if q is not None and (q.aware or q.precision not in SPARSE_PRECISIONS):
-        raise MethodConfigError(
-            f"{method}: quantization {q.label()} does not compose: the sparse tables' values are quantized "
-            f"after training to {' or '.join(SPARSE_PRECISIONS)} (one scale a table); use one of those, aware: false"
-        )
-    for t in tables:
-        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-            raise MethodConfigError(f"{method}: table '{t.name}' pools by {t.pooling}; sum or mean only")
-        if t.num_embeddings * t.embedding_dim > MAX_INDEX:
-            raise MethodConfigError(f"{method}: table '{t.name}' has over {MAX_INDEX} elements (int32 indices)")
-
-
-def plan_kept(method: str, config: ElementPruningConfig, tables: list[EmbeddingBagConfig]) -> Optional[Plan]:
-    """Kept elements per table (``plan.sizes``; None: dense, unpruned) from the budget or
-    ``target_sparsity``; None when neither is set (the method's own rule decides)."""
-    precision = config.value_precision()
-    v = VALUE_BYTES[precision]
-
-    def cost(t: EmbeddingBagConfig) -> FieldCost:
-        n, d = t.num_embeddings, t.embedding_dim
-        return FieldCost(t.name, n * d * v, 1, n * d - 1, lambda k: sparse_bytes(n, d, k, precision))
-
-    costs = [cost(t) for t in tables]
-    fixed = SCALE_BYTES * len(tables) if precision == "int8" else 0
-    if config.budget is not None:
-        return plan_budget(method, costs, config.budget, tables, fixed, precision=precision)
-    if config.target_sparsity is None:
-        return None
-    s = config.target_sparsity
-    sizes = {t.name: max(1, t.num_embeddings * t.embedding_dim - round(s * t.num_embeddings * t.embedding_dim))
-             for t in tables}  # fmt: skip
-    return plan_explicit(method, costs, sizes, tables, fixed)
 
 
 class MaskedTablesCollection(CompressedEmbeddingBagCollection):
@@ -394,17 +344,3 @@ class MaskedTablesCollection(CompressedEmbeddingBagCollection):
         out: dict[str, Any] = self.plan.describe("kept") if self.plan is not None else {"budget": "none"}
         out.update({f"{u}.layout": layout for u, layout in self.layouts().items()})
         return out
-
-
-def verify_plan(method: str, module: MaskedTablesCollection, plan: Optional[Plan], precision: str) -> None:
-    """The planned deployed form, built on ``meta``, holds exactly the bytes planned."""
-    if plan is None:
-        return
-    parts = []
-    for t in module.source_tables():
-        n, d, k = t.num_embeddings, t.embedding_dim, plan.sizes[t.name]
-        layout = "dense" if k is None else choose(n, d, k, precision, dense=False)
-        parts.append(SparseTable(n, d, n * d if k is None else k, layout, precision, torch.device("meta")))
-    held = deployed_bytes(SparseTables(module.source_tables(), parts, module.feature_names), TableFormat())
-    verify(method, plan, held)
-

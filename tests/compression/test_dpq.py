@@ -6,7 +6,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compression import Budget, MethodConfigError, Quantization, compress, memory_report
 from compression.budget import BudgetError
-from compression.methods.dpq import DPQConfig, MGQEConfig, pack_codes, packed_bytes, unpack_codes
+from compression.dpq_codes import pack_codes, packed_bytes, unpack_codes
+from compression.methods.dpq import DPQConfig, MGQEConfig
 from compression.quantization import quantize_
 from tests.stages import user_item_tags
 
