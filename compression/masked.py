@@ -46,7 +46,6 @@ from compression.base import CompressedEmbeddingBagCollection, MethodConfigError
 from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.deployed import TableFormat, deployed_bytes
-from compression.masked_plan import check_config, plan_kept, verify_plan  # noqa: F401  (re-exported)
 from compression.quantization import as_quantization
 from compression.sizing import BudgetedConfig, Plan
 from compression.sparse import SparseTable, SparseTables, choose, pool

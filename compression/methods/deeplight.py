@@ -39,13 +39,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from compression.api import BuildContext, register
 from compression.budget import Budget
 from compression.config_checks import bounded
-from compression.masked import (
-    ElementPruningConfig,
-    MaskedTablesCollection,
-    check_config,
-    plan_kept,
-    verify_plan,
-)
+from compression.masked import ElementPruningConfig, MaskedTablesCollection
+from compression.masked_plan import check_config, plan_kept, verify_plan
 from compression.sizing import check_exclusive
 from compression.stages import Stage
 

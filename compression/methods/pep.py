@@ -51,13 +51,8 @@ from compression.api import BuildContext, register
 from compression.base import MethodConfigError
 from compression.budget import Budget
 from compression.config_checks import bounded, one_of
-from compression.masked import (
-    ElementPruningConfig,
-    MaskedTablesCollection,
-    check_config,
-    plan_kept,
-    verify_plan,
-)
+from compression.masked import ElementPruningConfig, MaskedTablesCollection
+from compression.masked_plan import check_config, plan_kept, verify_plan
 from compression.stages import Stage, StageContext
 
 GRANULARITIES = ("table", "dim")
