@@ -37,18 +37,18 @@ from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
-from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext
+from compression.bags import collections_by_dim, pool, unpooled
 from compression.base import CompressedEmbeddingBagCollection, MethodConfigError
 from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.deployed import TableFormat, deployed_bytes
 from compression.quantization import as_quantization
 from compression.sizing import BudgetedConfig, Plan
-from compression.sparse import SparseTable, SparseTables, choose, pool
+from compression.sparse import SparseTable, SparseTables, choose
 from compression.stages import Stage, StageContext
 
 PRUNE, FIXED = 0, 1  # phase: the schedule prunes / the mask is fixed
@@ -119,14 +119,7 @@ class MaskedTablesCollection(CompressedEmbeddingBagCollection):
         self.units = [t.name for t in tables]
         self.numel = [t.num_embeddings * t.embedding_dim for t in tables]
         self._unit_of = {f: i for i, t in enumerate(tables) for f in t.feature_names}
-        self.ec = nn.ModuleDict({
-            f"d{dim}": EmbeddingCollection(
-                tables=[EmbeddingConfig(name=t.name, embedding_dim=dim, num_embeddings=t.num_embeddings,
-                                        feature_names=list(t.feature_names)) for t in tables if t.embedding_dim == dim],
-                device=ctx.table_device,
-            )
-            for dim in sorted({t.embedding_dim for t in tables})
-        })  # fmt: skip
+        self.ec = collections_by_dim([unpooled(t) for t in tables], ctx.table_device)
         for t in tables:
             self.register_buffer(f"mask_{t.name}", torch.ones(t.num_embeddings, t.embedding_dim, dtype=torch.bool,
                                                                device=ctx.table_device))  # fmt: skip

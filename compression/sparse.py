@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from compression.bags import pool
 
 VALUE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
@@ -75,15 +77,6 @@ def choose(rows: int, dim: int, nnz: int, precision: str = "fp32", dense: bool =
     the values' precision, since their comparison does not depend on it)."""
     layouts = LAYOUTS if dense else LAYOUTS[1:]
     return min(layouts, key=lambda layout: stored_bytes(layout, rows, dim, nnz, precision))
-
-
-def pool(rows: torch.Tensor, lengths: torch.Tensor, batch: int, pooling: PoolingType) -> torch.Tensor:
-    """Bags of ``rows`` (one per id, in bag order) pooled by sum or mean: [batch, dim]."""
-    seg = torch.repeat_interleave(torch.arange(batch, device=rows.device), lengths)
-    out = torch.zeros(batch, rows.shape[1], device=rows.device, dtype=rows.dtype).index_add(0, seg, rows)
-    if pooling == PoolingType.MEAN:
-        out = out / lengths.clamp(min=1).unsqueeze(1).to(out.dtype)
-    return out
 
 
 class SparseTable(nn.Module):

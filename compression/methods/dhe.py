@@ -54,6 +54,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
+from compression.bags import pool
 from compression.config_checks import bounded, one_of
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
@@ -150,11 +151,7 @@ class DHEEmbeddingBagCollection(IdMappedCollection):
                 continue
             ids, lengths = d[f].values(), d[f].lengths().long()
             e = self.mlps[t.name](encode(self.hasher(ids, self.buckets), self.buckets, self.transform))
-            bag = torch.repeat_interleave(torch.arange(b, device=ids.device), lengths, output_size=ids.numel())
-            p = e.new_zeros(b, t.embedding_dim).index_add_(0, bag, e)
-            if t.pooling == PoolingType.MEAN:
-                p = p / lengths.clamp(min=1).unsqueeze(1).to(p.dtype)
-            pooled.append(p)
+            pooled.append(pool(e, lengths, b, t.pooling))
         return self.keyed(torch.cat(pooled, dim=1))
 
 

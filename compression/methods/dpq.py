@@ -55,11 +55,11 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
+from compression.bags import collections_by_dim, pool, unpooled
 from compression.base import CompressedEmbeddingBagCollection
 from compression.config_checks import bounded
 from compression.counts import table_counts
@@ -149,15 +149,7 @@ class DPQEmbeddingBagCollection(CompressedEmbeddingBagCollection):
         self.config, self.plan, self.shapes = config, plan, dict(shapes)
         self._tables = {t.name: t for t in tables}
         self._table_of = {f: t for t in tables for f in t.feature_names}
-        self.ec: nn.ModuleDict | None = nn.ModuleDict({
-            f"d{dim}": EmbeddingCollection(
-                tables=[EmbeddingConfig(name=t.name, embedding_dim=dim, num_embeddings=t.num_embeddings,
-                                        feature_names=list(t.feature_names), init_fn=t.init_fn)
-                        for t in tables if t.embedding_dim == dim],
-                device=ctx.table_device,
-            )
-            for dim in sorted({t.embedding_dim for t in tables})
-        })  # fmt: skip
+        self.ec: nn.ModuleDict | None = collections_by_dim([unpooled(t, keep_init=True) for t in tables], ctx.table_device)
         init = {c.name: c.init_fn for ec in self.ec.values() for c in ec.embedding_configs()}  # type: ignore[operator]
         books = {}
         for t in tables:
@@ -238,10 +230,7 @@ class DPQEmbeddingBagCollection(CompressedEmbeddingBagCollection):
                 e, r = self._quantize(t.name, e, ids[f].values())
                 reg = r if reg is None or r is None else reg + r
             lengths = jt.lengths()
-            seg = torch.repeat_interleave(torch.arange(batch, device=e.device), lengths, output_size=len(e))
-            bag = torch.zeros(batch, t.embedding_dim, device=e.device, dtype=e.dtype).index_add(0, seg, e)
-            if t.pooling == PoolingType.MEAN:
-                bag = bag / lengths.clamp(min=1).unsqueeze(1).to(bag.dtype)
+            bag = pool(e, lengths, batch, t.pooling)
             pooled.append(bag)
         self._reg = reg if self.training else None
         dims = [p.shape[1] for p in pooled]

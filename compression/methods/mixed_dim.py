@@ -41,6 +41,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
+from compression.bags import bag_index
 from compression.budget import Budget
 from compression.config_checks import one_of
 from compression.deployed import TableFormat
@@ -149,7 +150,7 @@ class MixedDimEmbeddingBagCollection(IdMappedCollection):
         ids, lengths = features.values(), features.lengths()
         r = self.params.expand(features)["r"]
         upper = ids < r
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths.long(), output_size=ids.numel())
+        bag = bag_index(lengths.long(), ids.numel())
         len_upper = torch.zeros_like(lengths).index_add_(0, bag, upper.to(lengths.dtype))
         names = features.keys()
         return KeyedJaggedTensor(

@@ -44,11 +44,11 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
-from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression import optembed_schedule as schedule
 from compression.api import BuildContext, register
+from compression.bags import bag_index, collections_by_dim, unpooled
 from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import Budget
 from compression.config_checks import bounded, one_of
@@ -148,17 +148,7 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
         # what the budget counts the compact export in (fp32, or its quantized tables)
         self.table_format = config.table_format(ctx.device)
         # TorchRec's EmbeddingCollection holds tables of one dim: one collection per dim
-        self.ec = nn.ModuleDict({
-            f"d{dim}": EmbeddingCollection(
-                tables=[
-                    EmbeddingConfig(name=t.name, embedding_dim=dim, num_embeddings=t.num_embeddings,
-                                    feature_names=list(t.feature_names))
-                    for t in tables if t.embedding_dim == dim
-                ],
-                device=ctx.table_device,
-            )
-            for dim in sorted({t.embedding_dim for t in tables})
-        })
+        self.ec = collections_by_dim([unpooled(t) for t in tables], ctx.table_device)
         n = len(tables)
         self.thresholds = nn.Parameter(torch.full((n,), float(config.threshold_init), device=ctx.device))
         # start the running row-norm scale at the initial tables' mean
@@ -274,7 +264,7 @@ class OptEmbedCollection(CompressedEmbeddingBagCollection):
                     mask = mask * getattr(self, f"kept_{self.units[i]}")[ids].to(e.dtype)
             else:
                 mask = getattr(self, f"kept_{self.units[i]}")[features[f].values()].to(e.dtype)
-            seg = torch.repeat_interleave(torch.arange(batch, device=e.device), jt.lengths())
+            seg = bag_index(jt.lengths(), e.shape[0])
             m = mask.unsqueeze(-1)
             if sampling:  # a masked row still learns what the loss wants of it (see the module)
                 kept = e * m + (e - e.detach()) * (1 - m.detach())

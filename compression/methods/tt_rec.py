@@ -61,10 +61,10 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
+from compression.bags import collections_by_dim, pool
 from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.deployed import TableFormat
@@ -187,8 +187,7 @@ class TTRecEmbeddingBagCollection(IdMappedCollection):
                 ))  # fmt: skip
             for f in t.feature_names:
                 self._cores[f] = [f + s for s, *_ in parts]
-        self.ec = nn.ModuleDict({f"d{d}": EmbeddingCollection(tables=c, device=ctx.table_device)
-                                 for d, c in sorted(by_dim.items())})  # fmt: skip
+        self.ec = collections_by_dim([c for _, cs in sorted(by_dim.items()) for c in cs], ctx.table_device)
         # each collection's keys, in its order (kept: a sharded collection has no configs)
         self._ec_keys = {f"d{d}": [k for c in cs for k in c.feature_names] for d, cs in sorted(by_dim.items())}
         self.hasher = UniversalHash(1, seed=ctx.seed, device=ctx.device)
@@ -273,10 +272,7 @@ class TTRecEmbeddingBagCollection(IdMappedCollection):
         pooled = []
         for f, t in zip(self.feature_names, self._tables):
             lengths = d[f].lengths().long()
-            bag = torch.repeat_interleave(torch.arange(b, device=lengths.device), lengths, output_size=rows[f].shape[0])
-            p = rows[f].new_zeros(b, t.embedding_dim).index_add_(0, bag, rows[f])
-            if t.pooling == PoolingType.MEAN:
-                p = p / lengths.clamp(min=1).unsqueeze(1).to(p.dtype)
+            p = pool(rows[f], lengths, b, t.pooling)
             pooled.append(p)
         return self.keyed(torch.cat(pooled, dim=1))
 

@@ -1,0 +1,54 @@
+"""The pieces every hand-pooled method shares: TorchRec collections by dim, and bag pooling.
+
+TorchRec's ``EmbeddingCollection`` (unpooled lookups) holds tables of one dim, so a method
+that looks rows up unpooled and pools them itself (OptEmbed's masks, PEP's and DeepLight's
+element masks, DPQ's codes, TT-Rec's cores) keeps one collection per dim, keyed ``d{dim}``.
+``pool`` then sums (or averages) each bag's rows: one ``repeat_interleave`` gives every id
+its sample, one ``index_add`` adds it there, an empty bag pools to zeros.
+
+Example::
+
+    ec = collections_by_dim([unpooled(t) for t in tables], device)   # ModuleDict: d8, d16 ...
+    jt = ec["d16"](features)["user"]
+    pool(jt.values(), jt.lengths(), features.stride(), PoolingType.SUM)   # [batch, 16]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingCollection
+
+
+def unpooled(table: EmbeddingBagConfig, keep_init: bool = False) -> EmbeddingConfig:
+    """The unpooled config of ``table`` (same name, rows, dim, features); its ``init_fn``
+    only with ``keep_init`` (else TorchRec's default for the rows)."""
+    return EmbeddingConfig(name=table.name, embedding_dim=table.embedding_dim, num_embeddings=table.num_embeddings,
+                           feature_names=list(table.feature_names),
+                           init_fn=table.init_fn if keep_init else None)  # fmt: skip
+
+
+def collections_by_dim(configs: Iterable[EmbeddingConfig], device: torch.device | None) -> nn.ModuleDict:
+    """One ``EmbeddingCollection`` per embedding dim, keyed ``d{dim}`` in increasing dim,
+    each holding the configs of that dim in the order given."""
+    by_dim: dict[int, list[EmbeddingConfig]] = {}
+    for c in configs:
+        by_dim.setdefault(c.embedding_dim, []).append(c)
+    return nn.ModuleDict({f"d{d}": EmbeddingCollection(tables=cs, device=device) for d, cs in sorted(by_dim.items())})
+
+
+def bag_index(lengths: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """The bag (sample) of every id of a jagged feature: ``lengths[i]`` times ``i``."""
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
+
+
+def pool(rows: torch.Tensor, lengths: torch.Tensor, batch: int, pooling: PoolingType) -> torch.Tensor:
+    """Bags of ``rows`` (one per id, in bag order) pooled by sum or mean: [batch, dim]."""
+    out = torch.zeros(batch, rows.shape[1], device=rows.device, dtype=rows.dtype)
+    out = out.index_add(0, bag_index(lengths, rows.shape[0]), rows)
+    if pooling == PoolingType.MEAN:
+        out = out / lengths.clamp(min=1).unsqueeze(1).to(out.dtype)
+    return out
