@@ -67,7 +67,7 @@ test-all: $(STAMP) ## run every test, slow ones included
 advise: $(STAMP) ## which method loses least at a budget, within a compute budget: make advise ARGS="dataset=movielens_100k budget=10x advise.minutes=30"
 	$(PY) -m experiments.advise $(ARGS)
 
-experiment: $(STAMP) ## the main job: every method at 10x/100x/1000x + baseline (MovieLens-100K), report
+experiment: $(STAMP) ## the main job: nine methods at 10x/100x/1000x + baseline (MovieLens-100K), report
 	$(PY) -m experiments.run --multirun experiment=comparison $(RUN_ARGS)
 
 experiment-distributed: $(STAMP) ## sharded training: torchrun, NPROC processes (gloo on CPUs, NCCL on GPUs)
