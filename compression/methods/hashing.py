@@ -50,13 +50,18 @@ class HashingConfig(BudgetedConfig):
 
 
 class HashedEmbeddingBagCollection(IdMappedCollection):
-    """One TorchRec table of M rows per source table; ids hashed on the way in."""
+    """One TorchRec table of M rows per source table; ids hashed on the way in.
 
-    def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, ctx: BuildContext) -> None:
+    ``weighted``: the tables take per-sample weights, ``num_hashes``: functions drawn for
+    the hasher (function 0 picks the row), for a variant that derives more from an id
+    (``signed_hashing``'s sign)."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, ctx: BuildContext, *,
+                 weighted: bool = False, num_hashes: int = 1) -> None:  # fmt: skip
         super().__init__(tables, plan, knob="rows", config=ctx.config)
         inner = [inner_table(t, rows=plan.sizes[t.name] or t.num_embeddings) for t in tables]
-        self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.table_device)
-        self.hasher = UniversalHash(1, seed=ctx.seed, device=ctx.device)
+        self.ebc = EmbeddingBagCollection(tables=inner, is_weighted=weighted, device=ctx.table_device)
+        self.hasher = UniversalHash(num_hashes, seed=ctx.seed, device=ctx.device)
         rows = {f: c.num_embeddings for c in inner for f in c.feature_names}
         exact = {f: int(plan.sizes[t.name] is None) for t in tables for f in t.feature_names}
         self.params = KeyParams(
@@ -67,10 +72,14 @@ class HashedEmbeddingBagCollection(IdMappedCollection):
 
     def rows(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """The inner row of every id of ``features.values()``."""
+        return self.lookup(features)[0]
+
+    def lookup(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inner row of every id, and whether it is an exact table's own id (own row)."""
         p = self.params.expand(features)
         ids = features.values()
-        rows = self.hasher(ids, p["rows"], which=0)
-        return torch.where((p["exact"] != 0) & in_range(ids, p["rows"]), ids, rows)
+        own = (p["exact"] != 0) & in_range(ids, p["rows"])
+        return torch.where(own, ids, self.hasher(ids, p["rows"], which=0)), own
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         return self.ebc(with_values(features, self.rows(features)))

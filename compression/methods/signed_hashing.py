@@ -19,62 +19,40 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, register
-from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.errors import MethodConfigError
 from compression.hashing import UniversalHash
-from compression.idmap import IdMappedCollection, KeyParams, in_range, inner_table
-from compression.methods.hashing import _cost
-from compression.sizing import BudgetedConfig, Plan, build_sized
+from compression.idmap import KeyParams
+from compression.methods.hashing import HashedEmbeddingBagCollection, HashingConfig, _cost
+from compression.sizing import Plan, build_sized
 
 
 @dataclass
-class SignedHashingConfig(BudgetedConfig):
+class SignedHashingConfig(HashingConfig):
     """Signed hashing. ``budget`` picks each table's rows; or give ``rows`` (budget: null)."""
 
     method: ClassVar[str] = "signed_hashing"
     # rows of every hashed table (tables with fewer ids stay exact)
     rows: Optional[int] = bounded(None, ge=1)
 
-    def explicit_sizes(self) -> dict[str, Any]:
-        return {"rows": self.rows}
 
-    @classmethod
-    def contract_examples(cls) -> list[SignedHashingConfig]:
-        return [cls(), cls(budget=Budget(ratio=3, scope="table")), cls(budget=None, rows=50)]
-
-
-class SignedHashedCollection(IdMappedCollection):
-    """One weighted TorchRec table of M rows per source table; ids hashed to a row and a sign."""
+class SignedHashedCollection(HashedEmbeddingBagCollection):
+    """The hashing trick's tables, weighted; every hashed id weighs its row by its sign."""
 
     def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, ctx: BuildContext) -> None:
-        super().__init__(tables, plan, knob="rows", config=ctx.config)
-        inner = [inner_table(t, rows=plan.sizes[t.name] or t.num_embeddings) for t in tables]
-        self.ebc = EmbeddingBagCollection(tables=inner, is_weighted=True, device=ctx.table_device)
-        self.hasher = UniversalHash(2, seed=ctx.seed, device=ctx.device)  # the row, the sign
-        rows = {f: c.num_embeddings for c in inner for f in c.feature_names}
-        exact = {f: int(plan.sizes[t.name] is None) for t in tables for f in t.feature_names}
-        self.params = KeyParams(
-            self.feature_names,
-            {"rows": [rows[f] for f in self.feature_names], "exact": [exact[f] for f in self.feature_names]},
-            device=ctx.device,
-        )
+        super().__init__(tables, plan, ctx, weighted=True, num_hashes=2)  # function 1: the sign
 
     def rows_and_signs(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inner row and the sign (+1 or -1, float) of every id of ``features.values()``."""
-        p = self.params.expand(features)
-        ids = features.values()
-        own = (p["exact"] != 0) & in_range(ids, p["rows"])  # an exact table's own ids: own row, +1
-        rows = torch.where(own, ids, self.hasher(ids, p["rows"], which=0))
-        signs = torch.where(own, 1, 1 - 2 * sign_bit(self.hasher(ids, PRIME_31, which=1)))
+        rows, own = self.lookup(features)  # an exact table's own ids: own row, +1
+        signs = torch.where(own, 1, 1 - 2 * sign_bit(self.hasher(features.values(), PRIME_31, which=1)))
         return rows, signs.to(torch.float32)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
