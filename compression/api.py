@@ -64,6 +64,10 @@ class CompressionConfig:
     #
     #     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"combine": ("mult", "add", "concat")}
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    # the poolings the method's tables take (TorchRec's PoolingType names), checked against
+    # the tables before the method is built, with ``pooling_reason`` in the refusal
+    poolings: ClassVar[tuple[str, ...]] = ("SUM", "MEAN")
+    pooling_reason: ClassVar[str] = ""
     quantization: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -235,6 +239,12 @@ def compress(
     tables = list(tables)
     if not tables:
         raise ValueError("compress() needs at least one EmbeddingBagConfig")
+    allowed = type(config).poolings
+    for t in tables:
+        if t.pooling.name not in allowed:
+            why = f" ({type(config).pooling_reason})" if type(config).pooling_reason else ""
+            raise MethodConfigError(f"{config.method}: table '{t.name}' pools by {t.pooling.name}; it takes "
+                                    f"{' or '.join(allowed)} pooling{why}")  # fmt: skip
     # (again: a subclass's own __post_init__ may not call this one)
     config.quantization = as_quantization(config.quantization)
     ctx = BuildContext(

@@ -84,6 +84,9 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             f: t.num_embeddings for t in tables for f in t.feature_names
         }
         self._validate_ids = validate_ids
+        # how compression.sizing.build_sized sized it: "plan" (before training, bytes verified),
+        # "search" (a stage searches within the budget) or "own rule" (no budget); None: unbudgeted
+        self.sizing: str | None = None
 
     # -- TorchRec interface -------------------------------------------------------
     @abc.abstractmethod

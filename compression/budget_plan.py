@@ -128,9 +128,10 @@ def _as(precision: str) -> str:
     return "" if precision == "fp32" else f" as {precision} tables"
 
 
-def _smallest_error(method: str, what: str, target: int, smallest: int, full: int, precision: str) -> BudgetError:
+def _smallest_error(method: str, what: str, target: int, smallest: int, full: int, precision: str,
+                    form: str = "") -> BudgetError:  # fmt: skip
     return BudgetError(
-        f"{method} cannot reach {what} ({target} bytes): the smallest it can hold these tables in{_as(precision)} "
+        f"{method} cannot reach {what} ({target} bytes): the smallest it can hold these tables in{_as(precision)}{form} "
         f"is {smallest} bytes, a ratio of {full / smallest:.4g}x"
     )
 

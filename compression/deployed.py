@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import cache
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
 from compression.formats import table_bytes
@@ -112,3 +113,24 @@ def deployed_bytes(module: nn.Module, fmt: TableFormat) -> int:
     for ebc in collections:
         tensors += _held(quantized_meta(ebc.embedding_bag_configs(), fmt), f"{names[id(ebc)]}.")
     return sum(tensor_bytes(tensors).values())
+
+
+class MetaForm(nn.Module):
+    """A staged method's budgeted form on ``meta`` (what ``build_sized`` counts and checks
+    the quantization against, for a method that reaches that form in a stage): its TorchRec
+    ``tables``, the other ``tensors`` it will hold (name -> shape, dtype) and the modules
+    it keeps as they are (``keep``: its id parameters). Nothing is allocated.
+
+    Example::
+
+        MetaForm(merged_tables, {"remap": ((n,), torch.int32)}, {"params": module.params})
+    """
+
+    def __init__(self, tables: Iterable[EmbeddingBagConfig], tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                 keep: Mapping[str, nn.Module] | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(tables=list(tables), device=_META)
+        for name, (shape, dtype) in tensors.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=_META))
+        for name, module in (keep or {}).items():
+            self.add_module(name, module)

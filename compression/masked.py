@@ -16,10 +16,10 @@ denser epoch (on MovieLens-100K at 10x, epoch 1 at 24% kept: val AUC 0.767, 0.72
 cut), and the cut then thins it at once; with it, the epoch restored is the best at the
 budget and the cut changes nothing the validation saw.
 
-Budget: each table's kept count comes from ``compression.masked_plan`` (``plan_kept``:
-sparse bytes per kept count, planned by ``compression.sizing``), with the refusals
-(``check_config``) and the check that the planned deployed form holds the bytes planned
-(``verify_plan``); this module re-exports them for PEP and DeepLight.
+Budget: each table's kept count comes from ``compression.masked_plan.build_masked``
+(sparse bytes per kept count, planned by ``compression.sizing.build_sized``), with the
+refusals (``check_config``) and the check that the planned deployed form holds the bytes
+planned.
 
 Quantization: the deployed tables' values become int8 (one fp32 scale per table,
 symmetric, so pruned zeros stay 0) or fp16 in the ``quantize`` stage after ``compact``;
@@ -76,6 +76,11 @@ class ElementPruningConfig(BudgetedConfig):
 
     def explicit_sizes(self) -> dict[str, Any]:
         return {"target_sparsity": self.target_sparsity}
+
+    def table_format(self, device: torch.device) -> TableFormat:
+        """fp32: no TorchRec table is quantized; the sparse tables' values carry the
+        precision the budget counts (``value_precision``)."""
+        return TableFormat()
 
     def value_precision(self) -> str:
         """The values' format the budget counts: the quantized one (deployed) or fp32."""

@@ -1,7 +1,8 @@
 """Element pruning's plan: refusals, each table's kept count, and the bytes check (PEP, DeepLight).
 
-Functions of a config and the tables (``check_config``, ``plan_kept``) or of a built
-``compression.masked.MaskedTablesCollection`` (``verify_plan``); no module state.
+``build_masked``: the element-pruning methods' path through ``compression.sizing``'s
+``build_sized`` (their costs, fixed bytes, explicit sizes and planned deployed form);
+``check_config``: their refusals.
 
 Budget: a table keeping ``k`` elements costs ``sparse_bytes(rows, dim, k)`` (CSR or COO,
 ``compression.sparse``), or its dense bytes when it keeps all. ``compression.sizing``'s
@@ -17,22 +18,22 @@ training, pooling other than sum or mean, a table of more elements than int32 in
 
 Example::
 
-    check_config("pep", config, tables)
-    plan = plan_kept("pep", config, tables)   # plan.sizes: table -> kept elements (None: dense)
-    verify_plan("pep", module, plan, config.value_precision())
+    @register(PEPConfig)
+    def build(tables, config, ctx):
+        return build_masked("pep", PEPCollection, tables, config, ctx)
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from compression.api import BuildContext
 from compression.base import MethodConfigError
-from compression.deployed import TableFormat, deployed_bytes
 from compression.quantization import as_quantization
-from compression.sizing import FieldCost, Plan, plan_budget, plan_explicit, verify
+from compression.sizing import FieldCost, Plan, build_sized
 from compression.sparse import (
     MAX_INDEX,
     SCALE_BYTES,
@@ -45,6 +46,8 @@ from compression.sparse import (
 
 if TYPE_CHECKING:
     from compression.masked import ElementPruningConfig, MaskedTablesCollection
+
+M = TypeVar("M", bound="MaskedTablesCollection")
 
 SPARSE_PRECISIONS = ("int8", "fp16")
 
@@ -59,42 +62,43 @@ def check_config(method: str, config: ElementPruningConfig, tables: list[Embeddi
             f"after training to {' or '.join(SPARSE_PRECISIONS)} (one scale a table); use one of those, aware: false"
         )
     for t in tables:
-        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-            raise MethodConfigError(f"{method}: table '{t.name}' pools by {t.pooling}; sum or mean only")
         if t.num_embeddings * t.embedding_dim > MAX_INDEX:
             raise MethodConfigError(f"{method}: table '{t.name}' has over {MAX_INDEX} elements (int32 indices)")
 
 
-def plan_kept(method: str, config: ElementPruningConfig, tables: list[EmbeddingBagConfig]) -> Optional[Plan]:
-    """Kept elements per table (``plan.sizes``; None: dense, unpruned) from the budget or
-    ``target_sparsity``; None when neither is set (the method's own rule decides)."""
+def build_masked(method: str, cls: type[M], tables: list[EmbeddingBagConfig], config: ElementPruningConfig,
+                 ctx: BuildContext) -> M:  # fmt: skip
+    """PEP's or DeepLight's module through ``build_sized``: kept elements per table
+    (``plan.sizes``; None: dense, unpruned) from the budget or ``target_sparsity``, no plan
+    where the method's own rule decides (PEP's thresholds); the planned deployed form,
+    built on ``meta``, holds exactly the bytes planned."""
     precision = config.value_precision()
-    v = VALUE_BYTES[precision]
 
-    def cost(t: EmbeddingBagConfig) -> FieldCost:
+    def cost(t: EmbeddingBagConfig) -> FieldCost:  # (after check_config: a precision sparse tables take)
         n, d = t.num_embeddings, t.embedding_dim
-        return FieldCost(t.name, n * d * v, 1, n * d - 1, lambda k: sparse_bytes(n, d, k, precision))
+        return FieldCost(t.name, n * d * VALUE_BYTES[precision], 1, n * d - 1, lambda k: sparse_bytes(n, d, k, precision))
 
-    costs = [cost(t) for t in tables]
-    fixed = SCALE_BYTES * len(tables) if precision == "int8" else 0
-    if config.budget is not None:
-        return plan_budget(method, costs, config.budget, tables, fixed, precision=precision)
-    if config.target_sparsity is None:
-        return None
-    s = config.target_sparsity
-    sizes = {t.name: max(1, t.num_embeddings * t.embedding_dim - round(s * t.num_embeddings * t.embedding_dim))
-             for t in tables}  # fmt: skip
-    return plan_explicit(method, costs, sizes, tables, fixed)
+    def kept_at_sparsity() -> dict[str, int]:
+        s = config.target_sparsity
+        assert s is not None
+        return {t.name: max(1, t.num_embeddings * t.embedding_dim - round(s * t.num_embeddings * t.embedding_dim))
+                for t in tables}  # fmt: skip
 
+    def planned_form(module: M, plan: Plan) -> SparseTables:
+        parts = []
+        for t in tables:
+            n, d, k = t.num_embeddings, t.embedding_dim, plan.sizes[t.name]
+            layout = "dense" if k is None else choose(n, d, k, precision, dense=False)
+            parts.append(SparseTable(n, d, n * d if k is None else k, layout, precision, torch.device("meta")))
+        return SparseTables(tables, parts, module.feature_names)
 
-def verify_plan(method: str, module: MaskedTablesCollection, plan: Optional[Plan], precision: str) -> None:
-    """The planned deployed form, built on ``meta``, holds exactly the bytes planned."""
-    if plan is None:
-        return
-    parts = []
-    for t in module.source_tables():
-        n, d, k = t.num_embeddings, t.embedding_dim, plan.sizes[t.name]
-        layout = "dense" if k is None else choose(n, d, k, precision, dense=False)
-        parts.append(SparseTable(n, d, n * d if k is None else k, layout, precision, torch.device("meta")))
-    held = deployed_bytes(SparseTables(module.source_tables(), parts, module.feature_names), TableFormat())
-    verify(method, plan, held)
+    return build_sized(
+        tables, config, ctx,
+        check=lambda: check_config(method, config, tables),
+        costs=lambda fmt: [cost(t) for t in tables],
+        fixed=lambda fmt: SCALE_BYTES * len(tables) if precision == "int8" else 0,
+        sizes=kept_at_sparsity,
+        precision=precision,
+        construct=lambda plan: cls(tables, config, plan, ctx),
+        deployed=planned_form,
+    )  # fmt: skip

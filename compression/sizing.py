@@ -1,6 +1,13 @@
 """The one path from a budgeted config to its module (``build_sized``), and the config base
 of every budgeted method (``BudgetedConfig``).
 
+Every budgeted method builds through ``build_sized``, in one of three ways: planned (its
+sizes come from the budget or its explicit sizes before training, and the module holds
+exactly the bytes planned), searched (``search``: a stage of its schedule chooses the
+sizes within the budget; here the budget is checked against what the search can reach),
+or by its own rule (``BudgetedConfig.unbudgeted``: neither budget nor explicit sizes,
+PEP's learned thresholds, OptEmbed's paper setting).
+
 A method describes its tables' bytes as functions of its one size knob (``FieldCost``,
 ``compression.budget_plan``, where the planner splits a budget over the tables);
 Bytes are those of a ``TableFormat`` (``compression.deployed``): fp32 tables, or,
@@ -16,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, TypeVar
+from typing import Any, ClassVar, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -25,9 +32,17 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from compression.api import BuildContext, CompressionConfig
 from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import Budget, BudgetError
-from compression.budget_plan import FieldCost, Plan, _top_up, plan_budget, plan_explicit  # noqa: F401  (re-exported)
+from compression.budget_plan import (  # noqa: F401  (re-exported)
+    FieldCost,
+    Plan,
+    _smallest_error,
+    _top_up,
+    plan_budget,
+    plan_explicit,
+)
 from compression.config_checks import one_of
 from compression.deployed import TableFormat, deployed_bytes
+from compression.memory import uncompressed_bytes
 from compression.quantization import as_quantization, check_quantizable, row_alignment
 
 # what a budget counts when the config quantizes its tables (BudgetedConfig.budget_precision)
@@ -60,6 +75,10 @@ class BudgetedConfig(CompressionConfig):
         QRConfig(budget=Budget(ratio=10), quantization=Quantization("int8"))   # 10x as deployed
         QRConfig(budget=Budget(ratio=10), quantization=Quantization("int8"), budget_precision="fp32")
     """
+
+    # what sizes the method when it has neither a budget nor explicit sizes (None: one of
+    # them is required, and build_sized refuses a config with neither)
+    unbudgeted: ClassVar[Optional[str]] = None
 
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
     budget_precision: str = one_of("deployed", *BUDGET_PRECISIONS)
@@ -96,6 +115,28 @@ def check_exclusive(method: str, budget: Budget | None, **overrides: Any) -> Non
         raise BudgetError(f"{method}: needs a budget or explicit sizes ({'/'.join(overrides)})")
 
 
+@dataclass(frozen=True)
+class Reach:
+    """The bytes a searched method's forms can hold: its smallest form's (``form`` says
+    what that is) and its largest's (None: no lower bound is checked)."""
+
+    smallest: int
+    form: str
+    largest: Optional[int] = None
+
+    def check(self, method: str, budget: Budget, tables: Sequence[EmbeddingBagConfig], precision: str) -> int:
+        """The budget's target bytes, or a ``BudgetError`` naming the ratio the method can reach."""
+        target = budget.target_bytes(tables)
+        full = uncompressed_bytes(tables)
+        if self.smallest > target:
+            raise _smallest_error(method, budget.label(), target, self.smallest, full, precision, f" ({self.form})")
+        if self.largest is not None and self.largest < 0.95 * target:
+            as_ = "" if precision == "fp32" else f" as {precision} tables"
+            raise BudgetError(f"{method}: with every field at its full size{as_} the module holds {self.largest} bytes, "
+                              f"a ratio of {full / self.largest:.4g}x, below {budget.label()}: nothing to compress")  # fmt: skip
+        return target
+
+
 def verify(method: str, plan: Plan, actual: int) -> None:
     """The built module must hold exactly the bytes planned (bytes are counted, not guessed)."""
     if actual != plan.total:
@@ -107,15 +148,17 @@ def build_sized(
     config: BudgetedConfig,
     ctx: BuildContext,
     *,
-    costs: Callable[[TableFormat], Sequence[FieldCost]],
-    fixed: Callable[[TableFormat], int],
-    construct: Callable[[Plan], M],
+    construct: Callable[[Optional[Plan]], M],
+    costs: Callable[[TableFormat], Sequence[FieldCost]] | None = None,
+    fixed: Callable[[TableFormat], int] | None = None,
     check: Callable[[], object] | None = None,
     sizes: Callable[[], Mapping[str, int]] | None = None,
     units: Mapping[str, Sequence[str]] | None = None,
     weights: Mapping[str, float] | None = None,
     settle: Callable[[TableFormat, Plan], int] | None = None,
     deployed: Callable[[M, Plan], nn.Module] | None = None,
+    search: Callable[[TableFormat], Reach] | None = None,
+    precision: str | None = None,
 ) -> M:
     """The one path from a budgeted config to its module: check, costs, fixed bytes,
     plan, construct, verify.
@@ -132,6 +175,13 @@ def build_sized(
     dedup's merge, ITEP's compact, DPQ's pack), ``deployed(module, plan)``: that form on
     ``meta``, which is what the budget and the quantization are checked against.
 
+    A method whose sizes a stage searches within the budget gives ``search(fmt)``
+    instead of costs: what its forms can reach (``Reach``), against which the budget is
+    checked here; ``construct`` then gets no plan. So does a method sized by its own rule
+    (``BudgetedConfig.unbudgeted``) when it has neither budget nor explicit sizes.
+    ``precision``: the format the costs count in where it is not the tables' format
+    (element pruning's sparse values).
+
     Example::
 
         @register(HashingConfig)
@@ -143,13 +193,23 @@ def build_sized(
     """
     method = type(config).method
     explicit = config.explicit_sizes()
-    check_exclusive(method, config.budget, **explicit)
+    own_rule = config.unbudgeted is not None and config.budget is None and all(v is None for v in explicit.values())
+    if not own_rule:
+        check_exclusive(method, config.budget, **explicit)
     if check is not None:
         check()
     fmt = config.table_format(ctx.device)
+    if own_rule or search is not None:
+        if search is not None and config.budget is not None:
+            search(fmt).check(method, config.budget, tables, fmt.precision)
+        built = construct(None)
+        built.sizing = "own rule" if own_rule else "search"
+        return built
+    assert costs is not None and fixed is not None, f"{method}: build_sized needs costs and fixed bytes, or a search"
+    counted_in = precision or fmt.precision
     priced, held = list(costs(fmt)), fixed(fmt)
     if config.budget is not None:
-        plan = plan_budget(method, priced, config.budget, tables, held, weights, units, fmt.precision)
+        plan = plan_budget(method, priced, config.budget, tables, held, weights, units, counted_in)
     else:
         if sizes is None:
             (size,) = [v for v in explicit.values() if v is not None]
@@ -169,5 +229,5 @@ def build_sized(
         assert q is not None
         check_quantizable(form, q, method)
     verify(method, plan, deployed_bytes(form, fmt))
+    module.sizing = "plan"
     return module
-

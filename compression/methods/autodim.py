@@ -59,10 +59,9 @@ from compression.config_checks import bounded, one_of
 from compression.deployed import TableFormat, deployed_bytes
 from compression.formats import FP32_BYTES
 from compression.idmap import inner_table
-from compression.memory import uncompressed_bytes
 from compression.quantization import refuse_aware
 from compression.segments import Segment, SegmentTables, pack_unit, segment_bytes
-from compression.sizing import BudgetedConfig
+from compression.sizing import BudgetedConfig, Reach, build_sized
 from compression.stages import Stage, StageContext
 
 # where the retrain stage starts: the paper's re-initialised tables, or the searched weights
@@ -75,6 +74,7 @@ class AutoDimConfig(BudgetedConfig):
     bounds the deployed module (its quantized tables when the config quantizes)."""
 
     method: ClassVar[str] = "autodim"
+    unbudgeted: ClassVar[Optional[str]] = "each field's argmax dim"
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"alpha_lr": (3e-3, 1e-2, 3e-2)}
     sized_by_stages: ClassVar[bool] = True
@@ -183,7 +183,7 @@ def choose_dims(
     return chosen
 
 
-class _Deployed(nn.Module):
+class DeployedDims(nn.Module):
     """Per field its segment tables and W_t x + b_t: R^{width} -> R^D."""
 
     def __init__(self, tables: list[EmbeddingBagConfig], chosen: dict[str, Choice], device: torch.device,
@@ -235,7 +235,7 @@ class AutoDimCollection(CompressedEmbeddingBagCollection):
         self.alpha: Optional[nn.ParameterDict] = nn.ParameterDict(
             {t: nn.Parameter(torch.zeros(len(cs), device=ctx.device)) for t, cs in self.cands.items()})
         self.register_buffer("search_steps", torch.zeros((), dtype=torch.int64, device=ctx.device))
-        self.deployed: Optional[_Deployed] = None
+        self.deployed: Optional[DeployedDims] = None
         self.chosen: dict[str, Choice] = {}
 
     # -- search --------------------------------------------------------------------------
@@ -319,7 +319,7 @@ class AutoDimCollection(CompressedEmbeddingBagCollection):
         dense = next(iter(self.alpha.values())).device if self.alpha is not None else torch.device("cpu")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 1)
-            module = _Deployed(tables, chosen, dense, weight[tables[0].name].device)
+            module = DeployedDims(tables, chosen, dense, weight[tables[0].name].device)
         if warm:
             for t in tables:
                 d, hi, r = chosen[t.name]
@@ -357,8 +357,7 @@ class AutoDimCollection(CompressedEmbeddingBagCollection):
         return out
 
 
-@register(AutoDimConfig)
-def build(tables: list[EmbeddingBagConfig], config: AutoDimConfig, ctx: BuildContext) -> AutoDimCollection:
+def _check(config: AutoDimConfig, tables: list[EmbeddingBagConfig], ctx: BuildContext) -> None:
     refuse_aware(config.quantization, "autodim", "the select stage replaces the tables it would train")
     fmt = config.table_format(ctx.device)
     unit = pack_unit(fmt)
@@ -367,18 +366,17 @@ def build(tables: list[EmbeddingBagConfig], config: AutoDimConfig, ctx: BuildCon
         if odd:
             raise MethodConfigError(f"autodim: {fmt.precision} packs {unit} values per byte, but candidates {odd} of table "
                                     f"'{t.name}' are not multiples of {unit}")  # fmt: skip
-    module = AutoDimCollection(tables, config, ctx)
-    if config.budget is not None:
-        target = config.budget.target_bytes(tables)
-        smallest = fmt.collection(tables) + sum(field_bytes(t, (module.cands[t.name][0],) * 2 + (0,), fmt) for t in tables)  # type: ignore[arg-type]
-        largest = fmt.collection(tables) + sum(field_bytes(t, (t.embedding_dim, t.embedding_dim, 0), fmt) for t in tables)
-        full = uncompressed_bytes(tables)
-        as_ = "" if fmt.precision == "fp32" else f" as {fmt.precision} tables"
-        if smallest > target:
-            raise BudgetError(f"autodim cannot reach {config.budget.label()} ({target} bytes): the smallest it can hold these "
-                              f"tables in{as_} (every field at its smallest candidate) is {smallest} bytes, a ratio of "
-                              f"{full / smallest:.4g}x")  # fmt: skip
-        if largest < 0.95 * target:
-            raise BudgetError(f"autodim: with every field at its full dim{as_} the module holds {largest} bytes, a ratio of "
-                              f"{full / largest:.4g}x, below {config.budget.label()}: nothing to compress")  # fmt: skip
-    return module
+
+
+def _reach(config: AutoDimConfig, tables: list[EmbeddingBagConfig], fmt: TableFormat) -> Reach:
+    least = {t.name: min([c for c in config.candidates if c < t.embedding_dim] + [t.embedding_dim]) for t in tables}
+    smallest = fmt.collection(tables) + sum(field_bytes(t, (least[t.name], least[t.name], 0), fmt) for t in tables)
+    largest = fmt.collection(tables) + sum(field_bytes(t, (t.embedding_dim, t.embedding_dim, 0), fmt) for t in tables)
+    return Reach(smallest, "every field at its smallest candidate", largest)
+
+
+@register(AutoDimConfig)
+def build(tables: list[EmbeddingBagConfig], config: AutoDimConfig, ctx: BuildContext) -> AutoDimCollection:
+    return build_sized(tables, config, ctx, check=lambda: _check(config, tables, ctx),
+                       search=lambda fmt: _reach(config, tables, fmt),
+                       construct=lambda _: AutoDimCollection(tables, config, ctx))  # fmt: skip

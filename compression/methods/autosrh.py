@@ -55,12 +55,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.api import BuildContext, MethodConfigError, register
 from compression.autosrh_select import choose_entries, frequency_groups, table_segments
 from compression.base import CompressedEmbeddingBagCollection
-from compression.budget import Budget, BudgetError
+from compression.budget import Budget
 from compression.config_checks import bounded, one_of
 from compression.counts import table_counts
-from compression.deployed import deployed_bytes
+from compression.deployed import TableFormat, deployed_bytes
 from compression.idmap import inner_table
-from compression.memory import uncompressed_bytes
 from compression.quantization import refuse_aware
 from compression.segments import (
     Segment,
@@ -70,7 +69,7 @@ from compression.segments import (
     segment_bytes,
     segment_key,
 )
-from compression.sizing import BudgetedConfig
+from compression.sizing import BudgetedConfig, Reach, build_sized
 from compression.stages import Stage, StageContext
 
 # where the retrain stage starts: re-initialised tables, or the searched weights
@@ -83,6 +82,7 @@ class AutoSrhConfig(BudgetedConfig):
     score is at least ``prune_threshold`` times its field's best."""
 
     method: ClassVar[str] = "autosrh"
+    unbudgeted: ClassVar[Optional[str]] = "prune_threshold on the searched scores"
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"l1": (3e-3, 1e-2, 3e-2)}
     sized_by_stages: ClassVar[bool] = True
@@ -266,8 +266,7 @@ class AutoSrhCollection(CompressedEmbeddingBagCollection):
         return out
 
 
-@register(AutoSrhConfig)
-def build(tables: list[EmbeddingBagConfig], config: AutoSrhConfig, ctx: BuildContext) -> AutoSrhCollection:
+def _check(config: AutoSrhConfig, tables: list[EmbeddingBagConfig], ctx: BuildContext) -> None:
     refuse_aware(config.quantization, "autosrh", "the select stage replaces the tables it would train")
     fmt = config.table_format(ctx.device)
     unit = pack_unit(fmt)
@@ -278,20 +277,27 @@ def build(tables: list[EmbeddingBagConfig], config: AutoSrhConfig, ctx: BuildCon
         missing = [f for f in t.feature_names if f not in ctx.counts]
         if missing:
             raise MethodConfigError(f"autosrh groups ids by train frequency: it needs the counts of feature(s) {missing}")
-    groups = {t.name: frequency_groups(table_counts(t, ctx.counts, config.method), t.num_embeddings, config.groups) for t in tables}
-    if config.budget is not None:
-        target = config.budget.target_bytes(tables)
-        remapped = {t for t, (r, _) in groups.items() if not np.array_equal(r, np.arange(len(r)))}
+
+
+@register(AutoSrhConfig)
+def build(tables: list[EmbeddingBagConfig], config: AutoSrhConfig, ctx: BuildContext) -> AutoSrhCollection:
+    groups: dict[str, Any] = {}
+
+    def grouped() -> dict[str, Any]:  # ids by train frequency, once the counts are checked
+        if not groups:
+            groups.update({t.name: frequency_groups(table_counts(t, ctx.counts, config.method), t.num_embeddings,
+                                                    config.groups) for t in tables})  # fmt: skip
+        return groups
+
+    def reach(fmt: TableFormat) -> Reach:
+        g, unit = grouped(), pack_unit(fmt)
+        remapped = {t for t, (r, _) in g.items() if not np.array_equal(r, np.arange(len(r)))}
         least = {}
         for t in tables:
-            kept = np.zeros((len(groups[t.name][1]), t.embedding_dim // unit), dtype=bool)
+            kept = np.zeros((len(g[t.name][1]), t.embedding_dim // unit), dtype=bool)
             kept[0, 0] = True
-            least[t.name] = table_segments(t.num_embeddings, groups[t.name][1], kept, unit)
-        smallest = segment_bytes(tables, least, remapped, fmt)
-        if smallest > target:
-            full = uncompressed_bytes(tables)
-            as_ = "" if fmt.precision == "fp32" else f" as {fmt.precision} tables"
-            raise BudgetError(f"autosrh cannot reach {config.budget.label()} ({target} bytes): the smallest it can hold these "
-                              f"tables in{as_} (one block of dims per field) is {smallest} bytes, a ratio of "
-                              f"{full / smallest:.4g}x")  # fmt: skip
-    return AutoSrhCollection(tables, config, ctx, groups)
+            least[t.name] = table_segments(t.num_embeddings, g[t.name][1], kept, unit)
+        return Reach(segment_bytes(tables, least, remapped, fmt), "one block of dims per field")
+
+    return build_sized(tables, config, ctx, check=lambda: _check(config, tables, ctx), search=reach,
+                       construct=lambda _: AutoSrhCollection(tables, config, ctx, grouped()))  # fmt: skip

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
-from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -41,7 +40,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression.api import BuildContext, register
 from compression.budget import Budget
 from compression.config_checks import bounded
-from compression.deployed import TableFormat
+from compression.deployed import MetaForm, TableFormat
 from compression.idmap import IdMappedCollection, KeyParams, inner_table, with_values
 from compression.memory import memory_report
 from compression.quantization import refuse_aware
@@ -195,18 +194,6 @@ class DedupEmbeddingBagCollection(IdMappedCollection):
         return out
 
 
-class _Deployed(nn.Module):
-    """The merged tables and remap on ``meta``: what the budget is checked against."""
-
-    remap: torch.Tensor
-
-    def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, params: KeyParams) -> None:
-        super().__init__()
-        self.ebc = EmbeddingBagCollection(tables=_merged(tables, plan), device=torch.device("meta"))
-        self.register_buffer("remap", torch.zeros(_remap_len(tables, plan), dtype=torch.int32, device="meta"))
-        self.params = params
-
-
 def _cost(t: EmbeddingBagConfig, fmt: TableFormat) -> FieldCost:
     n, d, f = t.num_embeddings, t.embedding_dim, len(t.feature_names)
     return FieldCost(t.name, fmt.table(n, d, f), 1, n - 1, lambda m: fmt.table(m, d, f) + ID_BYTES * n)
@@ -222,5 +209,6 @@ def build(tables: list[EmbeddingBagConfig], config: DedupConfig, ctx: BuildConte
         fixed=lambda fmt: fmt.collection(tables) + KeyParams.nbytes(2, n_features),
         sizes=lambda: {t.name: int(config.rows or 0) for t in tables},
         construct=lambda plan: DedupEmbeddingBagCollection(tables, plan, config, ctx),
-        deployed=lambda module, plan: _Deployed(tables, plan, module.params),
+        deployed=lambda module, plan: MetaForm(_merged(tables, plan), {"remap": ((_remap_len(tables, plan),), torch.int32)},
+                                                {"params": module.params}),
     )  # fmt: skip

@@ -40,8 +40,7 @@ from compression.api import BuildContext, register
 from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.masked import ElementPruningConfig, MaskedTablesCollection
-from compression.masked_plan import check_config, plan_kept, verify_plan
-from compression.sizing import check_exclusive
+from compression.masked_plan import build_masked
 from compression.stages import Stage
 
 
@@ -78,9 +77,4 @@ class DeepLightCollection(MaskedTablesCollection):
 
 @register(DeepLightConfig)
 def build(tables: list[EmbeddingBagConfig], config: DeepLightConfig, ctx: BuildContext) -> DeepLightCollection:
-    check_exclusive("deeplight", config.budget, **config.explicit_sizes())
-    check_config("deeplight", config, tables)
-    plan = plan_kept("deeplight", config, tables)
-    module = DeepLightCollection(tables, config, plan, ctx)
-    verify_plan("deeplight", module, plan, config.value_precision())
-    return module
+    return build_masked("deeplight", DeepLightCollection, tables, config, ctx)

@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -161,9 +161,6 @@ def _check(config: DHEConfig, tables: list[EmbeddingBagConfig]) -> None:
             "dhe: quantization does not apply: its memory is an MLP, not TorchRec tables, and quantize "
             "quantizes TorchRec tables; leave quantization unset"
         )
-    for t in tables:
-        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-            raise MethodConfigError(f"dhe: table '{t.name}' has pooling {t.pooling}; dhe supports SUM and MEAN")
 
 
 def _cost(t: EmbeddingBagConfig, config: DHEConfig) -> FieldCost:

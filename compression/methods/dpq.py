@@ -55,7 +55,7 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
@@ -143,9 +143,6 @@ class DPQEmbeddingBagCollection(CompressedEmbeddingBagCollection):
     def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, shapes: Mapping[str, Optional[Shape]],
                  hot_ids: Mapping[str, np.ndarray], config: DPQConfig, ctx: BuildContext) -> None:  # fmt: skip
         super().__init__(tables, config=ctx.config)
-        for t in tables:
-            if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-                raise MethodConfigError(f"{config.method}: table '{t.name}' pools by {t.pooling}; it supports SUM and MEAN")
         self.config, self.plan, self.shapes = config, plan, dict(shapes)
         self._tables = {t.name: t for t in tables}
         self._table_of = {f: t for t in tables for f in t.feature_names}

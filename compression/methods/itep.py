@@ -57,7 +57,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
-from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -66,7 +65,7 @@ from compression.api import BuildContext, MethodConfigError, register
 from compression.base import _tracing
 from compression.budget import Budget
 from compression.config_checks import bounded
-from compression.deployed import TableFormat
+from compression.deployed import MetaForm, TableFormat
 from compression.idmap import IdMappedCollection, KeyParams, inner_table, with_values
 from compression.memory import memory_report
 from compression.quantization import refuse_aware
@@ -277,19 +276,11 @@ def _rows(plan: Plan, t: EmbeddingBagConfig) -> int:
     return t.num_embeddings if size is None else size
 
 
-class _Deployed(nn.Module):
+def _compacted(tables: list[EmbeddingBagConfig], plan: Plan, params: KeyParams) -> MetaForm:
     """The compacted tables and kept ids on ``meta``: what the budget is checked against."""
-
-    kept_keys: torch.Tensor
-
-    def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, params: KeyParams) -> None:
-        super().__init__()
-        inner = [inner_table(t, rows=_rows(plan, t)) for t in tables]
-        self.ebc = EmbeddingBagCollection(tables=inner, device=torch.device("meta"))
-        kept = sum(_rows(plan, t) - 1 for t in tables if plan.sizes[t.name] is not None)
-        self.register_buffer("kept_keys", torch.zeros(kept, dtype=torch.int64, device="meta"))
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device="meta"))
-        self.params = params
+    kept = sum(_rows(plan, t) - 1 for t in tables if plan.sizes[t.name] is not None)
+    return MetaForm([inner_table(t, rows=_rows(plan, t)) for t in tables],
+                    {"kept_keys": ((kept,), torch.int64), "step": ((), torch.int64)}, {"params": params})  # fmt: skip
 
 
 def _cost(t: EmbeddingBagConfig, fmt: TableFormat) -> FieldCost:
@@ -315,5 +306,5 @@ def build(tables: list[EmbeddingBagConfig], config: ItepConfig, ctx: BuildContex
         fixed=lambda fmt: fmt.collection(tables) + KeyParams.nbytes(3, n_features) + 8,  # + the step counter
         sizes=lambda: {t.name: int(config.num_embeddings_post_pruning or 0) for t in tables},
         construct=lambda plan: ItepEmbeddingBagCollection(tables, plan, config, ctx),
-        deployed=lambda module, plan: _Deployed(tables, plan, module.params),
+        deployed=lambda module, plan: _compacted(tables, plan, module.params),
     )  # fmt: skip

@@ -52,13 +52,14 @@ from compression.bags import bag_index, collections_by_dim, unpooled
 from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import Budget
 from compression.config_checks import bounded, one_of
+from compression.deployed import TableFormat
 from compression.optembed_bytes import export_bytes
 from compression.prune_guard import (
     add_guard_state,
     drop_guard_state,
 )
 from compression.pruned import CompactTables
-from compression.sizing import BudgetedConfig
+from compression.sizing import BudgetedConfig, Reach, build_sized
 from compression.stages import Stage
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class OptEmbedConfig(BudgetedConfig):
     bounds the compact export (its deployed, quantized form when the config quantizes)."""
 
     method: ClassVar[str] = "optembed"
+    unbudgeted: ClassVar[Optional[str]] = "its learned thresholds and the dim search (the paper's setting)"
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"alpha": (1e-2, 3e-2)}
     sized_by_stages: ClassVar[bool] = True
@@ -371,8 +373,15 @@ def initial_row_norm(weight: torch.Tensor, config: EmbeddingConfig) -> torch.Ten
     return sample.abs().sum(dim=1).mean()
 
 
+def _reach(tables: list[EmbeddingBagConfig], fmt: TableFormat) -> Reach:
+    """The smallest export the search can reach: one field kept, one row at dim 1, the rest dropped."""
+    units, feats, rows = [t.name for t in tables], [list(t.feature_names) for t in tables], [t.num_embeddings for t in tables]
+    one = [export_bytes(fmt, units, feats, rows, [1] * len(tables), [int(i == k) for i in range(len(tables))])
+           for k in range(len(tables))]  # fmt: skip
+    return Reach(min(one), "one field kept, one row at dim 1")
+
+
 @register(OptEmbedConfig)
 def build(tables: list[EmbeddingBagConfig], config: OptEmbedConfig, ctx: BuildContext) -> OptEmbedCollection:
-    if config.budget is not None:
-        config.budget.validate(tables)
-    return OptEmbedCollection(tables, config, ctx)
+    return build_sized(tables, config, ctx, search=lambda fmt: _reach(tables, fmt),
+                       construct=lambda _: OptEmbedCollection(tables, config, ctx))  # fmt: skip

@@ -52,7 +52,7 @@ from compression.base import MethodConfigError
 from compression.budget import Budget
 from compression.config_checks import bounded, one_of
 from compression.masked import ElementPruningConfig, MaskedTablesCollection
-from compression.masked_plan import check_config, plan_kept, verify_plan
+from compression.masked_plan import build_masked
 from compression.stages import Stage, StageContext
 
 GRANULARITIES = ("table", "dim")
@@ -64,6 +64,7 @@ class PEPConfig(ElementPruningConfig):
     is the paper's setting (thresholds alone)."""
 
     method: ClassVar[str] = "pep"
+    unbudgeted: ClassVar[Optional[str]] = "its learned thresholds"
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"threshold_lr": (1e-3, 1e-2)}
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=10))
@@ -138,8 +139,4 @@ class PEPCollection(MaskedTablesCollection):
 
 @register(PEPConfig)
 def build(tables: list[EmbeddingBagConfig], config: PEPConfig, ctx: BuildContext) -> PEPCollection:
-    check_config("pep", config, tables)
-    plan = plan_kept("pep", config, tables)
-    module = PEPCollection(tables, config, plan, ctx)
-    verify_plan("pep", module, plan, config.value_precision())
-    return module
+    return build_masked("pep", PEPCollection, tables, config, ctx)

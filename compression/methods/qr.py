@@ -93,9 +93,6 @@ class QREmbeddingBagCollection(IdMappedCollection):
     def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, combine: str, ctx: BuildContext) -> None:
         super().__init__(tables, plan, knob="collisions", config=ctx.config)
         self.combine = combine
-        for t in tables:
-            if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-                raise MethodConfigError(f"qr: table '{t.name}' has pooling {t.pooling}; qr supports SUM and MEAN")
         quot: list[EmbeddingBagConfig] = []
         rem: list[EmbeddingBagConfig] = []
         exact: list[EmbeddingBagConfig] = []

@@ -107,8 +107,6 @@ def _check(config: RobeConfig, tables: list[EmbeddingBagConfig]) -> None:
                 f"robe: chunk Z={z} must divide table '{t.name}''s dim {t.embedding_dim} and be a "
                 f"multiple of align={config.align}"
             )
-        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-            raise MethodConfigError(f"robe: table '{t.name}' has pooling {t.pooling}; robe supports SUM and MEAN")
 
 
 def _chunks(config: RobeConfig, tables: list[EmbeddingBagConfig]) -> int:

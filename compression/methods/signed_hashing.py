@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, register
 from compression.config_checks import bounded
-from compression.errors import MethodConfigError
 from compression.hashing import UniversalHash
 from compression.idmap import KeyParams
 from compression.methods.hashing import HashedEmbeddingBagCollection, HashingConfig, _cost
@@ -39,6 +38,8 @@ class SignedHashingConfig(HashingConfig):
     """Signed hashing. ``budget`` picks each table's rows; or give ``rows`` (budget: null)."""
 
     method: ClassVar[str] = "signed_hashing"
+    poolings: ClassVar[tuple[str, ...]] = ("SUM",)
+    pooling_reason: ClassVar[str] = "the signs weight a sum"
     # rows of every hashed table (tables with fewer ids stay exact)
     rows: Optional[int] = bounded(None, ge=1)
 
@@ -79,19 +80,11 @@ def sign_bit(v: torch.Tensor) -> torch.Tensor:
     return ((v ^ (v >> 16)) >> 7) & 1
 
 
-def _check(tables: list[EmbeddingBagConfig]) -> None:
-    for t in tables:
-        if t.pooling != PoolingType.SUM:
-            raise MethodConfigError(f"signed_hashing: table '{t.name}' pools by {t.pooling.name}; the signs weight "
-                                    "a sum (SUM pooling only)")  # fmt: skip
-
-
 @register(SignedHashingConfig)
 def build(tables: list[EmbeddingBagConfig], config: SignedHashingConfig, ctx: BuildContext) -> SignedHashedCollection:
     n_features = sum(len(t.feature_names) for t in tables)
     return build_sized(
         tables, config, ctx,
-        check=lambda: _check(tables),
         costs=lambda fmt: [_cost(t, fmt) for t in tables],
         fixed=lambda fmt: UniversalHash.nbytes(2) + KeyParams.nbytes(2, n_features) + fmt.collection(tables),
         construct=lambda plan: SignedHashedCollection(tables, plan, ctx),

@@ -60,7 +60,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
@@ -165,9 +165,6 @@ class TTRecEmbeddingBagCollection(IdMappedCollection):
 
     def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, ctx: BuildContext) -> None:
         super().__init__(tables, plan, knob="step", config=ctx.config)
-        for t in tables:
-            if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-                raise MethodConfigError(f"tt_rec: table '{t.name}' has pooling {t.pooling}; tt_rec supports SUM and MEAN")
         by_dim: dict[int, list[EmbeddingConfig]] = {}
         self._cores: dict[str, list[str]] = {}  # feature -> its keys (3 cores, or itself when exact)
         for t in tables:

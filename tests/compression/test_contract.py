@@ -11,7 +11,7 @@ import io
 
 import pytest
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -307,3 +307,66 @@ def test_a_staged_method_meets_a_budget_with_quantization_after_its_schedule(con
     held, target = memory_report(module).bytes, budget.target_bytes(tables)
     assert held <= target, (held, target)
     assert held < memory_report(compress(tables, dataclasses.replace(cfg, quantization={}), counts=counts)).bytes
+
+
+SEARCHED = ("optembed", "autodim", "autosrh")  # a stage searches their sizes within the budget
+
+
+@pytest.mark.parametrize("config", examples())
+def test_every_budgeted_method_is_built_by_the_one_path(config):
+    """Every budgeted method comes out of ``compression.sizing.build_sized``: planned (its
+    bytes verified when built), searched within the budget by a stage, or sized by its
+    own rule when it has neither budget nor explicit sizes (``unbudgeted``). A builder that
+    went around it would leave ``sizing`` unset."""
+    module = compress(TABLES, config, counts=COUNTS, seed=0)
+    if not isinstance(config, BudgetedConfig):
+        assert module.sizing is None
+    elif config.budget is not None:
+        assert module.sizing == ("search" if config.method in SEARCHED else "plan")
+    elif all(v is None for v in config.explicit_sizes().values()):
+        assert type(config).unbudgeted is not None and module.sizing == "own rule"
+    else:
+        assert module.sizing == "plan"
+
+
+def _bad_values(f: dataclasses.Field) -> list[object]:
+    """Values the field's declaration refuses: one past each bound, a choice not listed."""
+    if "choices" in f.metadata:
+        return ["no-such-choice"]
+    out: list[object] = []
+    for op, bound in f.metadata.get("range", {}).items():
+        if bound is not None:
+            bad = {"ge": bound - 1, "gt": bound, "le": bound + 1, "lt": bound}[op]
+            out.append([bad] if f.metadata.get("each") else bad)
+    return out
+
+
+def declared_fields():
+    out = []
+    for name, cls in sorted(compression.registered_methods().items()):
+        for f in dataclasses.fields(cls):
+            for i, bad in enumerate(_bad_values(f)):
+                out.append(pytest.param(cls, f.name, bad, id=f"{name}.{f.name}-{i}"))
+    return out
+
+
+@pytest.mark.parametrize("cls,key,bad", declared_fields())
+def test_every_declared_field_is_refused_when_the_config_is_made(cls, key, bad):
+    """Every bound and choice a method declares on its config's fields refuses a value past
+    it when the config is made (before any tables or data), in one line naming
+    ``<method>.<field>``: one registry-driven test instead of one per method."""
+    with pytest.raises(MethodConfigError, match=rf"^{cls.method}\.{key}(\[0\])?: must be .*, got ") as e:
+        cls(**{key: bad})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("config", [pytest.param(cls.contract_examples()[0], id=name)
+                                    for name, cls in sorted(compression.registered_methods().items())])  # fmt: skip
+def test_a_pooling_the_method_does_not_take_is_refused_before_it_is_built(config):
+    """Each method declares the poolings its tables take (``poolings``); a table pooled
+    otherwise is refused by ``compress`` in one line naming the method and the table."""
+    other = [p for p in PoolingType if p.name not in type(config).poolings]
+    for pooling in other:
+        tables = [dataclasses.replace(t, pooling=pooling) if t.name == "t_mid" else t for t in TABLES]
+        with pytest.raises(MethodConfigError, match=rf"^{config.method}: table 't_mid' pools by {pooling.name}; it takes"):
+            compress(tables, config, counts=COUNTS, seed=0)

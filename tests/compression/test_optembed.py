@@ -225,7 +225,7 @@ def test_schedule_resumes_across_stages_after_an_interruption(tiny_dataset, tmp_
 def test_a_budget_below_every_pair_of_fields_keeps_the_fittest_single_field():
     """When the search can only fit one field, the result keeps the fittest field alone at the
     largest dim that fits (not an empty model); below any single field it refuses clearly."""
-    module = compress(TABLES, OptEmbedConfig(budget=Budget(bytes=1)), seed=0)
+    module = compress(TABLES, OptEmbedConfig(budget=Budget(ratio=2)), seed=0)
     n = len(module.units)
     one = [module.candidate_bytes([1 if j == i else 0 for j in range(n)]) for i in range(n)]
     target = max(one) + 4 * 3  # any field fits alone at a small dim; two fields at dim 1 do not
@@ -238,6 +238,8 @@ def test_a_budget_below_every_pair_of_fields_keeps_the_fittest_single_field():
     module.config.budget = Budget(bytes=min(one) - 1)
     with pytest.raises(BudgetError, match=r"smallest architecture that keeps one field \(at dim 1\) holds"):
         best_single_field(module, lambda dims: 0.5)
+    with pytest.raises(BudgetError, match=r"^optembed cannot reach .*\(one field kept, one row at dim 1\) is \d+ bytes"):
+        compress(TABLES, OptEmbedConfig(budget=Budget(bytes=8)), seed=0)  # refused when built
 
 
 FRAPPE_VOCAB = [957, 4082, 7, 7, 2, 3, 2, 9, 80, 233]  # the published Frappe CSV's fields

@@ -57,7 +57,7 @@ def test_a_table_kept_exact_is_a_plain_lookup_with_sign_one():
 
 def test_sum_pooling_only_and_bad_rows_refused_when_made():
     mean = EmbeddingBagConfig(name="t_m", embedding_dim=4, num_embeddings=100, feature_names=["m"], pooling=PoolingType.MEAN)
-    with pytest.raises(MethodConfigError, match="signed_hashing: table 't_m' pools by MEAN; the signs weight a sum"):
+    with pytest.raises(MethodConfigError, match=r"^signed_hashing: table 't_m' pools by MEAN; it takes SUM pooling \(the signs weight a sum\)$"):
         compress([mean], SignedHashingConfig())
     with pytest.raises(MethodConfigError, match=r"^signed_hashing\.rows: must be >= 1, got 0"):
         SignedHashingConfig(budget=None, rows=0)

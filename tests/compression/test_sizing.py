@@ -229,3 +229,4 @@ def test_yaml_matches_the_config_defaults(name):
     assert raw.pop("defaults") == [f"schema_{name}", "_self_"]
     merged = OmegaConf.merge(OmegaConf.structured(cls), raw)
     assert OmegaConf.to_object(merged) == cls()
+
