@@ -129,7 +129,8 @@ class MetaForm(nn.Module):
     def __init__(self, tables: Iterable[EmbeddingBagConfig], tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
                  keep: Mapping[str, nn.Module] | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.ebc = EmbeddingBagCollection(tables=list(tables), device=_META)
+        tables = list(tables)
+        self.ebc = EmbeddingBagCollection(tables=tables, device=_META) if tables else None
         for name, (shape, dtype) in tensors.items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=_META))
         for name, module in (keep or {}).items():

@@ -374,11 +374,13 @@ def initial_row_norm(weight: torch.Tensor, config: EmbeddingConfig) -> torch.Ten
 
 
 def _reach(tables: list[EmbeddingBagConfig], fmt: TableFormat) -> Reach:
-    """The smallest export the search can reach: one field kept, one row at dim 1, the rest dropped."""
+    """The smallest export the search can reach: one field kept at dim 1 (one row of it, or
+    all its rows where that is smaller: no kept-id list), the rest dropped."""
+    n = len(tables)
     units, feats, rows = [t.name for t in tables], [list(t.feature_names) for t in tables], [t.num_embeddings for t in tables]
-    one = [export_bytes(fmt, units, feats, rows, [1] * len(tables), [int(i == k) for i in range(len(tables))])
-           for k in range(len(tables))]  # fmt: skip
-    return Reach(min(one), "one field kept, one row at dim 1")
+    one = [export_bytes(fmt, units, feats, rows, [kept if i == k else 1 for i in range(n)], [int(i == k) for i in range(n)])
+           for k in range(n) for kept in (1, rows[k])]  # fmt: skip
+    return Reach(min(one), "one field kept at dim 1")
 
 
 @register(OptEmbedConfig)

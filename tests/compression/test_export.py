@@ -71,8 +71,9 @@ CASES = [
     ("dedup", None, "dcnv2"),
     ("pep", None, "dcnv2"),
     ("deeplight", None, "dlrm"),
+    ("binary", Quantization("int8"), "dcnv2"),
 ]
-COMPACT = {"dpq": "pack", "mgqe": "pack", "dedup": "merge", "pep": "compact", "deeplight": "compact"}  # the stage that makes the deployed form
+COMPACT = {"dpq": "pack", "mgqe": "pack", "dedup": "merge", "pep": "compact", "deeplight": "compact", "binary": "pack"}  # the stage that makes the deployed form
 
 
 @pytest.mark.parametrize("method, quantization, model", CASES, ids=lambda x: getattr(x, "label", lambda: x)())

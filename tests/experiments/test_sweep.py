@@ -191,10 +191,13 @@ def test_optuna_sweeper_searches_method_and_budget(tmp_path):
 
 def test_a_budget_found_out_of_reach_in_a_later_stage_is_recorded_on_the_job_run(tmp_path):
     """OptEmbed learns which rows it keeps before its search sizes the tables: a budget below
-    its smallest architecture (the budget prunes rows, so: below the 16 bytes per field it
-    holds beside its tables) is found there. The job's run (not the stage's nested run) says so."""
+    the architectures its rows allow is found there: 440 bytes (430 once shared out over the
+    tables) is above the 428 of one field of one row at dim 1 beside the 16 bytes a field
+    it always holds, so the build takes it, and below the 432 of its smallest field (4 ids)
+    at dim 1 with every row kept (``target_kept=1``). The job's run (not the stage's nested
+    run) says so."""
     r = run_cli("--multirun", *smoke_overrides(tmp_path, "dataset=criteo_sample", "model=dcnv2"),
-                "compression=optembed_fast", "budget=400", "compression.supernet_epochs=1",
+                "compression=optembed_fast", "budget=440", "compression.target_kept=1.0", "compression.supernet_epochs=1",
                 "compression.retrain_epochs=1", "compression.generations=1",
                 "trainer.max_steps_per_epoch=3", f"hydra.sweep.dir={tmp_path}/sweep")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
@@ -203,7 +206,7 @@ def test_a_budget_found_out_of_reach_in_a_later_stage_is_recorded_on_the_job_run
     job = next(x for x in runs if x.data.tags.get("label") == "optembed_fast")
     assert job.info.status == "FINISHED"
     assert job.data.tags["embcomp.status"] == "unreachable"
-    assert "the smallest architecture holds 416 bytes" in job.data.tags["embcomp.reason"]
+    assert "cannot reach the budget of 430 bytes with any field kept" in job.data.tags["embcomp.reason"]
     stages = {x.info.run_name: x.info.status for x in runs if x.data.tags.get("mlflow.parentRunId") == job.info.run_id}
     assert stages == {"supernet": "FINISHED", "search": "FAILED"}
 
