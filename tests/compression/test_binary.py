@@ -7,7 +7,14 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compression import Budget, MethodConfigError, Quantization, compress, memory_report, uncompressed_bytes
+from compression import (
+    Budget,
+    MethodConfigError,
+    Quantization,
+    compress,
+    memory_report,
+    uncompressed_bytes,
+)
 from compression.methods.binary import (
     BinaryConfig,
     binarize,

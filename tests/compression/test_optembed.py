@@ -238,7 +238,7 @@ def test_a_budget_below_every_pair_of_fields_keeps_the_fittest_single_field():
     module.config.budget = Budget(bytes=min(one) - 1)
     with pytest.raises(BudgetError, match=r"smallest architecture that keeps one field \(at dim 1\) holds"):
         best_single_field(module, lambda dims: 0.5)
-    with pytest.raises(BudgetError, match=r"^optembed cannot reach .*\(one field kept, one row at dim 1\) is \d+ bytes"):
+    with pytest.raises(BudgetError, match=r"^optembed cannot reach .*\(one field kept at dim 1\) is \d+ bytes"):
         compress(TABLES, OptEmbedConfig(budget=Budget(bytes=8)), seed=0)  # refused when built
 
 
