@@ -55,6 +55,15 @@ def assign_splits(
     return np.searchsorted(cuts, u, side="right").astype(np.int8)
 
 
+def ordered_splits(position: np.ndarray, total: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> np.ndarray:
+    """Split code per row (0 train, 1 val, 2 test) from its ``position`` in the data's order
+    (0 .. total-1): the first ``fractions[0]`` of the rows train, the next validate, the rest test."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
+    cuts = np.floor(np.cumsum(fractions)[:2] * total)
+    return np.searchsorted(cuts, np.asarray(position, dtype=np.float64), side="right").astype(np.int8)
+
+
 def build_vocab(values: pl.Series, min_count: int) -> pl.DataFrame:
     """Vocabulary of one field from its train values (nulls are skipped).
 

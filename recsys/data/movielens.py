@@ -35,13 +35,21 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Optional
 
 import numpy as np
 import polars as pl
 
 from compression.config_checks import bounded, one_of
 from recsys.data.base import DatasetConfig
-from recsys.data.common import assign_splits, build_vocab, cached_dataset, sha256_file, write_counts
+from recsys.data.common import (
+    assign_splits,
+    build_vocab,
+    cached_dataset,
+    ordered_splits,
+    sha256_file,
+    write_counts,
+)
 from recsys.data.schema import (
     COUNTS_FILE,
     SPLITS,
@@ -84,6 +92,8 @@ class MovieLensConfig(DatasetConfig):
         MovieLensConfig(source="recbole", raw_dir="data/raw", min_count=1).prepare(Path("data/cache"))
     """
 
+    ordered_by: ClassVar[Optional[str]] = "the ratings' timestamps"
+
     name: str = "movielens-100k"
     source: str = one_of("recbole", "recbole", "grouplens")
     raw_dir: str = "data/raw"
@@ -112,13 +122,14 @@ class MovieLensConfig(DatasetConfig):
             "split": list(self.split),
             "min_count": self.min_count,
             "min_rating": self.min_rating,
+            **self.split_key(),
         }
 
         def build(out: Path) -> DatasetSchema:
             frames = read_recbole(files) if self.source == "recbole" else read_grouplens(files)
             schema = write_processed(
                 *frames, out, name=self.name, seed=self.seed, split=list(self.split),
-                min_count=self.min_count, min_rating=self.min_rating,
+                min_count=self.min_count, min_rating=self.min_rating, split_by=self.split_by,
             )
             schema.source = {"format": "movielens-100k", "source": self.source, "sha256": digests}
             return schema
@@ -245,7 +256,8 @@ def read_recbole(files: dict[str, Path]) -> tuple[pl.DataFrame, pl.DataFrame, pl
         return df.rename({c: c.split(":")[0] for c in df.columns})  # "user_id:token" -> "user_id"
 
     inter = atomic(files["ml-100k.inter"])
-    ratings = inter.select("user_id", "item_id", pl.col("rating").cast(pl.Float64).alias("rating"))
+    ratings = inter.select("user_id", "item_id", pl.col("rating").cast(pl.Float64).alias("rating"),
+                           pl.col("timestamp").cast(pl.Float64))  # fmt: skip
     users = atomic(files["ml-100k.user"]).select("user_id", "age", "gender", "occupation", "zip_code")
     items = atomic(files["ml-100k.item"]).select(
         "item_id",
@@ -269,7 +281,7 @@ def read_grouplens(files: dict[str, Path]) -> tuple[pl.DataFrame, pl.DataFrame, 
             raise DataError(f"{path}: not in the GroupLens format ({e})") from None
 
     data = table(files["u.data"], "\t", ["user_id", "item_id", "rating", "timestamp"])
-    ratings = data.select("user_id", "item_id", pl.col("rating").cast(pl.Float64))
+    ratings = data.select("user_id", "item_id", pl.col("rating").cast(pl.Float64), pl.col("timestamp").cast(pl.Float64))
     users = table(files["u.user"], "|", ["user_id", "age", "gender", "occupation", "zip_code"])
     names = ["item_id", "title", "release_date", "video_date", "url", *GENRES]
     items = table(files["u.item"], "|", names).select(
@@ -291,6 +303,7 @@ def write_processed(
     split: list[float] | None = None,
     min_count: int = 1,
     min_rating: int = 4,
+    split_by: str = "hash",
 ) -> DatasetSchema:
     """Join ratings with user and item features and write the processed dataset.
 
@@ -304,7 +317,12 @@ def write_processed(
         .join(items, on="item_id", how="left", maintain_order="left")
         .with_columns(pl.col("genre").fill_null(pl.lit([], dtype=pl.List(pl.String))))  # unknown item
     )
-    codes = assign_splits(np.arange(df.height), seed, split)
+    if split_by == "order":  # by time: ties in the file's order
+        position = np.empty(df.height, dtype=np.int64)
+        position[np.argsort(df["timestamp"].to_numpy(), kind="stable")] = np.arange(df.height)
+        codes = ordered_splits(position, df.height, split)
+    else:
+        codes = assign_splits(np.arange(df.height), seed, split)
     train = df.filter(pl.Series(codes == 0))
     out = [(pl.col("rating") >= min_rating).cast(pl.Float32).alias("label")]
     sparse, vocab_sizes = [], {}
@@ -333,6 +351,7 @@ def write_processed(
         dense=[],
         sparse=sparse,
         rows=rows,
-        params={"seed": seed, "split": split, "min_count": min_count, "min_rating": min_rating,
+        params={"seed": seed, "split": split, **({"split_by": split_by} if split_by != "hash" else {}),
+                "min_count": min_count, "min_rating": min_rating,
                 "code_version": CODE_VERSION},
     )

@@ -37,7 +37,7 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import polars as pl
@@ -46,7 +46,13 @@ import pyarrow.parquet as pq
 
 from compression.config_checks import bounded
 from recsys.data.base import DatasetConfig
-from recsys.data.common import assign_splits, cached_dataset, splitmix64, write_counts
+from recsys.data.common import (
+    assign_splits,
+    cached_dataset,
+    ordered_splits,
+    splitmix64,
+    write_counts,
+)
 from recsys.data.schema import COUNTS_FILE, SPLITS, DatasetSchema, ProcessedDataset, SparseField
 
 CODE_VERSION = 1
@@ -74,6 +80,8 @@ class SyntheticConfig(DatasetConfig):
         ds = cfg.prepare(Path("data/cache"))
     """
 
+    ordered_by: ClassVar[Optional[str]] = "the row order (rows are generated in time)"
+
     name: str = "synthetic"
     rows: int = bounded(1_000_000, ge=1)
     cardinalities: list[int] = bounded(ge=2, each=True, default_factory=lambda: list(DEFAULT_CARDINALITIES))
@@ -85,11 +93,19 @@ class SyntheticConfig(DatasetConfig):
     base_ctr: float = bounded(0.25, gt=0, lt=1)
     empty_rate: float = bounded(0.02, ge=0, lt=1)  # per value: empty categorical (id 0) or empty integer
     chunk_rows: int = bounded(1_000_000, ge=1)
+    # ids that drift in time (row order): each field's popularity ranking moves by this fraction
+    # of its ids over the rows (rank r at row i is id (r + floor(drift·N·i/rows)) mod N), so the
+    # popular ids of the first rows fade and ids of their tail become the popular ones
+    drift: float = bounded(0.0, ge=0)
 
     def prepare(self, cache_root: Path) -> ProcessedDataset:
         key = {"format": "synthetic", "code_version": CODE_VERSION, **asdict(self)}
         key.pop("chunk_rows")  # output does not depend on it
         key.pop("name")
+        key.pop("split_by")
+        key.update(self.split_key())
+        if not self.drift:  # (caches made before drift existed stay valid)
+            key.pop("drift")
         return cached_dataset(Path(cache_root), self.name, key, lambda out: write_processed(self, out))
 
 
@@ -195,6 +211,9 @@ class Generator:
         base = 1 + 2 * cfg.n_dense
         for f, card in enumerate(cfg.cardinalities):
             r = zipf_ranks(self._uniforms(rows, base + 2 * f), card, cfg.zipf_exponent)
+            if cfg.drift:
+                shift = np.floor(cfg.drift * card * rows.astype(np.float64) / max(cfg.rows, 1)).astype(np.int64)
+                r = (r + shift) % card
             empty = self._uniforms(rows, base + 2 * f + 1) < cfg.empty_rate
             ranks[:, f] = np.where(empty, -1, r)
         return {"rows": rows, "ints": ints, "dense": dense, "dense_empty": dense_empty, "ranks": ranks}
@@ -239,7 +258,10 @@ class Generator:
         prob = 1.0 / (1.0 + np.exp(-self._logit(raw)))
         raw["prob"] = prob
         raw["label"] = (self._uniforms(raw["rows"], 0) < prob).astype(np.int8)
-        raw["split"] = assign_splits(raw["rows"], self.cfg.seed, self.cfg.split)
+        if self.cfg.split_by == "order":
+            raw["split"] = ordered_splits(raw["rows"], self.cfg.rows, self.cfg.split)
+        else:
+            raw["split"] = assign_splits(raw["rows"], self.cfg.seed, self.cfg.split)
         return raw
 
     def chunks(self) -> Iterator[dict[str, np.ndarray]]:
@@ -331,10 +353,12 @@ def write_processed(cfg: SyntheticConfig, out_dir: Path) -> DatasetSchema:
         for w in writers.values():
             w.close()
     write_counts(out_dir / COUNTS_FILE, {c: counters[f].frame() for f, c in enumerate(sparse_names)})
-    params: dict[str, Any] = {k: v for k, v in asdict(cfg).items() if k != "name"}
+    defaults = {"split_by": "hash", "drift": 0.0}  # (left out at their defaults, as in the cache key)
+    params: dict[str, Any] = {k: v for k, v in asdict(cfg).items() if k != "name" and defaults.get(k, object()) != v}
     params.update(
         code_version=CODE_VERSION,
-        id_order="rank + 1: descending expected frequency; 0 = empty",
+        id_order="rank + 1: descending expected frequency; 0 = empty" if not cfg.drift
+        else "rank + 1 at the first row, the ranking moving with drift; 0 = empty",
         oracle_auc=_auc_from_hist(hist[1], hist[0]),
         oracle_logloss=logloss / n_test if n_test else float("nan"),
         ctr=positives / cfg.rows if cfg.rows else float("nan"),

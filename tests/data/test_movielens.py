@@ -136,3 +136,38 @@ def test_grouplens_offline_message(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"could not be fetched .*put ml-100k\.zip into"):
         MovieLensConfig(source="grouplens", raw_dir=str(tmp_path / "raw")).prepare(tmp_path / "c")
     assert leftovers(tmp_path / "raw") == []
+
+
+def test_a_split_in_time_trains_on_the_past_and_tests_on_the_future(movielens_raw, movielens_ds, tmp_path):
+    """``split_by: order`` splits MovieLens-100K by its ratings' timestamps: 80/10/10 of the
+    rows in time, every training rating before every validation one and those before every
+    test one; the vocabularies still come from the training part, so the later parts hold
+    ids it never saw (id 0), far more of them than the hashed split's."""
+    ds = MovieLensConfig(raw_dir=str(movielens_raw), split_by="order").prepare(tmp_path / "c")
+    assert ds.schema.rows == {"train": 80_000, "val": 10_000, "test": 10_000}
+    assert ds.schema.params["split_by"] == "order" and "split_by" not in movielens_ds.schema.params
+    inter = pl.read_csv(movielens_raw / "ml-100k-recbole" / "ml-100k.inter", separator="\t")
+    order = inter["timestamp:float"].rank(method="ordinal").to_numpy() - 1  # ties in the file's order
+    for s, (lo, hi) in zip(SPLITS, ((0, 80_000), (80_000, 90_000), (90_000, 100_000))):
+        part = inter.filter(pl.Series((order >= lo) & (order < hi)))  # each part its span of time
+        got = pl.read_parquet(ds.split_path(s))
+        assert got["label"].to_list() == (part["rating:float"] >= 4).cast(pl.Float32).to_list(), s
+    stamps = {s: inter.filter(pl.Series((order >= lo) & (order < hi)))["timestamp:float"]
+              for s, (lo, hi) in zip(SPLITS, ((0, 80_000), (80_000, 90_000), (90_000, 100_000)))}  # fmt: skip
+    assert stamps["train"].max() <= stamps["val"].min() and stamps["val"].max() <= stamps["test"].min()
+    test = pl.read_parquet(ds.split_path("test"))
+    hashed = pl.read_parquet(movielens_ds.split_path("test"))
+    unseen = float((test["user_id"] == 0).mean())
+    assert unseen > 0.2 > 10 * float((hashed["user_id"] == 0).mean())  # users who joined later
+
+
+def test_the_order_split_is_refused_where_a_loader_knows_no_order():
+    from compression.config_checks import ConfigError
+    from recsys.data.criteo import CriteoConfig
+
+    with pytest.raises(ConfigError, match=r"^dataset.split_by: order needs data with an order, and the CriteoConfig"):
+        CriteoConfig(split_by="order")
+    with pytest.raises(ConfigError, match=r"^dataset.split_by: must be one of hash, order, got 'time'$"):
+        from compression.config_checks import check_fields
+
+        check_fields(MovieLensConfig(split_by="time"), "dataset")

@@ -138,3 +138,26 @@ def test_memory_is_flat_in_rows(tmp_path, monkeypatch):
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[1] < 1.5 * peaks[0]
+
+
+def test_drifting_ids_split_in_time(tmp_path):
+    """``drift``: each field's popular ids move along the rows, and ``split_by: order`` trains
+    on the first 80% of the rows and tests on the last 10%, so the ids most used in the test
+    split are ids the training split barely saw; without drift the same ids lead both."""
+    def top_ids(drift: float) -> tuple[list[int], list[int], dict[str, int]]:
+        cfg = SyntheticConfig(rows=20_000, cardinalities=[500], n_dense=0, drift=drift, split_by="order", seed=3)
+        ds = cfg.prepare(tmp_path / f"d{drift}")
+        tops = []
+        for s in ("train", "test"):
+            ids = pl.read_parquet(ds.split_path(s))["C1"]
+            tops.append(ids.filter(ids > 0).value_counts(sort=True)["C1"].head(5).to_list())
+        return tops[0], tops[1], ds.schema.rows
+
+    train, test, rows = top_ids(0.0)
+    assert rows == {"train": 16_000, "val": 2_000, "test": 2_000}
+    assert train[0] == test[0] == 1  # rank 0 leads both
+    train, test, _ = top_ids(0.5)
+    assert not set(train) & set(test)
+    counts = SyntheticConfig(rows=20_000, cardinalities=[500], n_dense=0, drift=0.5, split_by="order", seed=3) \
+        .prepare(tmp_path / "d0.5").counts("C1")
+    assert all(counts[i] < counts[train[-1]] / 2 for i in test)  # the test's popular ids: rarer in training
