@@ -309,7 +309,7 @@ def test_a_staged_method_meets_a_budget_with_quantization_after_its_schedule(con
     assert held < memory_report(compress(tables, dataclasses.replace(cfg, quantization={}), counts=counts)).bytes
 
 
-SEARCHED = ("optembed", "autodim", "autosrh")  # a stage searches their sizes within the budget
+SEARCHED = ("optembed", "autodim", "autosrh", "matryoshka")  # a stage searches their sizes within the budget
 
 
 @pytest.mark.parametrize("config", examples())

@@ -72,8 +72,9 @@ CASES = [
     ("pep", None, "dcnv2"),
     ("deeplight", None, "dlrm"),
     ("binary", Quantization("int8"), "dcnv2"),
+    ("matryoshka", Quantization("int8"), "dlrm"),
 ]
-COMPACT = {"dpq": "pack", "mgqe": "pack", "dedup": "merge", "pep": "compact", "deeplight": "compact", "binary": "pack"}  # the stage that makes the deployed form
+COMPACT = {"dpq": "pack", "mgqe": "pack", "dedup": "merge", "pep": "compact", "deeplight": "compact", "binary": "pack", "matryoshka": "deploy_to_budget"}  # the stage that makes the deployed form
 
 
 @pytest.mark.parametrize("method, quantization, model", CASES, ids=lambda x: getattr(x, "label", lambda: x)())
