@@ -7,7 +7,14 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compression import Budget, BudgetError, MethodConfigError, Quantization, compress, memory_report
+from compression import (
+    Budget,
+    BudgetError,
+    MethodConfigError,
+    Quantization,
+    compress,
+    memory_report,
+)
 from compression.methods.matryoshka import MatryoshkaConfig
 
 DIM = 16
