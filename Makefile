@@ -30,7 +30,7 @@ TRACKING_URI ?= sqlite:///mlflow.db
 EXPERIMENTS := $(basename $(notdir $(wildcard experiments/conf/experiment/*.yaml)))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-all advise experiment experiment-distributed sweep report readme-table ui lint clean peer-setup peer-compare bench-step bench-lookup
+.PHONY: help setup test test-all advise experiment experiment-distributed sweep report readme-table ui lint clean peer-setup peer-compare bench-step bench-lookup bench-throughput
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -101,6 +101,9 @@ peer-compare: $(STAMP) $(PEER_VENV)/.setup ## embcomp vs FuxiCTR, same split: ma
 
 bench-step: $(STAMP) ## training step time of every method against none, same batches (ARGS="--ratio 10")
 	$(PY) -m experiments.benches.step $(ARGS)
+
+bench-throughput: $(STAMP) ## training samples/s against the GEMM peak and memory bandwidth, step phases (ARGS="--vocab sample")
+	$(PY) -m experiments.benches.throughput $(ARGS)
 
 bench-lookup: $(STAMP) ## inference lookup time of quantized tables against fp32
 	$(PY) -m experiments.benches.lookup $(ARGS)

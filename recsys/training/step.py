@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,17 +56,33 @@ class TrainStep:
         self.clip: float = float(cfg.clip_grad_norm or 0.0)
         self.tables = [p for p in module.table_parameters() if p.requires_grad]
         self.clipped = [p for p in model.parameters() if p.requires_grad] if self.clip else []
+        # where a step's time goes, phase -> seconds summed over steps (None: not timed);
+        # ``experiments.benches.throughput`` sets it
+        self.phases: dict[str, float] | None = None
+
+    def _mark(self, phase: str, start: float) -> float:
+        now = time.perf_counter()
+        assert self.phases is not None
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - start
+        return now
 
     def __call__(self, batch: Batch) -> tuple[float, int]:
+        timed = self.phases is not None
+        t = time.perf_counter() if timed else 0.0
         logits = self.model(batch.dense_features, batch.sparse_features).reshape(-1)
         loss, value, n = self.loss_fn(logits, batch.labels)
         reg = self.module.regularization()
         total = loss if reg is None else loss + reg * self.reg_scale
+        t = self._mark("forward", t) if timed else t
         self.opts.zero_grad()
         total.backward()
+        t = self._mark("backward", t) if timed else t
         if self.l2:
             add_embedding_l2(self.tables, self.l2, self.l2_mode)
         if self.clipped:
             torch.nn.utils.clip_grad_norm_(self.clipped, self.clip)
+        t = self._mark("l2_and_clip", t) if timed else t
         self.opts.step()
+        if timed:
+            self._mark("optimizer", t)
         return value, n
