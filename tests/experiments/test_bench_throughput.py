@@ -6,8 +6,8 @@ import re
 
 from torch import nn
 
-from experiments.benches.throughput import MODELS, Run, batches, main
 from experiments.benches.step import CRITEO_SAMPLE_VOCAB
+from experiments.benches.throughput import MODELS, Run, batches, main
 
 
 def test_the_flops_are_those_of_the_layers():
