@@ -67,7 +67,9 @@ TRAINERS = {
     "default": dict(sparse_optimizer="rowwise_adagrad", sparse_lr=0.05, dense_lr=1e-3, embedding_l2=1e-4,
                     embedding_l2_mode="table"),
 }  # fmt: skip
-N_DENSE = 13
+# the published Frappe CSV's ten fields (BARS's DeepFM split; no dense features)
+FRAPPE_VOCAB = [957, 4082, 7, 7, 2, 3, 2, 9, 80, 233]
+VOCABS = {"kaggle": (CRITEO_KAGGLE_VOCAB, 13), "sample": (CRITEO_SAMPLE_VOCAB, 13), "frappe": (FRAPPE_VOCAB, 0)}
 
 
 def gemm_peak(seconds: float = 2.0) -> tuple[float, str]:
@@ -104,15 +106,15 @@ def tables(vocab: list[int], dim: int) -> list[EmbeddingBagConfig]:
             for i, n in enumerate(vocab)]  # fmt: skip
 
 
-def batches(vocab: list[int], n: int, batch: int, seed: int = 0) -> list[Batch]:
-    """Power-law single-hot ids (ids 0.. by descending frequency), 13 dense features, labels."""
+def batches(vocab: list[int], n: int, batch: int, seed: int = 0, n_dense: int = 13) -> list[Batch]:
+    """Power-law single-hot ids (ids 0.. by descending frequency), ``n_dense`` dense features, labels."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         ids = [np.minimum(rng.zipf(1.1, batch) - 1, v - 1) for v in vocab]
         kjt = KeyedJaggedTensor(keys=[f"C{i + 1}" for i in range(len(vocab))], values=torch.from_numpy(np.concatenate(ids)),
                                 lengths=torch.ones(batch * len(vocab), dtype=torch.int32))  # fmt: skip
-        out.append(Batch(dense_features=torch.randn(batch, N_DENSE), sparse_features=kjt,
+        out.append(Batch(dense_features=torch.randn(batch, n_dense), sparse_features=kjt,
                          labels=torch.randint(0, 2, (batch,)).float()))  # fmt: skip
     return out
 
@@ -120,13 +122,14 @@ def batches(vocab: list[int], n: int, batch: int, seed: int = 0) -> list[Batch]:
 class Run:
     """One model and method: its trainer step, timed phases, and what it is counted at."""
 
-    def __init__(self, model_name: str, method: str, ratio: float, vocab: list[int], trainer: dict) -> None:
+    def __init__(self, model_name: str, method: str, ratio: float, vocab: list[int], trainer: dict,
+                 n_dense: int = 13) -> None:  # fmt: skip
         mcfg = MODELS[model_name]()
         config = compression.config_class(method)().with_budget(Budget(ratio=ratio))
         counts = {f"C{i + 1}": (1e6 / np.arange(1, v + 1)).astype(np.int64) for i, v in enumerate(vocab)}
         self.tabs = tables(vocab, mcfg.table_dim())
         self.module = compress(self.tabs, config, counts=counts, seed=0)
-        self.model = mcfg.build(self.module, N_DENSE)
+        self.model = mcfg.build(self.module, n_dense)
         cfg = TrainerConfig(**trainer)
         self.step = TrainStep(self.model, self.module, build_optimizers(self.model, self.module, cfg), cfg)
         self.times: list[float] = []
@@ -158,7 +161,7 @@ class Run:
         return float(moved)
 
 
-def assembly_ms(vocab: list[int], batch: int, n: int) -> float:
+def assembly_ms(vocab: list[int], batch: int, n: int, n_dense: int) -> float:
     """Mean ms a training batch (KJT, dense, labels) takes to assemble from a processed dataset,
     over an epoch of ``n`` batches (the iterator's start included)."""
     from recsys.data.loader import BatchLoader
@@ -166,7 +169,7 @@ def assembly_ms(vocab: list[int], batch: int, n: int) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = int(batch * n / 0.8) + batch
-        ds = SyntheticConfig(rows=rows, cardinalities=vocab, n_dense=N_DENSE, seed=0).prepare(Path(tmp))
+        ds = SyntheticConfig(rows=rows, cardinalities=vocab, n_dense=n_dense, seed=0).prepare(Path(tmp))
         loader = BatchLoader(ds, "train", batch, shuffle=True, seed=0)
         start, count = time.perf_counter(), 0
         for _ in loader:
@@ -179,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--methods", nargs="*", default=["none", "hashing"])
     parser.add_argument("--ratio", type=float, default=10.0)
-    parser.add_argument("--vocab", choices=["kaggle", "sample"], default="kaggle")
+    parser.add_argument("--vocab", choices=list(VOCABS), default="kaggle",
+                        help="the Criteo Kaggle file's 26 vocabularies, the Criteo sample's, or Frappe's ten")
     parser.add_argument("--trainer", choices=list(TRAINERS), default="bars")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
@@ -188,13 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    vocab = CRITEO_KAGGLE_VOCAB if args.vocab == "kaggle" else CRITEO_SAMPLE_VOCAB
+    vocab, n_dense = VOCABS[args.vocab]
     peak, shape = gemm_peak()
     bw = bandwidth()
     print(f"{torch.get_num_threads()} threads: fp32 GEMM peak {peak:.0f} GFLOP/s ({shape}); copy bandwidth {bw:.1f} GB/s")
-    print(f"batch assembly (BatchLoader, {len(vocab)} fields, batch {args.batch}): {assembly_ms(vocab, args.batch, 20):.1f} ms")
-    data = batches(vocab, args.steps + 2, args.batch)
-    runs = {(m, x): Run(m, x, args.ratio, vocab, TRAINERS[args.trainer]) for m in args.models for x in args.methods}
+    print(f"batch assembly (BatchLoader, {len(vocab)} fields, batch {args.batch}): {assembly_ms(vocab, args.batch, 20, n_dense):.1f} ms")
+    data = batches(vocab, args.steps + 2, args.batch, n_dense=n_dense)
+    runs = {(m, x): Run(m, x, args.ratio, vocab, TRAINERS[args.trainer], n_dense)
+            for m in args.models for x in args.methods}  # fmt: skip
     for r in runs.values():
         for b in data[:2]:  # warm up
             r.step(b)
