@@ -100,5 +100,6 @@ def build_masked(method: str, cls: type[M], tables: list[EmbeddingBagConfig], co
         sizes=kept_at_sparsity,
         precision=precision,
         construct=lambda plan: cls(tables, config, plan, ctx),
+        unplanned=lambda: cls(tables, config, None, ctx),
         deployed=planned_form,
     )  # fmt: skip

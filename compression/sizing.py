@@ -148,7 +148,8 @@ def build_sized(
     config: BudgetedConfig,
     ctx: BuildContext,
     *,
-    construct: Callable[[Optional[Plan]], M],
+    construct: Callable[[Plan], M] | None = None,
+    unplanned: Callable[[], M] | None = None,
     costs: Callable[[TableFormat], Sequence[FieldCost]] | None = None,
     fixed: Callable[[TableFormat], int] | None = None,
     check: Callable[[], object] | None = None,
@@ -177,8 +178,9 @@ def build_sized(
 
     A method whose sizes a stage searches within the budget gives ``search(fmt)``
     instead of costs: what its forms can reach (``Reach``), against which the budget is
-    checked here; ``construct`` then gets no plan. So does a method sized by its own rule
-    (``BudgetedConfig.unbudgeted``) when it has neither budget nor explicit sizes.
+    checked here, and ``unplanned()`` to make its module without a plan. A method sized by
+    its own rule (``BudgetedConfig.unbudgeted``) is made by ``unplanned()`` when it has
+    neither budget nor explicit sizes.
     ``precision``: the format the costs count in where it is not the tables' format
     (element pruning's sparse values).
 
@@ -202,10 +204,12 @@ def build_sized(
     if own_rule or search is not None:
         if search is not None and config.budget is not None:
             search(fmt).check(method, config.budget, tables, fmt.precision)
-        built = construct(None)
+        assert unplanned is not None, f"{method}: build_sized needs unplanned() to build without a plan"
+        built = unplanned()
         built.sizing = "own rule" if own_rule else "search"
         return built
-    assert costs is not None and fixed is not None, f"{method}: build_sized needs costs and fixed bytes, or a search"
+    assert costs is not None and fixed is not None and construct is not None, \
+        f"{method}: build_sized needs costs, fixed bytes and construct(plan), or a search"
     counted_in = precision or fmt.precision
     priced, held = list(costs(fmt)), fixed(fmt)
     if config.budget is not None:

@@ -379,4 +379,4 @@ def _reach(config: AutoDimConfig, tables: list[EmbeddingBagConfig], fmt: TableFo
 def build(tables: list[EmbeddingBagConfig], config: AutoDimConfig, ctx: BuildContext) -> AutoDimCollection:
     return build_sized(tables, config, ctx, check=lambda: _check(config, tables, ctx),
                        search=lambda fmt: _reach(config, tables, fmt),
-                       construct=lambda _: AutoDimCollection(tables, config, ctx))  # fmt: skip
+                       unplanned=lambda: AutoDimCollection(tables, config, ctx))  # fmt: skip

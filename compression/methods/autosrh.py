@@ -300,4 +300,4 @@ def build(tables: list[EmbeddingBagConfig], config: AutoSrhConfig, ctx: BuildCon
         return Reach(segment_bytes(tables, least, remapped, fmt), "one block of dims per field")
 
     return build_sized(tables, config, ctx, check=lambda: _check(config, tables, ctx), search=reach,
-                       construct=lambda _: AutoSrhCollection(tables, config, ctx, grouped()))  # fmt: skip
+                       unplanned=lambda: AutoSrhCollection(tables, config, ctx, grouped()))  # fmt: skip

@@ -217,7 +217,7 @@ class BinaryCodesCollection(IdMappedCollection):
         assert self.ec is not None
         for name, (_, k) in self.shape.items():
             t = self._tables[name]
-            weight = self.ec[f"d{t.embedding_dim}"].embeddings[name].weight  # type: ignore[index]
+            weight = self.ec[f"d{t.embedding_dim}"].embeddings[name].weight  # type: ignore[index,union-attr]
             signs, scales = binarize(weight.detach().float(), k)
             self.register_buffer(f"bits_{name}", pack_bits(signs))
             self.register_buffer(f"scales_{name}", scales.half())

@@ -319,5 +319,5 @@ def build(tables: list[EmbeddingBagConfig], config: MatryoshkaConfig, ctx: Build
         tables, config, ctx,
         check=lambda: refuse_aware(config.quantization, config.method, "the deploy stage replaces the tables it would train"),
         search=lambda fmt: _reach(tables, fmt),
-        construct=lambda _: MatryoshkaCollection(tables, config, ctx),
+        unplanned=lambda: MatryoshkaCollection(tables, config, ctx),
     )  # fmt: skip

@@ -386,4 +386,4 @@ def _reach(tables: list[EmbeddingBagConfig], fmt: TableFormat) -> Reach:
 @register(OptEmbedConfig)
 def build(tables: list[EmbeddingBagConfig], config: OptEmbedConfig, ctx: BuildContext) -> OptEmbedCollection:
     return build_sized(tables, config, ctx, search=lambda fmt: _reach(tables, fmt),
-                       construct=lambda _: OptEmbedCollection(tables, config, ctx))  # fmt: skip
+                       unplanned=lambda: OptEmbedCollection(tables, config, ctx))  # fmt: skip

@@ -134,6 +134,7 @@ class Run:
         self.step = TrainStep(self.model, self.module, build_optimizers(self.model, self.module, cfg), cfg)
         self.times: list[float] = []
         self.emb_forward = 0.0
+        self._t = 0.0
         self.module.register_forward_pre_hook(lambda *_: setattr(self, "_t", time.perf_counter()))
         self.module.register_forward_hook(lambda *_: setattr(self, "emb_forward",
                                                              self.emb_forward + time.perf_counter() - self._t))  # fmt: skip
