@@ -7,6 +7,7 @@ Python's ``hash()``.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -189,10 +190,12 @@ def atomic_directory(final: Path):
     try:
         yield tmp
         os.unlink(tmp / BUILD_LOCK)  # still locked through fd until the rename is done
-        if final.exists():  # another process finished the same build first
-            shutil.rmtree(tmp)
-        else:
+        try:
             os.replace(tmp, final)
+        except OSError as e:  # another process finished the same build first (also between a check and the rename)
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+                raise
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
