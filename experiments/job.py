@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
@@ -35,6 +34,7 @@ from experiments.job_resolve import (
     JobUnreachable,
 )
 from experiments.job_seeds import run_seeds
+from experiments.job_summary import JobSummary
 from experiments.job_train import run_one
 from experiments.seeds import resolve_seeds
 from recsys.training.callbacks import Callback
@@ -47,8 +47,9 @@ __all__ = [
 
 def run_job(
     cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None, callbacks: Sequence[Callback] = ()
-) -> dict[str, Any]:
-    """Run one configured job and return its summary (also written to summary.json).
+) -> JobSummary | None:
+    """Run one configured job and return its summary (also written to summary.json; None
+    on a sharded job's ranks other than 0, which record nothing).
 
     In a sweep (``parent_run_id`` set), a job whose effective config already ran under
     the same parent is skipped, and a budget the method cannot reach is recorded as an

@@ -13,7 +13,6 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +27,7 @@ from experiments.job_resolve import (
     sweep_parent,
     write_json_atomic,
 )
+from experiments.job_summary import JobSummary
 from experiments.job_train import run_one
 from experiments.record import RunRecord
 from experiments.seeds import aggregate_metrics
@@ -56,17 +56,17 @@ def seed_cfg(cfg: DictConfig, seed: int) -> DictConfig:
 
 def run_seeds(
     cfg: DictConfig, output_dir: Path, seeds: list[int], parent_run_id: str | None, callbacks: Sequence[Callback] = ()
-) -> dict[str, Any]:
+) -> JobSummary | None:
     """Every seed of one job, nested under its group run; the group gets the aggregate."""
     if rank() != 0:  # a sharded job's other ranks: train every seed, record nothing
         for s in seeds:
             try:
                 run_one(seed_cfg(cfg, s), output_dir / f"seed-{s}")
             except JobUnreachable:
-                return {}
+                return None
             except JobSkipped:
                 continue
-        return {}
+        return None
     check_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.connect_timeout_s)
     exp_id = use_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name)
     sweep_id = parent_run_id or sweep_parent()
@@ -88,8 +88,9 @@ def run_seeds(
         for s in seeds:
             group = Group(record.run_id("job"), sweep_id)
             try:
-                per_seed[s] = run_one(seed_cfg(cfg, s), output_dir / f"seed-{s}", group=group,
-                                      callbacks=callbacks)["metrics"]  # fmt: skip
+                one = run_one(seed_cfg(cfg, s), output_dir / f"seed-{s}", group=group, callbacks=callbacks)
+                assert one is not None  # (rank 0)
+                per_seed[s] = one.metrics
             except JobUnreachable as e:  # every seed would be: same sizes
                 unreachable = str(e)
                 break
@@ -104,12 +105,11 @@ def run_seeds(
         record.end("job")
         raise JobUnreachable(unreachable)
     metrics = aggregate_metrics([per_seed[s] for s in sorted(per_seed)])
-    summary = {
-        "run_id": record.run_id("job"), "run_name": name, "experiment": cfg.mlflow.experiment_name,
-        "parent_run_id": sweep_id, "tags": tags, "seeds": seeds, "metrics": metrics,
-        "per_seed": {str(s): m for s, m in sorted(per_seed.items())},
-    }  # fmt: skip
-    write_json_atomic(summary, output_dir / "summary.json")
+    summary = JobSummary(
+        run_id=record.run_id("job"), run_name=name, experiment=cfg.mlflow.experiment_name, parent_run_id=sweep_id,
+        tags=tags, metrics=metrics, seeds=seeds, per_seed={str(s): m for s, m in sorted(per_seed.items())},
+    )  # fmt: skip
+    write_json_atomic(summary.to_json(), output_dir / "summary.json")
     record.metrics("job", metrics)
     record.tags("job", {"embcomp.status": "complete" if per_seed else "failed"})
     record.end("job")

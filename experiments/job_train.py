@@ -22,6 +22,7 @@ from compression import BudgetError, memory_report
 from compression.base import CompressedEmbeddingBagCollection
 from experiments.job_build import Built, build
 from experiments.job_resolve import JobUnreachable, Resolved, resolve, write_json_atomic
+from experiments.job_summary import JobSummary
 from experiments.record import RunRecord
 from experiments.resources import peak_rss_bytes
 from experiments.tracking import RecordCallback, job_metrics, job_params
@@ -37,18 +38,18 @@ log = logging.getLogger("experiments.job")  # (the name its messages have always
 def run_one(
     cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None, group: Group | None = None,
     callbacks: Sequence[Callback] = (),
-) -> dict[str, Any]:  # fmt: skip
+) -> JobSummary | None:  # fmt: skip
     """One training run of one seed (``run_job`` without ``seeds``, or one of them):
     resolve the job, skip it if its sweep already has it, build, then train and record."""
     job = resolve(cfg, output_dir, parent_run_id, group)
     built = build(job)
     if not job.main:  # the other ranks of a sharded job train and evaluate; rank 0 records
         built.trainer.run(built.model, built.module, built.loaders["train"], built.loaders["val"], built.test(cfg))
-        return {}
+        return None
     return train_and_record(job, built, output_dir, callbacks)
 
 
-def train_and_record(r: Resolved, b: Built, output_dir: Path, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+def train_and_record(r: Resolved, b: Built, output_dir: Path, callbacks: Sequence[Callback] = ()) -> JobSummary:
     """Rank 0: the job's run opened (or resumed) in its record, the schedule trained, the
     summary written to disk first, then the metrics, artifacts and status recorded."""
     record, cfg = r.record, r.cfg
@@ -86,12 +87,12 @@ def train_and_record(r: Resolved, b: Built, output_dir: Path, callbacks: Sequenc
     finally:
         if monitor is not None:
             monitor.finish()
-    summary["run_id"] = record.run_id("job")
+    summary.run_id = record.run_id("job")
     return summary
 
 
 def _record_result(r: Resolved, b: Built, result: Any, sharding_metrics: dict[str, float],
-                   output_dir: Path) -> dict[str, Any]:  # fmt: skip
+                   output_dir: Path) -> JobSummary:  # fmt: skip
     """The finished job's metrics (``tracking.job_metrics``), summary.json, artifacts."""
     record, cfg = r.record, r.cfg
     assert record is not None
@@ -106,22 +107,16 @@ def _record_result(r: Resolved, b: Built, result: Any, sharding_metrics: dict[st
     if exported is not None:
         metrics["export_bytes"] = float(exported.result.bytes_on_disk)
         metrics["export_max_abs_diff"] = exported.max_abs_diff
-    summary = {
-        "run_id": record.run_id("job"),
-        "run_name": r.run_name,
-        "experiment": cfg.mlflow.experiment_name,
-        "parent_run_id": r.parent_run_id,
-        "tags": r.tags,
-        "metrics": metrics,
-        "memory_by_tensor": memory.by_tensor,
-        "chosen": b.chosen,
-        "stages": result.stages,
-        "history": result.fit.history if result.fit else [],
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "dataset": {"root": str(b.ds.root), "schema": asdict(b.ds.schema)},
-    }
+    summary = JobSummary(
+        run_id=record.run_id("job"), run_name=r.run_name, experiment=cfg.mlflow.experiment_name,
+        parent_run_id=r.parent_run_id, tags=r.tags, metrics=metrics,
+        details={"memory_by_tensor": memory.by_tensor, "chosen": b.chosen, "stages": result.stages,
+                 "history": result.fit.history if result.fit else [],
+                 "config": OmegaConf.to_container(cfg, resolve=True),
+                 "dataset": {"root": str(b.ds.root), "schema": asdict(b.ds.schema)}},
+    )  # fmt: skip
     # the summary and the record land on disk first: a tracking failure below loses nothing
-    write_json_atomic(summary, output_dir / "summary.json")
+    write_json_atomic(summary.to_json(), output_dir / "summary.json")
     record.metrics("job", metrics)
     record.artifact("job", output_dir / "summary.json")
     if exported is not None:

@@ -111,9 +111,10 @@ def run_embcomp(cfg: DictConfig, root: Path, seed: int, out: Path) -> dict[str, 
     job.seed, job.seeds = seed, None
     job.dataset = OmegaConf.structured(ProcessedConfig(name=cfg.dataset.name, root=str(root)))
     summary = run_job(job, out)
-    m = summary["metrics"]
+    assert summary is not None  # (one process)
+    m = summary.metrics
     return {"test_auc": m["test_auc"], "test_logloss": m["test_logloss"], "epochs": m["epochs_run"],
-            "fit_samples_per_s": m["fit_samples_per_s"], "fit_s": m["fit_s"], "run_id": summary["run_id"]}  # fmt: skip
+            "fit_samples_per_s": m["fit_samples_per_s"], "fit_s": m["fit_s"], "run_id": summary.run_id}  # fmt: skip
 
 
 def log_peer(cfg: DictConfig, result: dict, seed: int) -> None:

@@ -74,15 +74,15 @@ def main(cfg: DictConfig) -> float | list[float]:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    if not summary:  # a rank other than 0 of a sharded job: rank 0 records and reports
+    if summary is None:  # a rank other than 0 of a sharded job: rank 0 records and reports
         return _objective(cfg, None)
-    m = summary["metrics"]
+    m = summary.metrics
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep's line: experiments.console
         return _objective(cfg, m)
     split = "test" if "test_auc" in m else "final_val"  # (evaluate_test=false: validation only)
     log.info(
         "%s: %s AUC %.4f, logloss %.4f, %d embedding bytes (%.1fx), %.0f samples/s",
-        summary["run_name"], split.replace("final_val", "validation"), m[f"{split}_auc"], m[f"{split}_logloss"],
+        summary.run_name, split.replace("final_val", "validation"), m[f"{split}_auc"], m[f"{split}_logloss"],
         m["embedding_bytes"], m["compression_ratio"], m.get("samples_per_s", float("nan")),
     )
     return _objective(cfg, m)

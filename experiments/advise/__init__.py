@@ -69,6 +69,7 @@ from experiments.advise.search import (
 )
 from experiments.config import PROJECT_ROOT, register_configs
 from experiments.job import JobSkipped, JobUnreachable, run_job
+from experiments.job_summary import JobSummary
 from experiments.tracking import check_tracking, use_experiment
 from experiments.validate import check_job
 from recsys.training.callbacks import Callback
@@ -280,22 +281,24 @@ def _trial_cfg(composer: Any, base: list[str], point: Point, config: AdviseConfi
     return cfg
 
 
-def _run(cfg: DictConfig, out: Path, parent: str, callbacks: list[Callback]) -> dict[str, Any]:
+def _run(cfg: DictConfig, out: Path, parent: str, callbacks: list[Callback]) -> JobSummary:
     """``run_job``, a job out of reach said as a ``BudgetError``, a job the store already
     holds complete (a retried trial, a resumed finalist) given from its summary on disk."""
     try:
-        return run_job(cfg, out, parent_run_id=parent, callbacks=callbacks)
+        summary = run_job(cfg, out, parent_run_id=parent, callbacks=callbacks)
+        assert summary is not None  # (one process)
+        return summary
     except JobUnreachable as e:
         raise BudgetError(str(e)) from None
     except JobSkipped as e:
         path = out / "summary.json"
         if not path.is_file():
             raise BudgetError(f"{e}, but its summary {path} is missing") from None
-        return json.loads(path.read_text())
+        return JobSummary.from_json(json.loads(path.read_text()))
 
 
 def _runner(composer: Any, base: list[str], root: Path, parent: str, config: AdviseConfig, ctx: JobContext) -> Any:
-    def run(point: Point, number: int, callbacks: list[Callback]) -> dict[str, Any]:
+    def run(point: Point, number: int, callbacks: list[Callback]) -> JobSummary:
         cfg = _trial_cfg(composer, base, point, config, ctx, "search", number)
         return _run(cfg, root / "trials" / point.key, parent, callbacks)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from experiments.advise.candidates import Point
+from experiments.job_summary import JobSummary
 from experiments.seeds import Stat, aggregate
 from recsys.training.metrics import not_learned
 
@@ -40,9 +41,9 @@ class Finalist:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, point: Point, summary: dict[str, Any], search_value: float = math.nan) -> Finalist:
-        per_seed = {str(k): dict(v) for k, v in summary.get("per_seed", {}).items()}
-        f = cls(point, per_seed, summary.get("run_id") or "", search_value=search_value)
+    def of(cls, point: Point, summary: JobSummary, search_value: float = math.nan) -> Finalist:
+        per_seed = {str(k): dict(v) for k, v in (summary.per_seed or {}).items()}
+        f = cls(point, per_seed, summary.run_id or "", search_value=search_value)
         f.failed = f._failed()
         if point.candidate.reference:
             f.rank = "reference"

@@ -59,6 +59,7 @@ from experiments.advise.pruner import PerCandidateHalving
 from experiments.advise.study_storage import GRACE_BEATS
 from experiments.advise.study_storage import open_study as open_study  # (imported from here)
 from experiments.advise.study_storage import storage as storage
+from experiments.job_summary import JobSummary
 from recsys.training.callbacks import Callback, TrainingStopped
 
 PLAN_ATTR = "embcomp.plan"
@@ -67,7 +68,7 @@ PARENT_ATTR = "embcomp.parent_run"
 
 # (a point, the trial's number, callbacks for the trainer) -> the job's summary; a job the
 # store already holds complete gives its summary from disk, one out of reach raises BudgetError
-Runner = Callable[[Point, int, list[Callback]], dict[str, Any]]
+Runner = Callable[[Point, int, list[Callback]], JobSummary]
 
 
 class AdviseError(EmbcompError, ValueError):
@@ -336,12 +337,12 @@ class Search:
             self._progress(trial, point, f"failed: {e}")
             raise _TrialError(str(e)) from None
         self.current = None
-        m = summary["metrics"]
+        m = summary.metrics
         attrs: dict[str, Any] = {k: float(m[k]) for k in RECORDED if k in m}
-        attrs.update(wall_s=time.monotonic() - start, run_id=summary.get("run_id") or "")
-        if "per_seed" in summary:  # the grid: seeds' sums and test figures
-            attrs["trained_samples"] = sum(float(s.get("trained_samples", 0)) for s in summary["per_seed"].values())
-            attrs["per_seed"] = summary["per_seed"]
+        attrs.update(wall_s=time.monotonic() - start, run_id=summary.run_id or "")
+        if summary.per_seed is not None:  # the grid: seeds' sums and test figures
+            attrs["trained_samples"] = sum(float(s.get("trained_samples", 0)) for s in summary.per_seed.values())
+            attrs["per_seed"] = summary.per_seed
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         from recsys.training.metrics import not_learned

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from experiments.advise import AdviseConfig, AdviseError, advise
 from experiments.advise.__main__ import main, parse
 from experiments.advise.search import storage
+from experiments.job_summary import JobSummary
 from tests.experiments.conftest import CONF, REPO
 
 TINY = ["model.deep_layers=[32]", "model.cross_layers=1", "trainer.batch_size=512"]
@@ -108,7 +109,8 @@ def test_a_constant_predictor_is_never_the_answer(tmp_path):
         m = [{"final_val_auc": a, "final_val_logloss": 0.69 if a < 0.51 else 0.5, "final_val_base_logloss": 0.66,
               "final_val_rows": 5000.0, "final_val_positives": 1500.0, "test_auc": a} for a in aucs]  # fmt: skip
         point = Point(Candidate(name, name, reference=reference), (), 0)
-        return Finalist.of(point, {"per_seed": {str(i): x for i, x in enumerate(m)}})
+        return Finalist.of(point, JobSummary(run_id="", run_name="", experiment="", parent_run_id=None, tags={}, metrics={},
+                                             per_seed={str(i): x for i, x in enumerate(m)}))  # fmt: skip
 
     constant, learned, ref = fin("optembed", [0.5001, 0.4999, 0.5000]), fin("hashing", [0.70, 0.71, 0.69]), fin("none", [0.75] * 3, True)
     assert constant.failed and "within noise of 0.5" in constant.failed and learned.failed is None

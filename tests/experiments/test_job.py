@@ -21,7 +21,7 @@ def test_job_is_recorded_in_mlflow(compose_cfg, tmp_path):
     runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
     assert len(runs) == 1
     run = runs[0]
-    assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
+    assert run.info.status == "FINISHED" and run.info.run_id == summary.run_id
     # the UI opens it on its training-runs view, not the GenAI overview
     assert mlflow.get_experiment_by_name("test").tags["mlflow.experimentKind"] == "custom_model_development"
     assert mlflow.get_experiment("0").lifecycle_stage == "deleted"  # the empty Default is not listed first
@@ -37,7 +37,7 @@ def test_job_is_recorded_in_mlflow(compose_cfg, tmp_path):
     assert tags["embcomp.status"] == "complete"
     p = run.data.params
     assert p["trainer.epochs"] == "1" and p["model.cross_layers"] == "3"
-    assert p["dataset.rows.train"] == str(summary["dataset"]["schema"]["rows"]["train"])
+    assert p["dataset.rows.train"] == str(summary.details["dataset"]["schema"]["rows"]["train"])
     assert run.inputs.dataset_inputs[0].dataset.name == "criteo_sample"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
     assert len(history) >= 2
@@ -114,13 +114,13 @@ def test_export_writes_a_reloadable_program_logged_with_its_size(compose_cfg, tm
         "+compression.quantization.precision=int4", "export=true",
     ))  # fmt: skip
     summary = run_job(cfg, tmp_path / "out")
-    m = summary["metrics"]
+    m = summary.metrics
     path = tmp_path / "out" / "model.pt2"
     assert m["export_bytes"] == path.stat().st_size > 0
     assert m["export_max_abs_diff"] < 1e-5
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.MlflowClient()
-    assert [a.path for a in client.list_artifacts(summary["run_id"], "model")] == ["model/model.pt2"]
+    assert [a.path for a in client.list_artifacts(summary.run_id, "model")] == ["model/model.pt2"]
 
 
 @pytest.mark.parametrize("method", ["frequency_hybrid", "mixed_dim"])
@@ -129,7 +129,7 @@ def test_methods_sized_from_id_counts_run_as_jobs(compose_cfg, tmp_path, method)
     cfg = compose_cfg(smoke_overrides(tmp_path, "dataset=criteo_sample", "model=dcnv2", f"compression={method}",
                                       "budget=10x", "trainer.max_steps_per_epoch=3"))  # fmt: skip
     summary = run_job(cfg, tmp_path / "out")
-    assert summary["metrics"]["compression_ratio"] == pytest.approx(10, rel=0.05)
+    assert summary.metrics["compression_ratio"] == pytest.approx(10, rel=0.05)
 
 
 def test_a_default_experiment_with_runs_is_left_alone(tmp_path):

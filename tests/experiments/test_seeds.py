@@ -70,7 +70,7 @@ def test_a_job_with_seeds_runs_each_under_one_group_run_and_resumes_without_redo
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
     groups = [r for r in runs if r.data.tags.get("embcomp.kind") == "seed_group"]
-    assert len(groups) == 1 and groups[0].info.run_id == summary["run_id"]
+    assert len(groups) == 1 and groups[0].info.run_id == summary.run_id
     group = groups[0]
     seeds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == group.info.run_id]
     assert sorted(r.data.tags["seed"] for r in seeds) == ["0", "1"]
@@ -84,7 +84,7 @@ def test_a_job_with_seeds_runs_each_under_one_group_run_and_resumes_without_redo
     assert set(on_disk["per_seed"]) == {"0", "1"}
     # the same job again in the same directory: the same group, no seed trained twice
     again = run_job(cfg, tmp_path / "out")
-    assert again["run_id"] == group.info.run_id
+    assert again.run_id == group.info.run_id
     runs2 = mlflow.search_runs(experiment_names=["test"], output_format="list")
     assert len(runs2) == len(runs)
 

@@ -30,7 +30,7 @@ def test_example_trains_with_every_model_unchanged(compose_cfg, tmp_path):
     for model in ("deepfm", "dlrm", "dcnv2"):
         cfg = compose_cfg(smoke_overrides(tmp_path, "dataset=tabular_example", f"model={model}"))
         summary = run_job(cfg, tmp_path / model)
-        assert 0.6 < summary["metrics"]["test_auc"] <= 1.0, model
+        assert 0.6 < summary.metrics["test_auc"] <= 1.0, model
 
 
 def test_template_from_the_command_line_bad_row_is_one_error_line(tmp_path):
