@@ -124,9 +124,10 @@ class CafeCollection(IdMappedCollection):
     def _sketch(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return getattr(self, f"keys_{name}"), getattr(self, f"scores_{name}"), getattr(self, f"slot_{name}")
 
-    def rows(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """The inner row of every id: its exact slot while it is hot, else its hashed row."""
-        p = self.params.expand(features)
+    def rows(self, features: KeyedJaggedTensor, p: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The inner row of every id: its exact slot while it is hot, else its hashed row
+        (``p``: the per-id parameters, when the caller has them)."""
+        p = self.params.expand(features) if p is None else p
         ids = features.values()
         coded = p["table"] >= 0
         rows = torch.where(coded, p["base"] + self.hasher(ids, p["mod"], which=0),
@@ -143,9 +144,8 @@ class CafeCollection(IdMappedCollection):
         return rows
 
     @torch.no_grad()
-    def observe(self, features: KeyedJaggedTensor) -> None:
+    def observe(self, features: KeyedJaggedTensor, p: dict[str, torch.Tensor]) -> None:
         """One training step's ids into the sketches; every ``interval`` steps, promote and demote."""
-        p = self.params.expand(features)
         ids = features.values()
         for i, name in enumerate(self.coded):
             seen, counts = torch.unique(ids[p["table"] == i], return_counts=True)
@@ -168,9 +168,9 @@ class CafeCollection(IdMappedCollection):
         if new.numel() == 0:
             return
         # per bucket the most frequent new id (ties: the smallest id)
-        best = torch.full((n_buckets,), -1.0).scatter_reduce(0, nb, nc, "amax")
+        best = torch.full((n_buckets,), -1.0, device=ids.device).scatter_reduce(0, nb, nc, "amax")
         top = nc == best[nb]
-        winner = torch.full((n_buckets,), torch.iinfo(torch.int64).max, dtype=torch.int64)
+        winner = torch.full((n_buckets,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=ids.device)
         winner = winner.scatter_reduce(0, nb[top], new[top], "amin")
         buckets = (winner != torch.iinfo(torch.int64).max).nonzero().squeeze(1)
         low, at = scores[buckets].min(dim=1)
@@ -192,7 +192,7 @@ class CafeCollection(IdMappedCollection):
         hot[order[flat_scores[order] > 0]] = True
         flat_slot = slot.view(-1)
         flat_slot[~hot & (flat_slot >= 0)] = -1  # demoted
-        used = torch.zeros(k, dtype=torch.bool)
+        used = torch.zeros(k, dtype=torch.bool, device=flat_slot.device)
         used[flat_slot[flat_slot >= 0].long()] = True
         want = (hot & (flat_slot < 0)).nonzero().squeeze(1)
         free = (~used).nonzero().squeeze(1)[: want.numel()]
@@ -206,9 +206,10 @@ class CafeCollection(IdMappedCollection):
         weight[free] = weight[hashed]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        p = self.params.expand(features)  # (once: the sketch and the rows read the same)
         if self.training and self.coded:
-            self.observe(features)
-        return self.ebc(with_values(features, self.rows(features)))
+            self.observe(features, p)
+        return self.ebc(with_values(features, self.rows(features, p)))
 
 
 def _cost(t: EmbeddingBagConfig, config: CafeConfig, fmt: TableFormat) -> FieldCost:

@@ -267,8 +267,10 @@ class MatryoshkaCollection(CompressedEmbeddingBagCollection):
         """Deploy at the config's budget (whole tables without one), from the losses measured
         (``measure``) or, without them, each table's share of columns cut."""
         target = self.target_bytes()
-        self.deploy(*self.deploy_for(target)) if target is not None else self.deploy(
-            {n: t.embedding_dim for n, t in self._tables.items()})  # fmt: skip
+        if target is None:
+            self.deploy({n: t.embedding_dim for n, t in self._tables.items()})
+        else:
+            self.deploy(*self.deploy_for(target))
 
     def deployed_copy(self, dims: dict[str, int], extra: dict[str, int] | None = None) -> MatryoshkaCollection:
         """A deployed copy at ``dims`` (and ``extra``), this module untouched (several budgets,
