@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import sys
 from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs one worker per core: one thread each
@@ -17,6 +19,17 @@ import pytest
 
 from recsys.data.common import write_counts
 from recsys.data.schema import DatasetSchema, ProcessedDataset, SparseField
+
+@pytest.fixture(autouse=True)
+def _global_seeds() -> None:
+    """Every test starts from the same global RNG state, whichever tests its worker ran
+    before it (``-n``'s scheduling varies): a test that draws from torch's, numpy's or
+    Python's global generator sees the same numbers in every run."""
+    random.seed(0)
+    np.random.seed(0)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(0)
+
 
 REPO = Path(__file__).resolve().parents[1]
 CRITEO_SAMPLE = REPO / "data" / "criteo-sample" / "train.txt"
