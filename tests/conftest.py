@@ -20,6 +20,7 @@ import pytest
 from recsys.data.common import write_counts
 from recsys.data.schema import DatasetSchema, ProcessedDataset, SparseField
 
+
 @pytest.fixture(autouse=True)
 def _global_seeds() -> None:
     """Every test starts from the same global RNG state, whichever tests its worker ran

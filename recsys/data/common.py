@@ -65,6 +65,29 @@ def ordered_splits(position: np.ndarray, total: int, fractions: Sequence[float] 
     return np.searchsorted(cuts, np.asarray(position, dtype=np.float64), side="right").astype(np.int8)
 
 
+def split_codes(row_index: np.ndarray, seed: int, fractions: Sequence[float], total: int | None = None) -> np.ndarray:
+    """Split code per row: by the seeded row hash (``total`` None, ``split_by: hash``) or by
+    the row's place in the data's order among ``total`` rows (``split_by: order``)."""
+    if total is None:
+        return assign_splits(row_index, seed, fractions)
+    return ordered_splits(row_index, total, fractions)
+
+
+def split_code_expr(row: str, seed: int, split: Sequence[float], total: int | None = None) -> pl.Expr:
+    """``split_codes`` of the 0-based row index column ``row`` as a streaming polars
+    expression named ``_split`` (Int8)."""
+    fractions = tuple(split)
+    return (
+        pl.col(row)
+        .map_batches(
+            lambda s: pl.Series(split_codes(s.to_numpy(), seed, fractions, total)),
+            return_dtype=pl.Int8,
+            is_elementwise=True,  # keeps the query streaming
+        )
+        .alias("_split")
+    )
+
+
 def build_vocab(values: pl.Series, min_count: int) -> pl.DataFrame:
     """Vocabulary of one field from its train values (nulls are skipped).
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import polars as pl
 
@@ -42,11 +42,11 @@ from recsys.data.base import DatasetConfig
 from recsys.data.common import (
     ROW_GROUP_ROWS,
     IdLookup,
-    assign_splits,
     cached_dataset,
     file_fingerprint,
     scan_lines,
     sha256_file,
+    split_code_expr,
     vocab_from_counts,
     write_counts,
 )
@@ -86,6 +86,9 @@ class CriteoConfig(DatasetConfig):
         ds = cfg.prepare(Path("data/cache"))
     """
 
+    # Criteo's Kaggle and Terabyte files hold their days in order
+    ordered_by: ClassVar[Optional[str]] = "the file's line order (Criteo's days are in time order)"
+
     name: str = "criteo"
     path: str = "data/criteo-sample/train.txt"
     min_count: int = bounded(1, ge=1)
@@ -101,6 +104,7 @@ class CriteoConfig(DatasetConfig):
             "split": list(self.split),
             "min_count": self.min_count,
             "max_rows": self.max_rows,
+            **self.split_key(),
         }
         return cached_dataset(
             Path(cache_root),
@@ -114,6 +118,7 @@ class CriteoConfig(DatasetConfig):
                 split=list(self.split),
                 min_count=self.min_count,
                 max_rows=self.max_rows,
+                split_by=self.split_by,
             ),
         )
 
@@ -155,18 +160,10 @@ def _checks() -> list[tuple[str, pl.Expr]]:
     return checks
 
 
-def _parsed(lines: pl.LazyFrame, seed: int, split: list[float]) -> pl.LazyFrame:
-    """Lines -> typed columns, split code and a per-row ``_bad`` flag (still lazy)."""
-    fractions = tuple(split)
-    split_code = (
-        pl.col("row")
-        .map_batches(
-            lambda s: pl.Series(assign_splits(s.to_numpy(), seed, fractions)),
-            return_dtype=pl.Int8,
-            is_elementwise=True,  # keeps the query streaming
-        )
-        .alias("_split")
-    )
+def _parsed(lines: pl.LazyFrame, seed: int, split: list[float], total: int | None) -> pl.LazyFrame:
+    """Lines -> typed columns, split code (``total`` rows: in file order, else by row hash)
+    and a per-row ``_bad`` flag (still lazy)."""
+    split_code = split_code_expr("row", seed, split, total)
     dense = [
         pl.col(f"_{c}").fill_null(0).clip(lower_bound=0).cast(pl.Float64).log1p().cast(pl.Float32).alias(c)
         for c in DENSE
@@ -215,6 +212,7 @@ def preprocess_criteo(
     split: list[float] | None = None,
     min_count: int = 1,
     max_rows: int | None = None,
+    split_by: str = "hash",
 ) -> DatasetSchema:
     """Write the processed dataset for ``path`` into the existing directory ``out_dir``.
 
@@ -235,7 +233,9 @@ def preprocess_criteo(
 
     # Pass 1: parse and validate every line once, writing one intermediate per split
     # (lz4: written and read once, so cheap compression beats small files).
-    parsed = _parsed(lines, seed, split)
+    # split_by order: the first split[0] of the lines train, the next validate, the rest test
+    total = lines.select(pl.len()).collect(engine="streaming").item() if split_by == "order" else None
+    parsed = _parsed(lines, seed, split, total)
     try:
         pl.collect_all(
             [
@@ -304,6 +304,7 @@ def preprocess_criteo(
             "split": split,
             "min_count": min_count,
             "max_rows": max_rows,
+            **({"split_by": split_by} if split_by != "hash" else {}),
             "code_version": CODE_VERSION,
             "dense_transform": "log1p(max(x, 0)), empty -> 0",
         },

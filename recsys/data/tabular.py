@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from recsys.data.base import DatasetConfig
 from recsys.data.common import cached_dataset, file_fingerprint
@@ -63,6 +63,9 @@ class TabularConfig(DatasetConfig):
         TabularConfig(train_path="train.csv", val_path="valid.csv", test_path="test.csv",
                       categorical=["user", "item", "city"], min_counts={"user": 2})
     """
+
+    # one file (``path``) split by ``split_by: order`` keeps its row order: sort it by time first
+    ordered_by: ClassVar[Optional[str]] = "the file's row order (one file, given as path)"
 
     name: str = "tabular"
     path: Optional[str] = None
@@ -142,6 +145,9 @@ class TabularConfig(DatasetConfig):
         given = [s for s, p in split_paths.items() if p]
         if self.path and not given:
             return {"all": Path(self.path)}
+        if self.split_by == "order" and len(given) == 3 and not self.path:
+            raise self._error("split_by: order splits one file in its row order (path); "
+                              "three files (train_path, val_path, test_path) are already split, so leave split_by: hash")  # fmt: skip
         if not self.path and len(given) == 3:
             return {s: Path(p) for s, p in split_paths.items() if p}
         raise self._error("give either path, or all three of train_path, val_path, test_path")
@@ -167,10 +173,13 @@ class TabularConfig(DatasetConfig):
             "columns": asdict(columns),
             "seed": self.seed,
             "split": list(self.split) if "all" in sources else None,
+            **(self.split_key() if "all" in sources else {}),
         }
         return cached_dataset(
             Path(cache_root),
             self.name,
             key,
-            lambda out: preprocess_tabular(sources, columns, out, name=self.name, seed=self.seed, split=list(self.split)),
+            lambda out: preprocess_tabular(
+                sources, columns, out, name=self.name, seed=self.seed, split=list(self.split), split_by=self.split_by
+            ),
         )

@@ -27,8 +27,8 @@ import polars as pl
 from recsys.data.common import (
     ROW_GROUP_ROWS,
     IdLookup,
-    assign_splits,
     file_fingerprint,
+    split_code_expr,
     string_ids,
     vocab_from_counts,
     write_counts,
@@ -39,24 +39,13 @@ from recsys.data.tabular_parse import bad_flag, diagnose, parsed
 from recsys.data.tabular_source import ROW, Source
 
 
-def _split_code(seed: int, split: list[float]) -> pl.Expr:
-    fractions = tuple(split)
-    return (
-        pl.col(ROW)
-        .map_batches(
-            lambda s: pl.Series(assign_splits(s.to_numpy(), seed, fractions)),
-            return_dtype=pl.Int8,
-            is_elementwise=True,  # keeps the query streaming
-        )
-        .alias("_split")
-    )
-
-
-def _first_pass(src: Source, cols: Columns, tmp: dict[str, Path], seed: int, split: list[float]) -> list[Path]:
+def _first_pass(src: Source, cols: Columns, tmp: dict[str, Path], seed: int, split: list[float], split_by: str) -> list[Path]:
     """Parse and check ``src`` into the intermediates of its split(s); returns them."""
     lf = src.scan().select(pl.col(ROW).cast(pl.Int64), *parsed(src, cols), bad_flag(src, cols))
     if src.split == "all":
-        lf = lf.with_columns(_split_code(seed, split))
+        # split_by order: the file's first split[0] of rows train, the next validate, the rest test
+        total = src.scan().select(pl.len()).collect(engine="streaming").item() if split_by == "order" else None
+        lf = lf.with_columns(split_code_expr(ROW, seed, split, total))
         targets = list(SPLITS)
         sinks = [
             lf.filter(pl.col("_split") == code).drop("_split").sink_parquet(tmp[s], compression="lz4", lazy=True)
@@ -163,6 +152,7 @@ def preprocess_tabular(
     name: str = "tabular",
     seed: int = 0,
     split: list[float] | None = None,
+    split_by: str = "hash",
 ) -> DatasetSchema:
     """Write the processed dataset of ``sources`` (from ``open_sources``) into ``out_dir``.
 
@@ -176,7 +166,7 @@ def preprocess_tabular(
     """
     split = list(split) if split is not None else [0.8, 0.1, 0.1]
     tmp = {s: out_dir / f"_parsed-{s}.parquet" for s in SPLITS}
-    written = {which: _first_pass(src, cols, tmp, seed, split) for which, src in sources.items()}
+    written = {which: _first_pass(src, cols, tmp, seed, split, split_by) for which, src in sources.items()}
     rows = _check_rows(sources, cols, written, split)
 
     train_src = sources.get("train", sources.get("all"))
@@ -215,6 +205,7 @@ def preprocess_tabular(
         params={
             "seed": seed,
             "split": split if "all" in sources else None,
+            **({"split_by": split_by} if split_by != "hash" and "all" in sources else {}),
             "label": cols.label,
             "label_threshold": cols.threshold,
             "min_counts": cols.min_counts,

@@ -150,3 +150,21 @@ def test_copy_is_a_new_cache_entry_with_same_data(tmp_path):
     b = CriteoConfig(path=str(CRITEO_SAMPLE)).prepare(tmp_path / "c")
     assert a.root != b.root
     assert pl.read_parquet(a.split_path("val")).equals(pl.read_parquet(b.split_path("val")))
+
+
+def test_split_by_order_trains_on_the_first_lines_and_tests_on_the_last(tmp_path, criteo_sample, sample_rows):
+    """``split_by: order`` (Criteo's days are in line order): the first 80% of the lines
+    train, the next 10% validate, the last 10% test; the vocabulary comes from those first
+    lines, so a value first seen late is id 0 in the test split; cached apart from the hash split."""
+    ds = CriteoConfig(path=str(CRITEO_SAMPLE), split_by="order", split=[0.7, 0.2, 0.1]).prepare(tmp_path / "c")
+    assert ds.schema.rows == {"train": 7_000, "val": 2_000, "test": 1_000}
+    assert ds.schema.params["split_by"] == "order" and "split_by" not in criteo_sample.schema.params
+    assert ds.root.name != criteo_sample.root.name
+    parts = {"train": sample_rows[:7_000], "val": sample_rows[7_000:9_000], "test": sample_rows[9_000:]}
+    col = 1 + len(DENSE) + SPARSE.index("C3")
+    vocab = _expected_vocab(parts["train"], col)
+    for s, rows in parts.items():
+        df = pl.read_parquet(ds.split_path(s))
+        np.testing.assert_array_equal(df["label"].to_numpy(), [float(r[0]) for r in rows])
+        assert df["C3"].to_list() == [vocab.get(r[col], 0) for r in rows]
+    assert (pl.read_parquet(ds.split_path("test"))["C3"] == 0).sum() > 0  # values first seen after training

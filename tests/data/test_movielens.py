@@ -163,10 +163,10 @@ def test_a_split_in_time_trains_on_the_past_and_tests_on_the_future(movielens_ra
 
 def test_the_order_split_is_refused_where_a_loader_knows_no_order():
     from compression.config_checks import ConfigError
-    from recsys.data.criteo import CriteoConfig
+    from recsys.data.libfm import LibFMConfig
 
-    with pytest.raises(ConfigError, match=r"^dataset.split_by: order needs data with an order, and the CriteoConfig"):
-        CriteoConfig(split_by="order")
+    with pytest.raises(ConfigError, match=r"^dataset.split_by: order needs data with an order, and the LibFMConfig"):
+        LibFMConfig(split_by="order")
     with pytest.raises(ConfigError, match=r"^dataset.split_by: must be one of hash, order, got 'time'$"):
         from compression.config_checks import check_fields
 

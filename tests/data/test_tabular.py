@@ -12,7 +12,7 @@ import pytest
 
 from recsys.data import BatchLoader
 from recsys.data.common import assign_splits
-from recsys.data.schema import ProcessedDataset
+from recsys.data.schema import DataError, ProcessedDataset
 from recsys.data.tabular import MultiHotColumn, NumericColumn, TabularConfig
 
 TRAIN = """clicked,user,city,tags,price,age,note
@@ -227,3 +227,27 @@ def test_csv_reader_is_independent_of_polars(tmp_path):
             freq[s] = freq.get(s, 0) + 1
     ids = {v: i + 1 for i, v in enumerate(sorted(freq, key=lambda v: (-freq[v], v)))}
     assert _split(ds, "test")["shop"].to_list() == [ids.get(s, 0) for s, c in zip(shops, codes) if c == 2]
+
+
+def test_one_file_split_by_order_keeps_its_row_order(tmp_path):
+    """``split_by: order`` on one file: its first rows train, the next validate, the last
+    test, in the file's order (CSV here; the vocabulary from the first rows only). Three
+    files are already split: refused in one line naming the dataset."""
+    df = _frame(500, seed=2)
+    df.drop("tags").write_csv(tmp_path / "all.csv")
+    cfg = TabularConfig(path=str(tmp_path / "all.csv"), label="y", categorical=["user", "shop"], split_by="order")
+    ds = cfg.prepare(tmp_path / "cache")
+    assert ds.schema.rows == {"train": 400, "val": 50, "test": 50}
+    assert ds.schema.params["split_by"] == "order"
+    first = df[:400]
+    freq = first.group_by("shop").len()
+    ids = {v: i + 1 for i, v in enumerate(freq.sort(["len", "shop"], descending=[True, False])["shop"])}
+    for s, part in {"train": df[:400], "val": df[400:450], "test": df[450:]}.items():
+        out = _split(ds, s)
+        assert out["label"].to_list() == part["y"].cast(pl.Float32).to_list()
+        assert out["shop"].to_list() == [ids.get(v, 0) for v in part["shop"]]
+    hashed = TabularConfig(path=str(tmp_path / "all.csv"), label="y", categorical=["user", "shop"]).prepare(tmp_path / "cache")
+    assert hashed.root != ds.root and "split_by" not in hashed.schema.params
+    paths = {k: str(tmp_path / "all.csv") for k in ("train_path", "val_path", "test_path")}
+    with pytest.raises(DataError, match=r"^dataset 'tabular': split_by: order splits one file in its row order \(path\); three files"):
+        TabularConfig(**paths, label="y", categorical=["shop"], split_by="order").prepare(tmp_path / "cache")
