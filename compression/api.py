@@ -68,7 +68,20 @@ class CompressionConfig:
     # the tables before the method is built, with ``pooling_reason`` in the refusal
     poolings: ClassVar[tuple[str, ...]] = ("SUM", "MEAN")
     pooling_reason: ClassVar[str] = ""
+    # True: the method reads an id only through a hash of the whole int64 (the hashing family),
+    # so it takes raw ids (any 64-bit value, a dataset's ``ids: raw``) with no vocabulary;
+    # False: its rows are the vocabulary's ids (frequency-ranked 0 .. num_embeddings - 1)
+    takes_raw_ids: ClassVar[bool] = False
     quantization: Any = field(default_factory=dict)
+
+    @classmethod
+    def raw_id_refusal(cls) -> str | None:
+        """Why the method cannot take raw 64-bit ids (None: it can), in one line."""
+        if cls.takes_raw_ids:
+            return None
+        takers = ", ".join(n for n, c in sorted(registered_methods().items()) if getattr(c, "takes_raw_ids", False))
+        return (f"{cls.method or 'none'} needs vocabulary ids (its rows are the ids, frequency-ranked), not raw ids; "
+                f"the methods that hash raw ids are {takers}")  # fmt: skip
 
     def __post_init__(self) -> None:
         self.quantization = as_quantization(self.quantization)

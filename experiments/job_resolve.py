@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from compression import CompressionConfig
+from compression.config_checks import ConfigError
 from compression.errors import EmbcompError
 from compression.memory import MemoryReport
 from experiments.identity import describe_job, job_key, resolve_compression
@@ -126,6 +127,9 @@ def resolve(cfg: DictConfig, output_dir: Path, parent_run_id: str | None, group:
     """Configs, the tracking store (checked), tags, run name, the checkpoint dir; raises
     ``JobSkipped`` if the sweep already holds this job complete."""
     comp_cfg = resolve_compression(cfg)
+    dataset = OmegaConf.to_object(cfg.dataset)
+    if getattr(dataset, "ids", "vocab") == "raw" and (why := comp_cfg.raw_id_refusal()) is not None:
+        raise ConfigError(f"dataset.ids=raw: {why}")
     trainer_cfg: Any = OmegaConf.to_object(cfg.trainer)
     job = ShardedJob.start(cfg, trainer_cfg) or LocalJob()
     exp_id = None
@@ -153,7 +157,7 @@ def resolve(cfg: DictConfig, output_dir: Path, parent_run_id: str | None, group:
     if skip:
         raise JobSkipped(skip)
     record = RunRecord.open(ckdir / RECORD_FILE, cfg.mlflow.tracking_uri, exp_id) if exp_id is not None else None
-    return Resolved(cfg, OmegaConf.to_object(cfg.dataset), OmegaConf.to_object(cfg.model), comp_cfg, trainer_cfg,
+    return Resolved(cfg, dataset, OmegaConf.to_object(cfg.model), comp_cfg, trainer_cfg,
                     job, tags, key, ckdir, name, parent_run_id, in_sweep, record)  # fmt: skip
 
 

@@ -101,7 +101,8 @@ def _record_result(r: Resolved, b: Built, result: Any, sharding_metrics: dict[st
     # sharded and not gathered: the whole module as built (each rank holds a part; one process: none)
     whole = r.job.whole if result.module is None else None
     memory = whole if whole is not None else memory_report(module)
-    extra = {**sharding_metrics, "peak_rss_bytes": float(peak_rss_bytes())}
+    extra = {**sharding_metrics, "peak_rss_bytes": float(peak_rss_bytes()),
+             "vocabulary_bytes": float(b.ds.schema.vocabulary_bytes())}  # fmt: skip
     metrics = job_metrics(result, memory, b.model, module, extra)
     exported = _export(b.model, b.test(cfg) or b.loaders["val"], output_dir) if cfg.export else None
     if exported is not None:

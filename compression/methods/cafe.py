@@ -59,6 +59,7 @@ class CafeConfig(BudgetedConfig):
     """CAFE. ``budget`` picks each table's rows; or give ``rows`` (budget: null)."""
 
     method: ClassVar[str] = "cafe"
+    takes_raw_ids: ClassVar[bool] = True  # every id goes through the hash (exact tables: in-range ids only)
     rows: Optional[int] = bounded(None, ge=2)
     # the share of a table's rows that are exact slots for hot ids
     hot_fraction: float = bounded(0.5, gt=0, lt=1)

@@ -69,6 +69,7 @@ class DHEConfig(BudgetedConfig):
     """Deep Hash Embedding. ``budget`` picks each table's MLP width; or give ``width`` (budget: null)."""
 
     method: ClassVar[str] = "dhe"
+    takes_raw_ids: ClassVar[bool] = True  # every id goes through the hash (exact tables: in-range ids only)
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"layers": (1, 2)}
     # hidden width of every table's MLP, instead of a budget

@@ -38,6 +38,7 @@ class HashingConfig(BudgetedConfig):
     """Hashing trick. ``budget`` picks each table's rows; or give ``rows`` (budget: null)."""
 
     method: ClassVar[str] = "hashing"
+    takes_raw_ids: ClassVar[bool] = True  # every id goes through the hash (exact tables: in-range ids only)
     # rows of every hashed table (tables with fewer ids stay exact)
     rows: Optional[int] = None
 

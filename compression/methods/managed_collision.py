@@ -78,6 +78,7 @@ class ManagedCollisionConfig(BudgetedConfig):
     """TorchRec MCH with LFU eviction; ``budget`` picks the slots, or give ``zch_size``."""
 
     method: ClassVar[str] = "managed_collision"
+    takes_raw_ids: ClassVar[bool] = True  # every id goes through the hash (exact tables: in-range ids only)
     # slots (rows, the fallback included) of every MC table (budget: null)
     zch_size: Optional[int] = None
     # training steps between two LFU evictions

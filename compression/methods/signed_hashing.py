@@ -38,6 +38,7 @@ class SignedHashingConfig(HashingConfig):
     """Signed hashing. ``budget`` picks each table's rows; or give ``rows`` (budget: null)."""
 
     method: ClassVar[str] = "signed_hashing"
+    takes_raw_ids: ClassVar[bool] = True  # every id goes through the hash (exact tables: in-range ids only)
     poolings: ClassVar[tuple[str, ...]] = ("SUM",)
     pooling_reason: ClassVar[str] = "the signs weight a sum"
     # rows of every hashed table (tables with fewer ids stay exact)

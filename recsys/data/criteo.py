@@ -42,6 +42,7 @@ from recsys.data.base import DatasetConfig
 from recsys.data.common import (
     ROW_GROUP_ROWS,
     IdLookup,
+    RawIds,
     cached_dataset,
     file_fingerprint,
     scan_lines,
@@ -88,6 +89,7 @@ class CriteoConfig(DatasetConfig):
 
     # Criteo's Kaggle and Terabyte files hold their days in order
     ordered_by: ClassVar[Optional[str]] = "the file's line order (Criteo's days are in time order)"
+    raw_ids: ClassVar[bool] = True
 
     name: str = "criteo"
     path: str = "data/criteo-sample/train.txt"
@@ -119,6 +121,7 @@ class CriteoConfig(DatasetConfig):
                 min_count=self.min_count,
                 max_rows=self.max_rows,
                 split_by=self.split_by,
+                ids=self.ids,
             ),
         )
 
@@ -213,6 +216,7 @@ def preprocess_criteo(
     min_count: int = 1,
     max_rows: int | None = None,
     split_by: str = "hash",
+    ids: str = "vocab",
 ) -> DatasetSchema:
     """Write the processed dataset for ``path`` into the existing directory ``out_dir``.
 
@@ -266,14 +270,17 @@ def preprocess_criteo(
     )
     vocabs = {c: vocab_from_counts(df, min_count) for c, df in zip(SPARSE, raw_counts)}
 
-    # Pass 3: values -> ids, one output file per split.
+    # Pass 3: values -> ids (vocabulary ids, or with ids: raw each value's stable hash; the
+    # vocabulary then only sizes the full table and the counts), one output file per split.
     rows: dict[str, int] = {}
     for s in SPLITS:
         pl.scan_parquet(tmp[s]).select(
             "label",
             *DENSE,
             *(
-                pl.col(c).map_batches(IdLookup(vocabs[c]), return_dtype=pl.Int64, is_elementwise=True)
+                pl.col(c).map_batches(
+                    RawIds() if ids == "raw" else IdLookup(vocabs[c]), return_dtype=pl.Int64, is_elementwise=True
+                )
                 for c in SPARSE
             ),
         ).sink_parquet(out_dir / f"{s}.parquet", row_group_size=ROW_GROUP_ROWS, engine="streaming")
@@ -305,6 +312,7 @@ def preprocess_criteo(
             "min_count": min_count,
             "max_rows": max_rows,
             **({"split_by": split_by} if split_by != "hash" else {}),
+            **({"ids": ids} if ids != "vocab" else {}),
             "code_version": CODE_VERSION,
             "dense_transform": "log1p(max(x, 0)), empty -> 0",
         },

@@ -74,6 +74,18 @@ class DatasetSchema:
                 return f.cardinality
         raise KeyError(f"dataset '{self.name}' has no sparse field '{name}'")
 
+    @property
+    def raw_ids(self) -> bool:
+        """True when the sparse columns hold raw 64-bit value hashes (``ids: raw``), not
+        vocabulary ids; ``cardinality`` then counts the train split's distinct values + 1."""
+        return self.params.get("ids", "vocab") == "raw"
+
+    def vocabulary_bytes(self) -> int:
+        """What mapping raw values to these ids costs a serving system: 16 bytes per
+        vocabulary entry (a 64-bit value and a 64-bit id, a hash map's lower bound), none
+        when the ids are raw hashes. Reported beside a model's bytes, never in them."""
+        return 0 if self.raw_ids else 16 * sum(f.cardinality - 1 for f in self.sparse)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
 

@@ -173,6 +173,47 @@ class TestContract:
             assert torch.isfinite(m(bad).values()).all()
         assert seen == [False]
 
+    def test_raw_ids_or_a_one_line_refusal(self, config):
+        """A method declaring ``takes_raw_ids`` takes any 64-bit value as an id (a dataset's
+        ``ids: raw``): finite outputs, the same pooled vector for the same raw id wherever it
+        sits, different vectors for different ids; any other says in one line that it needs
+        vocabulary ids, naming itself."""
+        m = build(config)
+        why = type(config).raw_id_refusal()
+        if not type(config).takes_raw_ids:
+            assert why is not None and why.startswith(f"{type(config).method} needs vocabulary ids") and "\n" not in why
+            return
+        assert why is None
+        g = torch.Generator().manual_seed(1)
+        raw = torch.randint(1, 2**62, (6,), generator=g)
+        out = self._looked_up_after_training(m, raw)
+        swapped = self._looked_up_after_training(m, raw.flip(0), train=False)
+        assert all(torch.isfinite(v).all() for v in out.values())
+        torch.testing.assert_close(swapped["small"], out["small"].flip(0))  # a raw id's vector follows it
+        torch.testing.assert_close(swapped["big"], out["big"].flip(0))
+        # different raw ids, different vectors, wherever two in-range ids get different ones
+        # (managed collisions with two slots share one fallback row among all new ids)
+        in_range = self._looked_up_after_training(build(config), torch.arange(6) + 1)
+        if not torch.equal(in_range["big"][0], in_range["big"][1]):
+            assert not torch.equal(out["big"][0], out["big"][1])
+
+    @staticmethod
+    def _looked_up_after_training(m, ids: torch.Tensor, train: bool = True) -> dict[str, torch.Tensor]:
+        """``ids`` as 'small' and, reversed, as 'big' (and three as one 'tags' bag): two
+        training steps' lookups first (managed collisions admit at the next step what
+        they saw), then what evaluation reads."""
+        kjt = KeyedJaggedTensor(keys=["small", "big", "tags"], values=torch.cat([ids, ids.flip(0), ids[:3]]),
+                                lengths=torch.tensor([1] * 12 + [3, 0, 0, 0, 0, 0], dtype=torch.int32))  # fmt: skip
+        if train:
+            m.train()
+            for _ in range(2):
+                m(kjt)
+        m.eval()
+        with torch.no_grad():
+            out = m(kjt).to_dict()
+            assert all(torch.equal(v, m(kjt).to_dict()[k]) for k, v in out.items())
+        return out
+
     def test_meta_table_device_holds_no_table(self, config):
         """``table_device="meta"`` (DMP's path, the memory pre-flight's): no table has
         storage, and the bytes counted are those the real module holds."""

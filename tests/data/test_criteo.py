@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from recsys.data import criteo
-from recsys.data.common import assign_splits
+from recsys.data.common import assign_splits, raw_ids
 from recsys.data.criteo import DENSE, SPARSE, CriteoConfig
 from recsys.data.schema import SPLITS
 from tests.conftest import CRITEO_SAMPLE
@@ -168,3 +168,30 @@ def test_split_by_order_trains_on_the_first_lines_and_tests_on_the_last(tmp_path
         np.testing.assert_array_equal(df["label"].to_numpy(), [float(r[0]) for r in rows])
         assert df["C3"].to_list() == [vocab.get(r[col], 0) for r in rows]
     assert (pl.read_parquet(ds.split_path("test"))["C3"] == 0).sum() > 0  # values first seen after training
+
+
+def test_raw_ids_are_each_values_stable_hash(tmp_path, criteo_sample, sample_rows):
+    """``ids: raw``: every value becomes ``raw_ids`` of its integer (empty: 0) in every split,
+    with no vocabulary, so a value first seen in the test split keeps an id of its own; the
+    schema keeps the train split's distinct values + 1 as the full table's rows (what the
+    budget's ratio is of). Loaders that write vocabulary ids only refuse ``raw`` in one line."""
+    ds = CriteoConfig(path=str(CRITEO_SAMPLE), ids="raw").prepare(tmp_path / "c")
+    assert ds.schema.raw_ids and ds.schema.vocabulary_bytes() == 0 < criteo_sample.schema.vocabulary_bytes()
+    assert ds.schema.sparse == criteo_sample.schema.sparse and ds.root.name != criteo_sample.root.name
+    expected = _split_rows(sample_rows)
+    col = 1 + len(DENSE) + SPARSE.index("C4")
+    for s in SPLITS:
+        got = pl.read_parquet(ds.split_path(s))["C4"].to_numpy()
+        values = [r[col] for r in expected[s]]
+        want = raw_ids(np.array([int(v, 16) if v else 0 for v in values], dtype=np.int64))
+        np.testing.assert_array_equal(got, np.where([v == "" for v in values], 0, want))
+        assert ((got >= 0) & (got <= 2**62)).all()
+    vocab_test = pl.read_parquet(criteo_sample.split_path("test"))["C4"].to_numpy()
+    raw_test = pl.read_parquet(ds.split_path("test"))["C4"].to_numpy()
+    unseen = (vocab_test == 0) & (raw_test != 0)  # id 0 with a vocabulary, an id of its own raw
+    assert unseen.sum() > 10 and len(set(raw_test[unseen])) > 10
+    from compression.config_checks import ConfigError
+    from recsys.data.movielens import MovieLensConfig
+
+    with pytest.raises(ConfigError, match=r"^dataset.ids: raw is written by the criteo loader, and the MovieLensConfig"):
+        MovieLensConfig(ids="raw")

@@ -8,6 +8,7 @@ import mlflow
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from compression.config_checks import ConfigError
 from experiments.job import run_job
 from experiments.tracking import TrackingError
 from recsys.data.schema import DataError
@@ -32,6 +33,8 @@ def test_job_is_recorded_in_mlflow(compose_cfg, tmp_path):
     assert m["embedding_bytes"] == m["embedding_uncompressed_bytes"]
     assert m["samples_per_s"] > 0 and m["parameters"] > m["dense_parameters"] > 0
     assert m["embedding_optimizer_bytes"] > 0
+    cards = [f["cardinality"] for f in summary.details["dataset"]["schema"]["sparse"]]
+    assert m["vocabulary_bytes"] == 16 * (sum(cards) - len(cards))  # beside the tables, not in them
     tags = run.data.tags
     assert (tags["method"], tags["budget"], tags["model"], tags["dataset"]) == ("none", "none", "dcnv2", "criteo_sample")
     assert tags["embcomp.status"] == "complete"
@@ -141,3 +144,20 @@ def test_a_default_experiment_with_runs_is_left_alone(tmp_path):
         mlflow.log_metric("x", 1.0)
     use_experiment(uri, "mine")
     assert mlflow.get_experiment("0").lifecycle_stage == "active"
+
+
+def test_raw_ids_feed_a_hashing_method_with_no_vocabulary(compose_cfg, tmp_path):
+    """``dataset.ids=raw`` (each value's stable 64-bit hash) on Criteo split in its line
+    order: a hashing method trains on it and holds no vocabulary (``vocabulary_bytes`` 0,
+    its table bytes as with vocabulary ids); a method whose rows are the vocabulary's ids is
+    refused in one line before any data is read."""
+    over = ["dataset=criteo_sample", "dataset.ids=raw", "dataset.split_by=order", "budget=10x", "seed=1"]
+    summary = run_job(compose_cfg(smoke_overrides(tmp_path, *over, "compression=hashing")), tmp_path / "raw")
+    vocab = run_job(compose_cfg(smoke_overrides(tmp_path, *over[:1], *over[2:], "compression=hashing")), tmp_path / "vocab")
+    m, v = summary.metrics, vocab.metrics
+    assert 0.5 < m["test_auc"] <= 1 and m["vocabulary_bytes"] == 0 < v["vocabulary_bytes"]
+    assert m["embedding_bytes"] == v["embedding_bytes"] and m["test_auc"] != v["test_auc"]
+    assert summary.details["dataset"]["schema"]["params"]["ids"] == "raw"
+    with pytest.raises(ConfigError, match=r"^dataset.ids=raw: mixed_dim needs vocabulary ids .* the methods that hash raw ids are cafe, dhe"):
+        run_job(compose_cfg(smoke_overrides(tmp_path, *over, "compression=mixed_dim")), tmp_path / "refused")
+    assert not (tmp_path / "refused" / "summary.json").exists()
