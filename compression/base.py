@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -154,6 +155,12 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def training_metrics(self) -> dict[str, float]:
         """Method-specific figures logged at each epoch end (e.g. thresholds); none by default."""
+        return {}
+
+    def alternatives(self) -> dict[str, AbstractContextManager[Any]]:
+        """Other deployed forms of this trained module that the job evaluates on the test split
+        beside its own (one training, several budgets): name -> a context manager that puts
+        that form in place for its block and restores this one after. Default: none."""
         return {}
 
     def figures(self) -> dict[str, Any]:

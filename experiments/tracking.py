@@ -238,6 +238,8 @@ def job_metrics(result: Any, memory: Any, model: Any, module: Any, extra: Mappin
     """A finished job's metrics: test metrics, exact bytes, each stage's figures, the
     training speed and epochs of its (last) training stage, parameter counts."""
     metrics: dict[str, float] = {f"test_{k}": v for k, v in result.test.items()}
+    # other forms of the same trained module (matryoshka's deploy_ratios): beside their stage's figures
+    metrics.update({f"{name}.test_{k}": v for name, m in result.alternatives.items() for k, v in m.items()})
     # the final model's validation figures (what a search selects on), and the run's cost
     metrics.update({f"final_val_{k}": v for k, v in result.val.items()})
     metrics["trained_samples"] = float(result.trained_samples)

@@ -35,6 +35,8 @@ Example::
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -49,6 +51,7 @@ from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import BUDGET_TOLERANCE, Budget, BudgetError
 from compression.config_checks import bounded
 from compression.deployed import TableFormat
+from compression.errors import MethodConfigError
 from compression.idmap import inner_table
 from compression.quantization import refuse_aware
 from compression.segments import pack_unit
@@ -75,6 +78,12 @@ class MatryoshkaConfig(BudgetedConfig):
     # validation AUC and bytes are logged beside the budget's own
     deploy_ratios: list[float] = bounded(ge=1, each=True, default_factory=list)
 
+    def check(self) -> None:
+        if self.deploy_ratios and self.quantization is not None:
+            raise MethodConfigError(f"matryoshka.deploy_ratios and matryoshka.quantization: the further budgets are "
+                                    f"deployed and evaluated in fp32, the budget's own tables in "
+                                    f"{self.quantization.precision}; give deploy_ratios without quantization")  # fmt: skip
+
     @classmethod
     def contract_examples(cls) -> list[MatryoshkaConfig]:
         return [cls(budget=Budget(ratio=4)), cls(budget=None)]
@@ -97,6 +106,9 @@ class MatryoshkaCollection(CompressedEmbeddingBagCollection):
         self.extra: dict[str, int] = {}  # table -> its first ids that keep one more block of columns
         self.xebc: Optional[EmbeddingBagCollection] = None
         self.losses: dict[str, dict[int, float]] = {}  # table -> rung -> validation AUC lost when cut alone
+        # deploy_ratios' forms (tables, dims, extra rows), kept for the test split; a plain dict:
+        # not submodules, so neither in the state_dict nor in the bytes
+        self.ratio_forms: dict[str, dict[str, Any]] = {}
 
     def sharding_refusal(self) -> str | None:
         return "matryoshka: the deploy stage replaces every table by its prefix, which a sharded table does not hold on one rank"
@@ -279,18 +291,40 @@ class MatryoshkaCollection(CompressedEmbeddingBagCollection):
         other.deploy(dims, extra)
         return other
 
+    def _form(self) -> dict[str, Any]:
+        return {"ebc": self.ebc, "dims": self.dims, "extra": self.extra, "xebc": self.xebc}
+
+    @contextmanager
+    def _in_form(self, form: dict[str, Any]) -> Iterator[None]:
+        """``form`` (a ``_form()`` of another deployment) in place for the block."""
+        saved = self._form()
+        for k, v in form.items():
+            setattr(self, k, v)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
+
+    def alternatives(self) -> dict[str, AbstractContextManager[Any]]:
+        """``deploy_ratios``' deployments from this training, each evaluated on test by the job."""
+        return {f"deploy.{name}": self._in_form(form) for name, form in self.ratio_forms.items()}
+
     def run_deploy(self, ctx: StageContext) -> dict[str, float]:
         target = self.target_bytes()
         full = {t.name: t.embedding_dim for t in self._tables.values()}
         self.measure(ctx)
         out: dict[str, float] = {}
+        trained = self._form()
+        self.ratio_forms = {}
         for r in self.config.deploy_ratios:  # further budgets, the same training
             dims, extra = self.deploy_for(Budget(ratio=r).target_bytes(self.source_tables()))
-            keep = self.ebc
             self.deploy(dims, extra)
+            self.ratio_forms[f"ratio_{r:g}x"] = self._form()
             out[f"ratio_{r:g}x.val_auc"] = ctx.evaluate()["auc"]
             out[f"ratio_{r:g}x.bytes"] = float(self.held_bytes(dims, extra))
-            self.ebc, self.dims, self.extra, self.xebc = keep, {}, {}, None
+            for k, v in trained.items():
+                setattr(self, k, v)
         dims, extra = (full, {}) if target is None else self.deploy_for(target)
         ctx.log_params({**{f"{n}.dim": d for n, d in dims.items()}, **{f"{n}.extra_rows": r for n, r in extra.items()}})
         self.deploy(dims, extra)

@@ -141,6 +141,8 @@ class RunResult:
     val: dict[str, float] = field(default_factory=dict)
     # training samples of every stage together (the cost of the run)
     trained_samples: int = 0
+    # the test metrics of the module's other deployed forms (``alternatives()``), by name
+    alternatives: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class Trainer:
@@ -216,8 +218,13 @@ class Trainer:
                 cb.on_stage_end(stage, metrics, len(stages))
         val_metrics = self.backend.evaluate(model, val)
         test_metrics = self.backend.evaluate(model, test) if test is not None else {}
+        others: dict[str, dict[str, float]] = {}
+        if test is not None:
+            for name, form in module.alternatives().items():
+                with form:  # another budget deployed from the same training, on the same test split
+                    others[name] = self.backend.evaluate(model, test)
         return RunResult(stages=results, test=test_metrics, fit=last_fit, module=replaced, val=val_metrics,
-                         trained_samples=self.trained_samples - start_samples)
+                         trained_samples=self.trained_samples - start_samples, alternatives=others)
 
     # -- the standard loop -------------------------------------------------------------
     def fit(

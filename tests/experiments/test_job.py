@@ -9,6 +9,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from compression.config_checks import ConfigError
+from compression.errors import MethodConfigError
+from experiments.identity import resolve_compression
 from experiments.job import run_job
 from experiments.tracking import TrackingError
 from recsys.data.schema import DataError
@@ -161,3 +163,23 @@ def test_raw_ids_feed_a_hashing_method_with_no_vocabulary(compose_cfg, tmp_path)
     with pytest.raises(ConfigError, match=r"^dataset.ids=raw: mixed_dim needs vocabulary ids .* the methods that hash raw ids are cafe, dhe"):
         run_job(compose_cfg(smoke_overrides(tmp_path, *over, "compression=mixed_dim")), tmp_path / "refused")
     assert not (tmp_path / "refused" / "summary.json").exists()
+
+
+def test_matryoshka_deploys_further_budgets_from_one_training_each_tested(compose_cfg, tmp_path):
+    """``deploy_ratios``: one training, the budget's deployment and two more, each with its
+    validation AUC and bytes from the deploy stage and its test AUC from the job's one read
+    of the test split; the job's own model is back in its budget's form after them."""
+    cfg = compose_cfg(smoke_overrides(tmp_path, "dataset=criteo_sample", "model=dlrm", "compression=matryoshka",
+                                      "budget=4x", "compression.deploy_ratios=[8,16]"))  # fmt: skip
+    m = run_job(cfg, tmp_path / "out").metrics
+    full = m["embedding_uncompressed_bytes"]
+    for r in (8, 16):
+        assert 0.95 * full / r <= m[f"deploy.ratio_{r}x.bytes"] <= full / r
+        assert 0.5 < m[f"deploy.ratio_{r}x.test_auc"] <= 1 and m[f"deploy.ratio_{r}x.test_logloss"] > 0
+        assert 0 < m[f"deploy.ratio_{r}x.val_auc"] <= 1
+    assert m["embedding_bytes"] == m["deploy.embedding_bytes"] <= full / 4  # restored after the others' tests
+    assert m["deploy.ratio_8x.test_auc"] != m["deploy.ratio_16x.test_auc"]
+    quantized = compose_cfg(smoke_overrides(tmp_path, "compression=matryoshka", "compression.deploy_ratios=[8]",
+                                            "+compression.quantization.precision=int8"))  # fmt: skip
+    with pytest.raises(MethodConfigError, match=r"^matryoshka.deploy_ratios and matryoshka.quantization: .* in int8;"):
+        resolve_compression(quantized)
