@@ -72,6 +72,10 @@ class CompressionConfig:
     # so it takes raw ids (any 64-bit value, a dataset's ``ids: raw``) with no vocabulary;
     # False: its rows are the vocabulary's ids (frequency-ranked 0 .. num_embeddings - 1)
     takes_raw_ids: ClassVar[bool] = False
+    # True: the module reads its rows only through its plain TorchRec EmbeddingBagCollections
+    # (no weight read directly), so training may swap them for TorchRec's fused ones
+    # (``trainer.fused_tables``, ``recsys.training.fused``)
+    fusable_tables: ClassVar[bool] = False
     quantization: Any = field(default_factory=dict)
 
     @classmethod

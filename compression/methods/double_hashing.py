@@ -59,6 +59,7 @@ class DoubleHashingConfig(BudgetedConfig):
 
     method: ClassVar[str] = "double_hashing"
     takes_raw_ids: ClassVar[bool] = True  # every id goes through the hash (exact tables: in-range ids only)
+    fusable_tables: ClassVar[bool] = True  # rows read only through its TorchRec collections
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"combine": ("sum", "concat")}
     # rows M per hash function (budget: null)

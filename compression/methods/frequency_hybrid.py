@@ -51,6 +51,7 @@ class FrequencyHybridConfig(BudgetedConfig):
     """Top-k ids exact, the rest hashed; ``budget`` picks k and M, or give both."""
 
     method: ClassVar[str] = "frequency_hybrid"
+    fusable_tables: ClassVar[bool] = True  # rows read only through its TorchRec collections
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"exact_fraction": (0.25, 0.5, 0.75)}
     # share of each compressed table's rows that are exact (top-k) rows

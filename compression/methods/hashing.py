@@ -39,6 +39,7 @@ class HashingConfig(BudgetedConfig):
 
     method: ClassVar[str] = "hashing"
     takes_raw_ids: ClassVar[bool] = True  # every id goes through the hash (exact tables: in-range ids only)
+    fusable_tables: ClassVar[bool] = True  # rows read only through its TorchRec collections
     # rows of every hashed table (tables with fewer ids stay exact)
     rows: Optional[int] = None
 

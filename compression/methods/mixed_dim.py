@@ -57,6 +57,7 @@ class MixedDimConfig(BudgetedConfig):
     """Per-table dims by the power rule; ``budget`` sets its scale, or give ``dims``."""
 
     method: ClassVar[str] = "mixed_dim"
+    fusable_tables: ClassVar[bool] = True  # rows read only through its TorchRec collections
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"alpha": (0.2, 0.3, 0.5)}
     budget: Optional[Budget] = field(default_factory=lambda: Budget(ratio=4))

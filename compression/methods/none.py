@@ -23,6 +23,7 @@ class NoCompression(CompressionConfig):
     """
 
     method: ClassVar[str] = "none"
+    fusable_tables: ClassVar[bool] = True  # rows read only through its TorchRec collections
 
 
 class UncompressedEmbeddingBagCollection(CompressedEmbeddingBagCollection):

@@ -62,6 +62,7 @@ class QRConfig(BudgetedConfig):
     """Quotient-remainder tables; ``budget`` picks c per table, or give ``collisions``."""
 
     method: ClassVar[str] = "qr"
+    fusable_tables: ClassVar[bool] = True  # rows read only through its TorchRec collections
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"combine": ("mult", "add", "concat")}
     # c, the remainder table's rows, for every table (budget: null)

@@ -76,6 +76,7 @@ class RobeConfig(BudgetedConfig):
 
     method: ClassVar[str] = "robe"
     takes_raw_ids: ClassVar[bool] = True  # every id goes through the hash (exact tables: in-range ids only)
+    fusable_tables: ClassVar[bool] = True  # rows read only through its TorchRec collections
     # rows of the array (``align`` values each), instead of a budget
     rows: Optional[int] = bounded(None, ge=1)
     # Z, the values of one chunk (a divisor of every table's dim); null: each table's dim

@@ -39,6 +39,7 @@ class SignedHashingConfig(HashingConfig):
 
     method: ClassVar[str] = "signed_hashing"
     takes_raw_ids: ClassVar[bool] = True  # every id goes through the hash (exact tables: in-range ids only)
+    fusable_tables: ClassVar[bool] = True  # rows read only through its TorchRec collections
     poolings: ClassVar[tuple[str, ...]] = ("SUM",)
     pooling_reason: ClassVar[str] = "the signs weight a sum"
     # rows of every hashed table (tables with fewer ids stay exact)

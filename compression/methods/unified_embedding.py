@@ -91,6 +91,7 @@ class UnifiedEmbeddingConfig(BudgetedConfig):
 
     method: ClassVar[str] = NAME
     takes_raw_ids: ClassVar[bool] = True  # every id goes through the hash (exact tables: in-range ids only)
+    fusable_tables: ClassVar[bool] = True  # rows read only through its TorchRec collections
     # what `make advise` tunes of this method on a user's data (beside the rows' learning rate and L2)
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"num_tables": (1, 2)}
     # rows M of every shared table, instead of a budget (set budget: null)

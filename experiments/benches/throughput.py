@@ -46,6 +46,7 @@ import compression
 from compression import Budget, compress, memory_report
 from experiments.benches.step import CRITEO_SAMPLE_VOCAB
 from recsys.models import DCNv2Config, DeepFMConfig, DLRMConfig
+from recsys.training.fused import FusedTables
 from recsys.training.optim import build_optimizers
 from recsys.training.step import TrainStep
 from recsys.training.trainer import TrainerConfig
@@ -66,6 +67,10 @@ TRAINERS = {
                  clip_grad_norm=10.0),
     "default": dict(sparse_optimizer="rowwise_adagrad", sparse_lr=0.05, dense_lr=1e-3, embedding_l2=1e-4,
                     embedding_l2_mode="table"),
+    # trainer=fused's settings: default's without the embedding L2, fbgemm's fused row-wise
+    # Adagrad in the backward; "default_nol2" is the same update unfused (the like-for-like base)
+    "default_nol2": dict(sparse_optimizer="rowwise_adagrad", sparse_lr=0.05, dense_lr=1e-3),
+    "fused": dict(sparse_optimizer="rowwise_adagrad", sparse_lr=0.05, dense_lr=1e-3, fused_tables=True),
 }  # fmt: skip
 # the published Frappe CSV's ten fields (BARS's DeepFM split; no dense features)
 FRAPPE_VOCAB = [957, 4082, 7, 7, 2, 3, 2, 9, 80, 233]
@@ -131,7 +136,14 @@ class Run:
         self.module = compress(self.tabs, config, counts=counts, seed=0)
         self.model = mcfg.build(self.module, n_dense)
         cfg = TrainerConfig(**trainer)
-        self.step = TrainStep(self.model, self.module, build_optimizers(self.model, self.module, cfg), cfg)
+        self.fused = FusedTables.fuse(self.module, cfg) if cfg.fused_tables else None
+        if self.fused is None:
+            opts = build_optimizers(self.model, self.module, cfg)
+        else:  # as the trainer does: the fused rows' optimizer runs in the backward
+            taken = self.fused.parameter_ids()
+            opts = build_optimizers([p for p in self.model.parameters() if id(p) not in taken], self.module, cfg,
+                                    fused=self.fused.optimizer)  # fmt: skip
+        self.step = TrainStep(self.model, self.module, opts, cfg)
         self.times: list[float] = []
         self.emb_forward = 0.0
         self._t = 0.0
@@ -185,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratio", type=float, default=10.0)
     parser.add_argument("--vocab", choices=list(VOCABS), default="kaggle",
                         help="the Criteo Kaggle file's 26 vocabularies, the Criteo sample's, or Frappe's ten")
-    parser.add_argument("--trainer", choices=list(TRAINERS), default="bars")
+    parser.add_argument("--trainer", nargs="+", choices=list(TRAINERS), default=["bars"],
+                        help="one or more: their runs are timed interleaved, batch by batch")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -199,8 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{torch.get_num_threads()} threads: fp32 GEMM peak {peak:.0f} GFLOP/s ({shape}); copy bandwidth {bw:.1f} GB/s")
     print(f"batch assembly (BatchLoader, {len(vocab)} fields, batch {args.batch}): {assembly_ms(vocab, args.batch, 20, n_dense):.1f} ms")
     data = batches(vocab, args.steps + 2, args.batch, n_dense=n_dense)
-    runs = {(m, x): Run(m, x, args.ratio, vocab, TRAINERS[args.trainer], n_dense)
-            for m in args.models for x in args.methods}  # fmt: skip
+    runs = {(m, x, t): Run(m, x, args.ratio, vocab, TRAINERS[t], n_dense)
+            for m in args.models for x in args.methods for t in args.trainer}  # fmt: skip
     for r in runs.values():
         for b in data[:2]:  # warm up
             r.step(b)
@@ -211,12 +224,12 @@ def main(argv: list[str] | None = None) -> None:
             r.step(b)
             r.times.append(time.perf_counter() - start)
     emb_forward = {key: r.emb_forward for key, r in runs.items()}  # (before the counting passes below)
-    print(f"trainer={args.trainer}, batch {args.batch}, budget {args.ratio:g}x, {args.steps} steps, median; "
+    print(f"trainer={','.join(args.trainer)}, batch {args.batch}, budget {args.ratio:g}x, {args.steps} steps, median; "
           f"phases as shares of the mean step")  # fmt: skip
-    head = (f"{'model':<7} {'method':<18} {'samples/s':>10} {'MFLOP/smp':>9} {'of peak':>7} {'row GB/s':>8} {'of bw':>6} "
+    head = (f"{'model':<7} {'method':<18} {'trainer':<12} {'samples/s':>10} {'MFLOP/smp':>9} {'of peak':>7} {'row GB/s':>8} {'of bw':>6} "
             f"{'eval smp/s':>10}  forward (emb) / backward / l2+clip / optim")  # fmt: skip
     print(head)
-    for (model_name, method), r in runs.items():
+    for (model_name, method, trainer), r in runs.items():
         step_s = statistics.median(r.times)
         rate = args.batch / step_s
         flops = r.flops(data[0])
@@ -230,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         total = sum(r.times)
         ph = r.step.phases or {}
         share = " / ".join(f"{ph.get(k, 0) / total:.0%}" for k in ("forward", "backward", "l2_and_clip", "optimizer"))
-        fwd_emb = emb_forward[(model_name, method)] / total
-        print(f"{model_name:<7} {method:<18} {rate:10.0f} {flops / 1e6:9.2f} {flops * rate / 1e9 / peak:7.1%} "
+        fwd_emb = emb_forward[(model_name, method, trainer)] / total
+        print(f"{model_name:<7} {method:<18} {trainer:<12} {rate:10.0f} {flops / 1e6:9.2f} {flops * rate / 1e9 / peak:7.1%} "
               f"{moved:8.2f} {moved / bw:6.1%} {eval_rate:10.0f}  {share} (emb fwd {fwd_emb:.0%}); "
               f"{memory_report(r.module).bytes / 2**20:.0f} MiB")  # fmt: skip
 

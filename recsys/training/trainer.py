@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 
 import recsys.training.checkpoint as checkpoint
 from compression.base import CompressedEmbeddingBagCollection
-from compression.config_checks import bounded, one_of
+from compression.config_checks import ConfigError, bounded, one_of
 from compression.stages import EpochHook
 from recsys.data.loader import BatchLoader
 from recsys.training.backends import Backend, LocalBackend
 from recsys.training.callbacks import Callback
-from recsys.training.optim import L2_MODES, SPARSE_OPTIMIZERS, Optimizers
+from recsys.training.fused import FusedTables, config_refusal
+from recsys.training.optim import L2_MODES, SPARSE_OPTIMIZERS, Optimizers, build_optimizers
 from recsys.training.stage_context import StageContext
 from recsys.training.step import TrainStep
 
@@ -76,6 +77,13 @@ class TrainerConfig:
     seed: int = 0
     # hold each split in memory (None: when its file is under 2 GiB; False: stream row groups)
     in_memory: Optional[bool] = None
+    # train the rows of methods that allow it with fbgemm's fused optimizer, in the backward, on
+    # the rows a batch touched (``recsys.training.fused``; one process, not sharded)
+    fused_tables: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fused_tables and (why := config_refusal(self)) is not None:
+            raise ConfigError(why)
 
 
 def search_space(cfg: TrainerConfig) -> dict[str, tuple[float, ...]]:
@@ -243,7 +251,21 @@ class Trainer:
         epochs = epochs or cfg.epochs
         self.backend.prepare(model)
         model.train()
-        opts = self.backend.optimizers(model, module, cfg)
+        fused = FusedTables.fuse(module, cfg) if cfg.fused_tables and isinstance(self.backend, LocalBackend) else None
+        try:
+            return self._fit(model, module, train, val, ckdir, epochs, on_epoch, fused)
+        finally:
+            if fused is not None:
+                fused.unfuse()
+
+    def _fit(self, model: nn.Module, module: CompressedEmbeddingBagCollection, train: BatchLoader, val: BatchLoader,
+             ckdir: Path | None, epochs: int, on_epoch: Optional[EpochHook], fused: FusedTables | None) -> FitResult:  # fmt: skip
+        cfg = self.cfg
+        if fused is None:
+            opts = self.backend.optimizers(model, module, cfg)
+        else:  # the fused rows' optimizer steps in the backward; everything else as without
+            taken = fused.parameter_ids()
+            opts = build_optimizers([p for p in model.parameters() if id(p) not in taken], module, cfg, fused=fused.optimizer)
         state = _LoopState()
         state_path = ckdir / "last.pt" if ckdir else None
         saved = checkpoint.load(state_path) if state_path else None
@@ -316,10 +338,16 @@ class Trainer:
             stopped_early=state.stopped,
             history=state.history,
             # sharded: each rank's share is counted by recsys.training.distributed.rank_bytes
-            optimizer_bytes=self.backend.optimizer_bytes(opts, module),
+            optimizer_bytes=self._optimizer_bytes(opts, module, fused),
             fit_s=state.wall_time,
             fit_samples_per_s=state.samples / state.wall_time if state.wall_time else float("nan"),
         )
+
+
+    def _optimizer_bytes(self, opts: Optimizers, module: CompressedEmbeddingBagCollection,
+                         fused: FusedTables | None) -> int | None:  # fmt: skip
+        held = self.backend.optimizer_bytes(opts, module)
+        return held if fused is None or held is None else held + fused.state_bytes()
 
 
 @dataclass

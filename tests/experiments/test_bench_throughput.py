@@ -21,10 +21,11 @@ def test_the_flops_are_those_of_the_layers():
 
 def test_the_bench_reports_each_model_and_method(capsys):
     main(["--vocab", "sample", "--batch", "64", "--steps", "2", "--models", *MODELS, "--methods", "none", "hashing",
-          "--trainer", "default"])  # fmt: skip
+          "--trainer", "default", "fused"])  # fmt: skip
     out = capsys.readouterr().out
     assert re.search(r"fp32 GEMM peak \d+ GFLOP/s .* copy bandwidth [\d.]+ GB/s", out)
     assert re.search(r"batch assembly .*: [\d.]+ ms", out)
     for model in MODELS:
         for method in ("none", "hashing"):
-            assert re.search(rf"^{model}\s+{method}\s+\d+\s+[\d.]+\s+[\d.]+%", out, re.M), out
+            for trainer in ("default", "fused"):
+                assert re.search(rf"^{model}\s+{method}\s+{trainer}\s+\d+\s+[\d.]+\s+[\d.]+%", out, re.M), out

@@ -183,3 +183,18 @@ def test_matryoshka_deploys_further_budgets_from_one_training_each_tested(compos
                                             "+compression.quantization.precision=int8"))  # fmt: skip
     with pytest.raises(MethodConfigError, match=r"^matryoshka.deploy_ratios and matryoshka.quantization: .* in int8;"):
         resolve_compression(quantized)
+
+
+def test_a_job_trains_with_fused_tables(compose_cfg, tmp_path):
+    """``trainer.fused_tables`` through Hydra: the run trains with fbgemm's fused optimizer and
+    records the setting; the tables it reports are the plain ones it trained."""
+    cfg = compose_cfg(smoke_overrides(tmp_path, "dataset=criteo_sample", "model=dlrm", "compression=hashing", "budget=10x",
+                                      "trainer.fused_tables=true", "trainer.embedding_l2=0"))  # fmt: skip
+    summary = run_job(cfg, tmp_path / "out")
+    m = summary.metrics
+    assert 0 < m["test_auc"] <= 1 and m["compression_ratio"] == pytest.approx(10, rel=0.05)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    assert mlflow.get_run(summary.run_id).data.params["trainer.fused_tables"] == "True"
+    with pytest.raises(ConfigError, match=r"^trainer.fused_tables: fbgemm's fused kernels do not apply the embedding L2"):
+        run_job(compose_cfg(smoke_overrides(tmp_path, "trainer.fused_tables=true", "trainer.embedding_l2=1e-4")),
+                tmp_path / "refused")  # fmt: skip

@@ -87,3 +87,31 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_dataset):
         next(model.head.parameters()).fill_(math.nan)
     with pytest.raises(FloatingPointError, match="training loss became nan"):
         Trainer(cfg).run(model, module, tr, va, te)
+
+
+def test_fused_tables_train_as_the_plain_ones_and_resume(tiny_dataset, tmp_path):
+    """``fused_tables``: fbgemm's fused row-wise Adagrad in the backward gives the plain run's
+    epochs and test metrics (to float rounding) and its row state, leaves plain TorchRec tables
+    behind, and an interrupted fused run resumes from its checkpoint (the fused optimizer's
+    state included) to the uninterrupted fused run's result."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset, checkpoint_every_steps=7)
+    plain = Trainer(cfg).run(model, module, tr, va, te)
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset, checkpoint_every_steps=7, fused_tables=True)
+    fused = Trainer(cfg).run(model, module, tr, va, te)
+    assert fused.test == pytest.approx(plain.test, abs=2e-4)
+    for a, b in zip(fused.fit.history, plain.fit.history):
+        assert a == pytest.approx(b, abs=2e-4)
+    # one fp32 accumulator a row, as the plain run's, without its per-table step counts
+    fields = tiny_dataset.schema.sparse
+    assert fused.fit.optimizer_bytes == plain.fit.optimizer_bytes - 4 * len(fields) == sum(f.cardinality * 4 for f in fields)
+    assert type(module.ebc) is EmbeddingBagCollection and list(module.table_parameters())
+
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset, checkpoint_every_steps=7, fused_tables=True)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, callbacks=[Recorder(fail_at=50)], checkpoint_dir=tmp_path).run(model, module, tr, va, te)
+    assert type(module.ebc) is EmbeddingBagCollection  # put back after the interruption too
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset, checkpoint_every_steps=7, fused_tables=True)
+    resumed = Trainer(cfg, checkpoint_dir=tmp_path).run(model, module, tr, va, te)
+    assert resumed.test == fused.test and resumed.fit.history == fused.fit.history
