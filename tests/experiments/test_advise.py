@@ -174,15 +174,19 @@ def test_a_killed_search_resumes_without_training_a_finished_trial_again(tmp_pat
             "advise.heartbeat_s=1", "advise.defaults_only=true"]  # fmt: skip
     study = "criteo_sample-dcnv2-10x-defaults"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.advise", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        _wait_for(lambda: _finished(tmp_path, study) >= 1, 300, "a finished trial")
-        os.kill(proc.pid, how)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # its output to files, not pipes: a pipe nobody reads while the search runs fills up (64 KiB)
+    # and blocks the search on its next write, so no trial would ever finish
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as errors:
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.advise", *args], cwd=REPO, env=env,
+                                stdout=out, stderr=errors, text=True)  # fmt: skip
+        try:
+            _wait_for(lambda: _finished(tmp_path, study) >= 1, 300, "a finished trial")
+            os.kill(proc.pid, how)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    err = (tmp_path / "stderr").read_text()
     before = {t.number: t for t in trials(tmp_path, study)}
     done_before = {t.user_attrs["point"] for t in before.values() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
     assert done_before
@@ -269,14 +273,16 @@ def test_workers_share_one_study_with_no_trial_lost_or_run_twice(tmp_path):
     args = [*job(tmp_path, "trainer.epochs=2"), f"advise.dir={tmp_path}/out", f"advise.report_dir={tmp_path}/reports",
             "advise.methods=[hashing,qr]", "advise.epochs=2000", "advise.seeds=2", "advise.finalists=1"]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    joined = subprocess.Popen([sys.executable, "-m", "experiments.advise", *args, "advise.worker_only=true"], cwd=REPO,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        r = cli(*args, "advise.workers=2")
-        out, err = joined.communicate(timeout=300)
-    finally:
-        if joined.poll() is None:
-            joined.kill()
+    with open(tmp_path / "worker.out", "w") as out, open(tmp_path / "worker.err", "w") as errors:
+        joined = subprocess.Popen([sys.executable, "-m", "experiments.advise", *args, "advise.worker_only=true"],
+                                  cwd=REPO, env=env, stdout=out, stderr=errors, text=True)  # (files: a pipe fills)
+        try:
+            r = cli(*args, "advise.workers=2")
+            joined.wait(timeout=300)
+        finally:
+            if joined.poll() is None:
+                joined.kill()
+    err = (tmp_path / "worker.err").read_text()
     assert r.returncode == 0, r.stderr[-3000:]
     assert joined.returncode == 0, err[-3000:]
     ts = [t for t in trials(tmp_path, "criteo_sample-dcnv2-10x") if "point" in t.user_attrs]
