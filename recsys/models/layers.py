@@ -24,6 +24,20 @@ import torch
 from torch import nn
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout``'s distribution (each element kept with probability 1 - p and scaled by
+    1 / (1 - p); identity in eval) drawn as one uniform number an element compared to p. On
+    the CPU torch's dropout draws its mask with a Bernoulli kernel that takes twice as long
+    (measured, 4096 x 400 fp32, 2 threads: 10.7 ms forward and backward against 5.1 ms; it
+    was 31% of a BARS DeepFM step); on CUDA torch's fused kernel is used."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.is_cuda:
+            return super().forward(x)
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+
 class MLPBlock(nn.Sequential):
     """Hidden layers ``Linear -> [BatchNorm1d] -> ReLU -> [Dropout]``, then an optional
     ``Linear(hidden[-1], output_dim)``.
@@ -58,7 +72,7 @@ class MLPBlock(nn.Sequential):
                 layers.append(nn.BatchNorm1d(h))
             layers.append(nn.ReLU())
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(Dropout(dropout))
             width = h
         if output_dim is not None:
             layers.append(nn.Linear(width, output_dim))

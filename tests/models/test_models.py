@@ -136,3 +136,23 @@ def test_per_feature_dims():
         DeepFMConfig().build(m, 2)
     with pytest.raises(ValueError, match="DLRM needs one embedding dim"):
         DLRMConfig().build(m, 2)
+
+
+def test_the_mlp_dropout_is_torchs_distribution():
+    """``recsys.models.layers.Dropout`` (the MLP blocks' dropout): each element kept with
+    probability 1 - p and scaled by 1 / (1 - p), the gradient through the same mask, an
+    identity in eval, as ``nn.Dropout``."""
+    from recsys.models.layers import Dropout
+
+    torch.manual_seed(0)
+    d = Dropout(0.3)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.003  # 1e6 draws: 4.6 standard deviations
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d y / d x: the mask times the scale
+    assert not torch.equal(d(x), y)  # a new mask every call
+    d.eval()
+    assert d(x) is x
