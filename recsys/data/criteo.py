@@ -41,6 +41,7 @@ from compression.config_checks import bounded
 from recsys.data.base import DatasetConfig
 from recsys.data.common import (
     ROW_GROUP_ROWS,
+    SPLIT_COMPRESSION,
     IdLookup,
     RawIds,
     cached_dataset,
@@ -283,7 +284,9 @@ def preprocess_criteo(
                 )
                 for c in SPARSE
             ),
-        ).sink_parquet(out_dir / f"{s}.parquet", row_group_size=ROW_GROUP_ROWS, engine="streaming")
+        ).sink_parquet(
+            out_dir / f"{s}.parquet", row_group_size=ROW_GROUP_ROWS, compression=SPLIT_COMPRESSION, engine="streaming"
+        )
         rows[s] = pl.scan_parquet(out_dir / f"{s}.parquet").select(pl.len()).collect().item()
         tmp[s].unlink()
 

@@ -26,6 +26,7 @@ import polars as pl
 
 from recsys.data.common import (
     ROW_GROUP_ROWS,
+    SPLIT_COMPRESSION,
     IdLookup,
     file_fingerprint,
     split_code_expr,
@@ -181,7 +182,9 @@ def preprocess_tabular(
             "label",
             *(dense_expr(n, stats[n]) for n in cols.numeric),
             *(_id_expr(c, vocabs[c], c in cols.multi_hot) for c in cols.sparse),
-        ).sink_parquet(out_dir / f"{s}.parquet", row_group_size=ROW_GROUP_ROWS, engine="streaming")
+        ).sink_parquet(
+            out_dir / f"{s}.parquet", row_group_size=ROW_GROUP_ROWS, compression=SPLIT_COMPRESSION, engine="streaming"
+        )
     for path in tmp.values():
         path.unlink()
 

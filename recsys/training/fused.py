@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -84,10 +85,15 @@ class FusedTables:
                     continue
                 if any(t.embedding_dim % 4 for t in child.embedding_bag_configs()):
                     continue  # fbgemm's CPU kernel takes dims that are multiples of 4: stays plain
-                fused = FusedEmbeddingBagCollection(
-                    tables=child.embedding_bag_configs(), optimizer_type=opt_type, optimizer_kwargs=kwargs,
-                    is_weighted=child.is_weighted(), device=weights[0].device,
-                )  # fmt: skip
+                before = logging.root.manager.disable
+                logging.disable(logging.INFO)  # fbgemm logs its TBE's settings to the root logger, line by line
+                try:
+                    fused = FusedEmbeddingBagCollection(
+                        tables=child.embedding_bag_configs(), optimizer_type=opt_type, optimizer_kwargs=kwargs,
+                        is_weighted=child.is_weighted(), device=weights[0].device,
+                    )  # fmt: skip
+                finally:
+                    logging.disable(before)
                 fused.load_state_dict(child.state_dict())
                 setattr(parent, name, fused)
                 swaps.append((parent, name, child, fused))
