@@ -176,9 +176,9 @@ def test_a_killed_search_resumes_without_training_a_finished_trial_again(tmp_pat
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     # its output to files, not pipes: a pipe nobody reads while the search runs fills up (64 KiB)
     # and blocks the search on its next write, so no trial would ever finish
-    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as errors:
+    with open(tmp_path / "stdout", "w") as out_file, open(tmp_path / "stderr", "w") as err_file:
         proc = subprocess.Popen([sys.executable, "-m", "experiments.advise", *args], cwd=REPO, env=env,
-                                stdout=out, stderr=errors, text=True)  # fmt: skip
+                                stdout=out_file, stderr=err_file, text=True)  # fmt: skip
         try:
             _wait_for(lambda: _finished(tmp_path, study) >= 1, 300, "a finished trial")
             os.kill(proc.pid, how)
@@ -273,16 +273,16 @@ def test_workers_share_one_study_with_no_trial_lost_or_run_twice(tmp_path):
     args = [*job(tmp_path, "trainer.epochs=2"), f"advise.dir={tmp_path}/out", f"advise.report_dir={tmp_path}/reports",
             "advise.methods=[hashing,qr]", "advise.epochs=2000", "advise.seeds=2", "advise.finalists=1"]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    with open(tmp_path / "worker.out", "w") as out, open(tmp_path / "worker.err", "w") as errors:
+    with open(tmp_path / "worker.out", "w") as out_file, open(tmp_path / "worker.err", "w") as err_file:
         joined = subprocess.Popen([sys.executable, "-m", "experiments.advise", *args, "advise.worker_only=true"],
-                                  cwd=REPO, env=env, stdout=out, stderr=errors, text=True)  # (files: a pipe fills)
+                                  cwd=REPO, env=env, stdout=out_file, stderr=err_file, text=True)  # (files: a pipe fills)
         try:
             r = cli(*args, "advise.workers=2")
             joined.wait(timeout=300)
         finally:
             if joined.poll() is None:
                 joined.kill()
-    err = (tmp_path / "worker.err").read_text()
+    out, err = (tmp_path / "worker.out").read_text(), (tmp_path / "worker.err").read_text()
     assert r.returncode == 0, r.stderr[-3000:]
     assert joined.returncode == 0, err[-3000:]
     ts = [t for t in trials(tmp_path, "criteo_sample-dcnv2-10x") if "point" in t.user_attrs]
