@@ -30,7 +30,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import compression
-from compression import Budget, compress, memory_report
+from compression import Budget, BudgetError, MethodConfigError, compress, memory_report
 from recsys.models import DCNv2
 from recsys.training.optim import build_optimizers
 from recsys.training.step import TrainStep
@@ -121,9 +121,14 @@ def main(argv: list[str] | None = None) -> None:
         for name, cls in sorted(compression.registered_methods().items(), key=lambda kv: kv[0] != "none")
         if args.methods is None or name in args.methods or name == "none"
     ]
+    refused = {}
     for name, config in chosen + [variant(v) for v in args.variant]:
-        config = config.with_budget(Budget(ratio=args.ratio))  # a method without one ignores it
-        runs[name] = trainer_for(config, tabs)
+        try:
+            config = config.with_budget(Budget(ratio=args.ratio))  # a method without one ignores it
+            runs[name] = trainer_for(config, tabs)
+        except (BudgetError, MethodConfigError) as e:  # out of its reach at this ratio: said, not timed
+            refused[name] = str(e).splitlines()[0]
+            continue
         for batch in data[:3]:  # warm up
             runs[name][1](*batch)
     steps: dict[str, list[float]] = {name: [] for name in runs}
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:<{width}} {ms:8.2f} {ms / base:7.2f}x {ems:11.2f} {ems / base_emb:7.2f}x "
             f"{report.bytes:10d} {report.ratio:6.1f}x"
         )
+    for name, why in refused.items():
+        print(f"{name:<{width}} not timed: {why}")
 
 
 if __name__ == "__main__":
