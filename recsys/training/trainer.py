@@ -96,9 +96,13 @@ def search_space(cfg: TrainerConfig) -> dict[str, tuple[float, ...]]:
 
         search_space(TrainerConfig(sparse_lr=0.05, embedding_l2=1e-4))
         # {'sparse_lr': (0.0167, 0.05, 0.15), 'embedding_l2': (0.0, 0.0001)}
+        search_space(TrainerConfig(sparse_lr=0.05, fused_tables=True))  # {'sparse_lr': (0.0167, 0.05, 0.15)}
     """
     lr, l2 = cfg.sparse_lr, cfg.embedding_l2 or 1e-4
-    return {"sparse_lr": (_round(lr / 3), lr, _round(lr * 3)), "embedding_l2": (0.0, l2)}
+    space: dict[str, tuple[float, ...]] = {"sparse_lr": (_round(lr / 3), lr, _round(lr * 3))}
+    if not cfg.fused_tables:  # (fused tables take no embedding L2: recsys.training.fused)
+        space["embedding_l2"] = (0.0, l2)
+    return space
 
 
 def _round(x: float) -> float:

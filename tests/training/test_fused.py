@@ -75,3 +75,15 @@ def test_only_what_a_fused_kernel_does_is_accepted():
     assert dataclasses.replace(ok, fused_tables=False).fused_tables is False
     not_fusable = compression.compress(TABLES, compression.registered_methods()["tt_rec"](), counts=COUNTS, seed=0)
     assert FusedTables.fuse(not_fusable, ok) is None
+
+
+def test_a_search_over_a_fused_trainer_does_not_try_an_embedding_l2():
+    """``make advise`` crosses every method with the trainer's search space; with fused tables
+    that space holds no embedding L2 (which the fused trainer refuses), only the rows' rate."""
+    from recsys.training.trainer import search_space
+
+    fused = search_space(TrainerConfig(fused_tables=True))
+    assert set(fused) == {"sparse_lr"}
+    for lr in fused["sparse_lr"]:
+        TrainerConfig(fused_tables=True, sparse_lr=lr)  # every point is a config the trainer takes
+    assert set(search_space(TrainerConfig())) == {"sparse_lr", "embedding_l2"}
