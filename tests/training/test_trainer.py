@@ -115,3 +115,22 @@ def test_fused_tables_train_as_the_plain_ones_and_resume(tiny_dataset, tmp_path)
     cfg, module, model, (tr, va, te) = setup(tiny_dataset, checkpoint_every_steps=7, fused_tables=True)
     resumed = Trainer(cfg, checkpoint_dir=tmp_path).run(model, module, tr, va, te)
     assert resumed.test == fused.test and resumed.fit.history == fused.fit.history
+
+
+def test_step_checkpoints_wait_for_their_minimum_interval(tiny_dataset, tmp_path, monkeypatch):
+    """``checkpoint_min_interval_s``: a step checkpoint comes only that long after the last
+    save (epoch ends always save), so big tables are not written every few seconds."""
+    import recsys.training.checkpoint as checkpoint
+
+    saves = []
+    real = checkpoint.save_atomic
+    monkeypatch.setattr(checkpoint, "save_atomic", lambda obj, path: (saves.append(path.name), real(obj, path)))
+    for interval, expected_step_saves in ((0.0, None), (3600.0, 0)):
+        saves.clear()
+        cfg, module, model, (tr, va, te) = setup(tiny_dataset, checkpoint_every_steps=7, checkpoint_min_interval_s=interval)
+        Trainer(cfg, checkpoint_dir=tmp_path / str(interval)).fit(model, module, tr, va, tmp_path / str(interval))
+        step_saves = saves.count("last.pt") - cfg.epochs  # one save at every epoch end
+        if expected_step_saves is None:
+            assert step_saves == cfg.epochs * len(tr) // 7  # every 7th step, counted over the epochs
+        else:
+            assert step_saves == expected_step_saves
