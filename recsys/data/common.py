@@ -308,23 +308,69 @@ def raw_ids(values: np.ndarray) -> np.ndarray:
     return (splitmix64(np.asarray(values, dtype=np.int64).view(np.uint64), RAW_ID_SEED) >> np.uint64(2)).astype(np.int64) + 1
 
 
-class RawIds:
-    """``IdLookup``'s counterpart for ``ids: raw``: values -> ``raw_ids`` (nulls -> 0), no
-    vocabulary involved.
+class _IdMap:
+    """Values -> ids elementwise, for flat columns and list columns alike (``ids``: a flat
+    Series -> int64 ids); a polars ``map_batches`` function."""
+
+    def ids(self, values: pl.Series) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, s: pl.Series) -> pl.Series:
+        if not isinstance(s.dtype, pl.List):
+            return pl.Series(s.name, self.ids(s), dtype=pl.Int64)
+        # lists: map the flat values once, keep each row's offsets
+        import pyarrow as pa
+
+        arr = s.to_arrow()
+        offsets = arr.offsets.to_numpy()
+        flat = pl.from_arrow(arr.flatten())
+        assert isinstance(flat, pl.Series)
+        out = pa.LargeListArray.from_arrays(
+            pa.array(offsets - offsets[0], type=pa.int64()), pa.array(self.ids(flat), type=pa.int64())
+        )
+        return pl.Series(s.name, out, dtype=pl.List(pl.Int64))
+
+
+class RawIds(_IdMap):
+    """``IdLookup``'s counterpart for ``ids: raw``: int64 values -> ``raw_ids`` (nulls -> 0),
+    no vocabulary involved (Criteo's loader).
 
     Example::
 
         pl.col("C1").map_batches(RawIds(), return_dtype=pl.Int64, is_elementwise=True)
     """
 
-    def __call__(self, s: pl.Series) -> pl.Series:
-        ids = raw_ids(s.fill_null(0).to_numpy())
-        if s.null_count():
-            ids[s.is_null().to_numpy()] = 0
-        return pl.Series(s.name, ids, dtype=pl.Int64)
+    def ids(self, values: pl.Series) -> np.ndarray:
+        ids = raw_ids(values.fill_null(0).to_numpy())
+        if values.null_count():
+            ids[values.is_null().to_numpy()] = 0
+        return ids
 
 
-class IdLookup:
+def raw_text_id(text: str) -> int:
+    """``ids: raw`` of one value of a user's table: BLAKE2b of its text (an integer as its
+    decimal digits, so a CSV and a Parquet file of one table agree) to 64 bits, folded to
+    ``[1, 2^62]``."""
+    return (int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 2) + 1
+
+
+class RawTextIds(_IdMap):
+    """``ids: raw`` for a user's table (the tabular loader): every value -> ``raw_text_id``
+    of its text, nulls -> 0; each batch's distinct values are hashed once.
+
+    Example::
+
+        pl.col("city").map_batches(RawTextIds(), return_dtype=pl.Int64, is_elementwise=True)
+    """
+
+    def ids(self, values: pl.Series) -> np.ndarray:
+        text = values.cast(pl.String)
+        distinct = text.drop_nulls().unique()
+        hashed = pl.Series([raw_text_id(v) for v in distinct.to_list()], dtype=pl.Int64)
+        return text.replace_strict(distinct, hashed, default=0, return_dtype=pl.Int64).to_numpy()
+
+
+class IdLookup(_IdMap):
     """Maps raw int64 values (or lists of them) to vocabulary ids, 0 when absent or null.
 
     A pandas ``Index`` is used only as a hash table built once per field: polars has no
@@ -349,21 +395,6 @@ class IdLookup:
         if values.null_count():
             ids[values.is_null().to_numpy()] = 0
         return ids
-
-    def __call__(self, s: pl.Series) -> pl.Series:
-        if not isinstance(s.dtype, pl.List):
-            return pl.Series(s.name, self.ids(s), dtype=pl.Int64)
-        # lists: look up the flat values once, keep each row's offsets
-        import pyarrow as pa
-
-        arr = s.to_arrow()
-        offsets = arr.offsets.to_numpy()
-        flat = pl.from_arrow(arr.flatten())
-        assert isinstance(flat, pl.Series)
-        out = pa.LargeListArray.from_arrays(
-            pa.array(offsets - offsets[0], type=pa.int64()), pa.array(self.ids(flat), type=pa.int64())
-        )
-        return pl.Series(s.name, out, dtype=pl.List(pl.Int64))
 
 
 def string_ids(expr: pl.Expr, vocab: pl.DataFrame) -> pl.Expr:

@@ -66,6 +66,7 @@ class TabularConfig(DatasetConfig):
 
     # one file (``path``) split by ``split_by: order`` keeps its row order: sort it by time first
     ordered_by: ClassVar[Optional[str]] = "the file's row order (one file, given as path)"
+    raw_ids: ClassVar[bool] = True
 
     name: str = "tabular"
     path: Optional[str] = None
@@ -173,13 +174,14 @@ class TabularConfig(DatasetConfig):
             "columns": asdict(columns),
             "seed": self.seed,
             "split": list(self.split) if "all" in sources else None,
-            **(self.split_key() if "all" in sources else {}),
+            **(self.split_key() if "all" in sources else ({"ids": self.ids} if self.ids != "vocab" else {})),
         }
         return cached_dataset(
             Path(cache_root),
             self.name,
             key,
             lambda out: preprocess_tabular(
-                sources, columns, out, name=self.name, seed=self.seed, split=list(self.split), split_by=self.split_by
+                sources, columns, out, name=self.name, seed=self.seed, split=list(self.split), split_by=self.split_by,
+                ids=self.ids,
             ),
         )

@@ -28,6 +28,7 @@ from recsys.data.common import (
     ROW_GROUP_ROWS,
     SPLIT_COMPRESSION,
     IdLookup,
+    RawTextIds,
     file_fingerprint,
     split_code_expr,
     string_ids,
@@ -137,11 +138,13 @@ def dense_expr(name: str, stat: dict[str, Any]) -> pl.Expr:
     return x.fill_null(0).cast(pl.Float32).alias(name)
 
 
-def _id_expr(name: str, vocab: pl.DataFrame, multi: bool) -> pl.Expr:
+def _id_expr(name: str, vocab: pl.DataFrame, multi: bool, raw: bool = False) -> pl.Expr:
+    dtype = pl.List(pl.Int64) if multi else pl.Int64
+    if raw:  # ids: raw, each value's hash (the vocabulary only sizes the full table)
+        return pl.col(name).map_batches(RawTextIds(), return_dtype=dtype, is_elementwise=True).alias(name)
     if vocab["value"].dtype == pl.String:
         expr = pl.col(name).list.eval(string_ids(pl.element(), vocab)) if multi else string_ids(pl.col(name), vocab)
         return expr.alias(name)
-    dtype = pl.List(pl.Int64) if multi else pl.Int64
     return pl.col(name).map_batches(IdLookup(vocab), return_dtype=dtype, is_elementwise=True).alias(name)
 
 
@@ -154,6 +157,7 @@ def preprocess_tabular(
     seed: int = 0,
     split: list[float] | None = None,
     split_by: str = "hash",
+    ids: str = "vocab",
 ) -> DatasetSchema:
     """Write the processed dataset of ``sources`` (from ``open_sources``) into ``out_dir``.
 
@@ -181,7 +185,7 @@ def preprocess_tabular(
         pl.scan_parquet(tmp[s]).select(
             "label",
             *(dense_expr(n, stats[n]) for n in cols.numeric),
-            *(_id_expr(c, vocabs[c], c in cols.multi_hot) for c in cols.sparse),
+            *(_id_expr(c, vocabs[c], c in cols.multi_hot, raw=ids == "raw") for c in cols.sparse),
         ).sink_parquet(
             out_dir / f"{s}.parquet", row_group_size=ROW_GROUP_ROWS, compression=SPLIT_COMPRESSION, engine="streaming"
         )
@@ -209,6 +213,7 @@ def preprocess_tabular(
             "seed": seed,
             "split": split if "all" in sources else None,
             **({"split_by": split_by} if split_by != "hash" and "all" in sources else {}),
+            **({"ids": ids} if ids != "vocab" else {}),
             "label": cols.label,
             "label_threshold": cols.threshold,
             "min_counts": cols.min_counts,

@@ -193,5 +193,5 @@ def test_raw_ids_are_each_values_stable_hash(tmp_path, criteo_sample, sample_row
     from compression.config_checks import ConfigError
     from recsys.data.movielens import MovieLensConfig
 
-    with pytest.raises(ConfigError, match=r"^dataset.ids: raw is written by the criteo loader, and the MovieLensConfig"):
+    with pytest.raises(ConfigError, match=r"^dataset.ids: raw is written by the criteo and tabular loaders, and the MovieLensConfig"):
         MovieLensConfig(ids="raw")

@@ -251,3 +251,40 @@ def test_one_file_split_by_order_keeps_its_row_order(tmp_path):
     paths = {k: str(tmp_path / "all.csv") for k in ("train_path", "val_path", "test_path")}
     with pytest.raises(DataError, match=r"^dataset 'tabular': split_by: order splits one file in its row order \(path\); three files"):
         TabularConfig(**paths, label="y", categorical=["shop"], split_by="order").prepare(tmp_path / "cache")
+
+
+def test_raw_ids_hash_each_values_text(tmp_path):
+    """``ids: raw`` on a user's table: every categorical and multi-hot value becomes
+    ``raw_text_id`` of its text, in every split (a value seen only in the test file keeps an
+    id of its own, not 0); empty is 0; the vocabulary still sizes the full table. A CSV and a
+    Parquet file of one table give the same ids (an integer hashes as its digits)."""
+    from recsys.data.common import raw_text_id
+
+    df = _frame(300, seed=4)
+    text = df.with_columns(pl.col("tags").list.join("|"))
+    parts = {"train": text[:200], "val": text[200:250], "test": text[250:].with_columns(pl.lit("brand-new").alias("shop"))}
+    paths = {}
+    for s, part in parts.items():
+        part.write_csv(tmp_path / f"{s}.csv")
+        paths[f"{s}_path"] = str(tmp_path / f"{s}.csv")
+    declared = dict(label="y", categorical=["user", "shop"], multi_hot=[MultiHotColumn("tags", "|")])
+    raw = TabularConfig(**paths, **declared, ids="raw").prepare(tmp_path / "c")
+    vocab = TabularConfig(**paths, **declared).prepare(tmp_path / "c")
+    assert raw.schema.raw_ids and raw.schema.vocabulary_bytes() == 0 and raw.root != vocab.root
+    assert raw.schema.sparse == vocab.schema.sparse  # the full table: the train vocabulary's size
+    for s, part in parts.items():
+        out = _split(raw, s)
+        assert out["user"].to_list() == [raw_text_id(str(u)) for u in part["user"]]
+        assert out["shop"].to_list() == [raw_text_id(v) for v in part["shop"]]
+        want_tags = [[raw_text_id(t) for t in row.split("|") if t] if row else [] for row in part["tags"]]
+        assert out["tags"].to_list() == want_tags
+    assert set(_split(raw, "test")["shop"]) == {raw_text_id("brand-new")}
+    assert set(_split(vocab, "test")["shop"]) == {0}  # unseen in train: id 0 with a vocabulary
+    df.slice(0, 200).write_parquet(tmp_path / "train.parquet")
+    for s in ("val", "test"):
+        parts[s].with_columns(pl.col("tags").str.split("|")).write_parquet(tmp_path / f"{s}.parquet")
+    as_parquet = TabularConfig(**{f"{s}_path": str(tmp_path / f"{s}.parquet") for s in parts},
+                               label="y", categorical=["user", "shop"], multi_hot=[MultiHotColumn("tags")], ids="raw")  # fmt: skip
+    pq = as_parquet.prepare(tmp_path / "c2")
+    for s in parts:
+        assert _split(pq, s)["user"].to_list() == _split(raw, s)["user"].to_list()
