@@ -43,7 +43,7 @@ class DatasetConfig:
                               f"knows none; split the data in time yourself (three files) or use split_by: hash")  # fmt: skip
 
         if self.ids == "raw" and not self.raw_ids:
-            raise ConfigError(f"dataset.ids: raw is written by the criteo and tabular loaders, and the "
+            raise ConfigError(f"dataset.ids: raw is written by the criteo, movielens and tabular loaders, and the "
                               f"{type(self).__name__} loader writes vocabulary ids only; use ids: vocab")  # fmt: skip
 
     def split_key(self) -> dict[str, str]:

@@ -43,6 +43,7 @@ import polars as pl
 from compression.config_checks import bounded, one_of
 from recsys.data.base import DatasetConfig
 from recsys.data.common import (
+    RawTextIds,
     assign_splits,
     build_vocab,
     cached_dataset,
@@ -93,6 +94,7 @@ class MovieLensConfig(DatasetConfig):
     """
 
     ordered_by: ClassVar[Optional[str]] = "the ratings' timestamps"
+    raw_ids: ClassVar[bool] = True
 
     name: str = "movielens-100k"
     source: str = one_of("recbole", "recbole", "grouplens")
@@ -129,7 +131,7 @@ class MovieLensConfig(DatasetConfig):
             frames = read_recbole(files) if self.source == "recbole" else read_grouplens(files)
             schema = write_processed(
                 *frames, out, name=self.name, seed=self.seed, split=list(self.split),
-                min_count=self.min_count, min_rating=self.min_rating, split_by=self.split_by,
+                min_count=self.min_count, min_rating=self.min_rating, split_by=self.split_by, ids=self.ids,
             )
             schema.source = {"format": "movielens-100k", "source": self.source, "sha256": digests}
             return schema
@@ -304,8 +306,11 @@ def write_processed(
     min_count: int = 1,
     min_rating: int = 4,
     split_by: str = "hash",
+    ids: str = "vocab",
 ) -> DatasetSchema:
-    """Join ratings with user and item features and write the processed dataset.
+    """Join ratings with user and item features and write the processed dataset
+    (``ids="raw"``: each value as ``raw_text_id`` of its text, the vocabulary only sizing
+    the full table and giving the counts).
 
     Example::
 
@@ -325,21 +330,32 @@ def write_processed(
         codes = assign_splits(np.arange(df.height), seed, split)
     train = df.filter(pl.Series(codes == 0))
     out = [(pl.col("rating") >= min_rating).cast(pl.Float32).alias("label")]
-    sparse, vocab_sizes = [], {}
+    sparse, vocab_sizes, vocabs = [], {}, {}
     for f in FIELDS:
         values = train[f].explode() if f == "genre" else train[f]
         vocab = build_vocab(values, min_count)
         vocab_sizes[f] = vocab.height
+        vocabs[f] = vocab
         to_id = pl.element() if f == "genre" else pl.col(f)
         mapped = to_id.replace_strict(vocab["value"], vocab["id"], default=0, return_dtype=pl.Int64)
-        out.append((pl.col(f).list.eval(mapped) if f == "genre" else mapped).alias(f))
+        if ids == "raw":
+            dtype = pl.List(pl.Int64) if f == "genre" else pl.Int64
+            out.append(pl.col(f).map_batches(RawTextIds(), return_dtype=dtype, is_elementwise=True).alias(f))
+        else:
+            out.append((pl.col(f).list.eval(mapped) if f == "genre" else mapped).alias(f))
         sparse.append(SparseField(f, vocab.height + 1, multi_hot=f == "genre"))
     data = df.select(out)
     counts = {}
     for f in FIELDS:
-        ids = data[f].filter(pl.Series(codes == 0))
-        ids = ids.explode().drop_nulls() if f == "genre" else ids
-        counts[f] = ids.value_counts(name="count").rename({f: "id"}).sort("id")
+        if ids == "raw":  # the train vocabulary's counts, by vocabulary id (raw ids index nothing)
+            values = train[f].explode() if f == "genre" else train[f]
+            rare = int(values.drop_nulls().len()) - int(vocabs[f]["count"].sum())
+            counts[f] = pl.concat([pl.DataFrame({"id": [0], "count": [rare]}), vocabs[f].select("id", "count")],
+                                  how="vertical_relaxed")  # fmt: skip
+            continue
+        col = data[f].filter(pl.Series(codes == 0))
+        col = col.explode().drop_nulls() if f == "genre" else col
+        counts[f] = col.value_counts(name="count").rename({f: "id"}).sort("id")
     rows = {}
     for code, s in enumerate(SPLITS):
         part = data.filter(pl.Series(codes == code))
@@ -352,6 +368,7 @@ def write_processed(
         sparse=sparse,
         rows=rows,
         params={"seed": seed, "split": split, **({"split_by": split_by} if split_by != "hash" else {}),
+                **({"ids": ids} if ids != "vocab" else {}),
                 "min_count": min_count, "min_rating": min_rating,
                 "code_version": CODE_VERSION},
     )

@@ -191,7 +191,7 @@ def test_raw_ids_are_each_values_stable_hash(tmp_path, criteo_sample, sample_row
     unseen = (vocab_test == 0) & (raw_test != 0)  # id 0 with a vocabulary, an id of its own raw
     assert unseen.sum() > 10 and len(set(raw_test[unseen])) > 10
     from compression.config_checks import ConfigError
-    from recsys.data.movielens import MovieLensConfig
+    from recsys.data.libfm import LibFMConfig
 
-    with pytest.raises(ConfigError, match=r"^dataset.ids: raw is written by the criteo and tabular loaders, and the MovieLensConfig"):
-        MovieLensConfig(ids="raw")
+    with pytest.raises(ConfigError, match=r"^dataset.ids: raw is written by the criteo, movielens and tabular loaders, and the LibFMConfig"):
+        LibFMConfig(ids="raw")

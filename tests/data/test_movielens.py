@@ -9,6 +9,7 @@ import urllib.error
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -171,3 +172,23 @@ def test_the_order_split_is_refused_where_a_loader_knows_no_order():
         from compression.config_checks import check_fields
 
         check_fields(MovieLensConfig(split_by="time"), "dataset")
+
+
+def test_raw_ids_give_users_who_joined_later_their_own_ids(movielens_raw, tmp_path):
+    """``ids: raw`` on MovieLens split in time: every user, item and genre is ``raw_text_id``
+    of its value, so the test split's new users keep ids of their own instead of sharing 0;
+    the counts stay the train vocabulary's (indexed by vocabulary id), the full table its size."""
+    from recsys.data.common import raw_text_id
+
+    vocab = MovieLensConfig(raw_dir=str(movielens_raw), split_by="order").prepare(tmp_path / "c")
+    raw = MovieLensConfig(raw_dir=str(movielens_raw), split_by="order", ids="raw").prepare(tmp_path / "c")
+    assert raw.schema.raw_ids and raw.schema.sparse == vocab.schema.sparse and raw.root != vocab.root
+    inter = pl.read_csv(movielens_raw / "ml-100k-recbole" / "ml-100k.inter", separator="\t")
+    order = inter["timestamp:float"].rank(method="ordinal").to_numpy() - 1
+    part = inter.filter(pl.Series(order >= 90_000))
+    test_raw, test_vocab = pl.read_parquet(raw.split_path("test")), pl.read_parquet(vocab.split_path("test"))
+    assert test_raw["user_id"].to_list() == [raw_text_id(str(u)) for u in part["user_id:token"]]
+    new_users = test_vocab["user_id"] == 0
+    assert new_users.mean() > 0.2 and test_raw["user_id"].filter(new_users).n_unique() > 50
+    for f in ("user_id", "genre"):
+        np.testing.assert_array_equal(raw.counts(f), vocab.counts(f))
