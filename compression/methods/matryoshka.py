@@ -319,12 +319,11 @@ class MatryoshkaCollection(CompressedEmbeddingBagCollection):
         self.ratio_forms = {}
         for r in self.config.deploy_ratios:  # further budgets, the same training
             dims, extra = self.deploy_for(Budget(ratio=r).target_bytes(self.source_tables()))
-            self.deploy(dims, extra)
-            self.ratio_forms[f"ratio_{r:g}x"] = self._form()
-            out[f"ratio_{r:g}x.val_auc"] = ctx.evaluate()["auc"]
-            out[f"ratio_{r:g}x.bytes"] = float(self.held_bytes(dims, extra))
-            for k, v in trained.items():
-                setattr(self, k, v)
+            with self._in_form(trained):  # (the trained tables back after the block)
+                self.deploy(dims, extra)
+                self.ratio_forms[f"ratio_{r:g}x"] = self._form()
+                out[f"ratio_{r:g}x.val_auc"] = ctx.evaluate()["auc"]
+                out[f"ratio_{r:g}x.bytes"] = float(self.held_bytes(dims, extra))
         dims, extra = (full, {}) if target is None else self.deploy_for(target)
         ctx.log_params({**{f"{n}.dim": d for n, d in dims.items()}, **{f"{n}.extra_rows": r for n, r in extra.items()}})
         self.deploy(dims, extra)

@@ -137,12 +137,8 @@ class Run:
         self.model = mcfg.build(self.module, n_dense)
         cfg = TrainerConfig(**trainer)
         self.fused = FusedTables.fuse(self.module, cfg) if cfg.fused_tables else None
-        if self.fused is None:
-            opts = build_optimizers(self.model, self.module, cfg)
-        else:  # as the trainer does: the fused rows' optimizer runs in the backward
-            taken = self.fused.parameter_ids()
-            opts = build_optimizers([p for p in self.model.parameters() if id(p) not in taken], self.module, cfg,
-                                    fused=self.fused.optimizer)  # fmt: skip
+        opts = (build_optimizers(self.model, self.module, cfg) if self.fused is None
+                else self.fused.optimizers(self.model, self.module, cfg))  # fmt: skip
         self.step = TrainStep(self.model, self.module, opts, cfg)
         self.times: list[float] = []
         self.emb_forward = 0.0

@@ -348,14 +348,14 @@ class RawIds(_IdMap):
 
 
 def raw_text_id(text: str) -> int:
-    """``ids: raw`` of one value of a user's table: BLAKE2b of its text (an integer as its
+    """``ids: raw`` of one value of MovieLens or a user's table: BLAKE2b of its text (an integer as its
     decimal digits, so a CSV and a Parquet file of one table agree) to 64 bits, folded to
     ``[1, 2^62]``."""
     return (int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 2) + 1
 
 
 class RawTextIds(_IdMap):
-    """``ids: raw`` for a user's table (the tabular loader): every value -> ``raw_text_id``
+    """``ids: raw`` for MovieLens and a user's table: every value -> ``raw_text_id``
     of its text, nulls -> 0; each batch's distinct values are hashed once.
 
     Example::

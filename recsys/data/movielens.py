@@ -330,31 +330,21 @@ def write_processed(
         codes = assign_splits(np.arange(df.height), seed, split)
     train = df.filter(pl.Series(codes == 0))
     out = [(pl.col("rating") >= min_rating).cast(pl.Float32).alias("label")]
-    sparse, vocab_sizes, vocabs = [], {}, {}
+    sparse, vocab_ids, raw = [], [], []
     for f in FIELDS:
         values = train[f].explode() if f == "genre" else train[f]
         vocab = build_vocab(values, min_count)
-        vocab_sizes[f] = vocab.height
-        vocabs[f] = vocab
         to_id = pl.element() if f == "genre" else pl.col(f)
         mapped = to_id.replace_strict(vocab["value"], vocab["id"], default=0, return_dtype=pl.Int64)
-        if ids == "raw":
-            dtype = pl.List(pl.Int64) if f == "genre" else pl.Int64
-            out.append(pl.col(f).map_batches(RawTextIds(), return_dtype=dtype, is_elementwise=True).alias(f))
-        else:
-            out.append((pl.col(f).list.eval(mapped) if f == "genre" else mapped).alias(f))
+        vocab_ids.append((pl.col(f).list.eval(mapped) if f == "genre" else mapped).alias(f))
+        dtype = pl.List(pl.Int64) if f == "genre" else pl.Int64
+        raw.append(pl.col(f).map_batches(RawTextIds(), return_dtype=dtype, is_elementwise=True).alias(f))
         sparse.append(SparseField(f, vocab.height + 1, multi_hot=f == "genre"))
-    data = df.select(out)
+    data = df.select(*out, *(raw if ids == "raw" else vocab_ids))
+    train_ids = train.select(vocab_ids)  # the counts are the vocabulary ids' with raw ids too
     counts = {}
     for f in FIELDS:
-        if ids == "raw":  # the train vocabulary's counts, by vocabulary id (raw ids index nothing)
-            values = train[f].explode() if f == "genre" else train[f]
-            rare = int(values.drop_nulls().len()) - int(vocabs[f]["count"].sum())
-            counts[f] = pl.concat([pl.DataFrame({"id": [0], "count": [rare]}), vocabs[f].select("id", "count")],
-                                  how="vertical_relaxed")  # fmt: skip
-            continue
-        col = data[f].filter(pl.Series(codes == 0))
-        col = col.explode().drop_nulls() if f == "genre" else col
+        col = train_ids[f].explode().drop_nulls() if f == "genre" else train_ids[f]
         counts[f] = col.value_counts(name="count").rename({f: "id"}).sort("id")
     rows = {}
     for code, s in enumerate(SPLITS):

@@ -174,7 +174,7 @@ class TabularConfig(DatasetConfig):
             "columns": asdict(columns),
             "seed": self.seed,
             "split": list(self.split) if "all" in sources else None,
-            **(self.split_key() if "all" in sources else ({"ids": self.ids} if self.ids != "vocab" else {})),
+            **self.split_key(),  # (three files take split_by: hash only: files() refused order)
         }
         return cached_dataset(
             Path(cache_root),

@@ -11,14 +11,16 @@ The update is the unfused one's: fbgemm's exact row-wise Adagrad, Adagrad or SGD
 learning rate and epsilon of ``recsys.training.optim``'s optimizers, with no embedding L2
 (``embedding_l2: 0``: the trainer's ``table`` L2 decays every row every step, which no fused
 kernel does, and fbgemm's weight decay is not its ``batch_rows`` L2 either: row-wise Adagrad
-and SGD ignore it, Adagrad's drifts from it within three steps) and no gradient clipping (the rows' gradients never exist as tensors). After the
-stage the tables are plain collections again holding the trained rows, so bytes,
-quantization, export and the later stages see what they see without fusing.
+and SGD ignore it, Adagrad's drifts from it within three steps) and no gradient clipping (the
+rows' gradients never exist as tensors). After the stage the tables are plain collections
+again holding the trained rows, so bytes, quantization, export and the later stages see what
+they see without fusing.
 
 Example::
 
     fused = FusedTables.fuse(module, cfg)       # None: the method or config does not allow it
-    ... train (the rows' optimizer is fused.optimizer, stepped in the backward) ...
+    opts = fused.optimizers(model, module, cfg)  # the rows' optimizer steps in the backward
+    ... train ...
     fused.unfuse()
 """
 
@@ -33,6 +35,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from recsys.training.optim import Optimizers, build_optimizers
 
 # the trainer's sparse optimizers fbgemm runs fused on the CPU, with the unfused ones' epsilon
 FUSED_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, float]]] = {
@@ -102,6 +106,12 @@ class FusedTables:
     def parameter_ids(self) -> set[int]:
         """The fused rows (their optimizer is this one, stepped in the backward)."""
         return {id(p) for *_, f in self.swaps for p in f.parameters()}
+
+    def optimizers(self, model: nn.Module, module: Any, cfg: Any) -> Optimizers:
+        """``build_optimizers`` with the fused rows' optimizer in place of theirs: every other
+        parameter of ``model`` as without fusing."""
+        taken = self.parameter_ids()
+        return build_optimizers([p for p in model.parameters() if id(p) not in taken], module, cfg, fused=self.optimizer)
 
     def state_bytes(self) -> int:
         """The fused optimizer's state (row-wise Adagrad: one fp32 a row)."""

@@ -36,7 +36,7 @@ from recsys.data.loader import BatchLoader
 from recsys.training.backends import Backend, LocalBackend
 from recsys.training.callbacks import Callback
 from recsys.training.fused import FusedTables, config_refusal
-from recsys.training.optim import L2_MODES, SPARSE_OPTIMIZERS, Optimizers, build_optimizers
+from recsys.training.optim import L2_MODES, SPARSE_OPTIMIZERS, Optimizers
 from recsys.training.stage_context import StageContext
 from recsys.training.step import TrainStep
 
@@ -269,11 +269,7 @@ class Trainer:
     def _fit(self, model: nn.Module, module: CompressedEmbeddingBagCollection, train: BatchLoader, val: BatchLoader,
              ckdir: Path | None, epochs: int, on_epoch: Optional[EpochHook], fused: FusedTables | None) -> FitResult:  # fmt: skip
         cfg = self.cfg
-        if fused is None:
-            opts = self.backend.optimizers(model, module, cfg)
-        else:  # the fused rows' optimizer steps in the backward; everything else as without
-            taken = fused.parameter_ids()
-            opts = build_optimizers([p for p in model.parameters() if id(p) not in taken], module, cfg, fused=fused.optimizer)
+        opts = self.backend.optimizers(model, module, cfg) if fused is None else fused.optimizers(model, module, cfg)
         state = _LoopState()
         state_path = ckdir / "last.pt" if ckdir else None
         saved = checkpoint.load(state_path) if state_path else None
@@ -354,7 +350,6 @@ class Trainer:
             fit_s=state.wall_time,
             fit_samples_per_s=state.samples / state.wall_time if state.wall_time else float("nan"),
         )
-
 
     def _optimizer_bytes(self, opts: Optimizers, module: CompressedEmbeddingBagCollection,
                          fused: FusedTables | None) -> int | None:  # fmt: skip

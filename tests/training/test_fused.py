@@ -24,9 +24,7 @@ FUSABLE = [
 
 
 def _steps(module, cfg, fused: FusedTables | None, steps: int = 3) -> None:
-    taken = fused.parameter_ids() if fused is not None else set()
-    opts = build_optimizers([p for p in module.parameters() if id(p) not in taken], module, cfg,
-                            fused=None if fused is None else fused.optimizer)  # fmt: skip
+    opts = build_optimizers(module, module, cfg) if fused is None else fused.optimizers(module, module, cfg)
     module.train()
     for s in range(steps):
         loss = (module(make_kjt(batch=16, seed=s)).values() - 0.1).pow(2).sum()
