@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Optional
@@ -48,6 +49,7 @@ from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCo
 from torchrec.modules.mc_modules import (
     LFU_EvictionPolicy,
     ManagedCollisionCollection,
+    ManagedCollisionModule,
     MCHManagedCollisionModule,
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -78,7 +80,9 @@ class ManagedCollisionConfig(BudgetedConfig):
     """TorchRec MCH with LFU eviction; ``budget`` picks the slots, or give ``zch_size``."""
 
     method: ClassVar[str] = "managed_collision"
-    takes_raw_ids: ClassVar[bool] = True  # every id goes through the hash (exact tables: in-range ids only)
+    takes_raw_ids: ClassVar[bool] = (
+        True  # every id goes through the hash (exact tables: in-range ids only)
+    )
     # slots (rows, the fallback included) of every MC table (budget: null)
     zch_size: Optional[int] = None
     # training steps between two LFU evictions
@@ -89,12 +93,22 @@ class ManagedCollisionConfig(BudgetedConfig):
 
     @classmethod
     def contract_examples(cls) -> list[ManagedCollisionConfig]:
-        return [cls(), cls(budget=Budget(ratio=2), eviction_interval=3), cls(budget=None, zch_size=100)]
+        return [
+            cls(),
+            cls(budget=Budget(ratio=2), eviction_interval=3),
+            cls(budget=None, zch_size=100),
+        ]
 
 
-def _mch(slots: int, interval: int, device: torch.device, name: str | None = None) -> MCHManagedCollisionModule:
+def _mch(
+    slots: int, interval: int, device: torch.device, name: str | None = None
+) -> MCHManagedCollisionModule:
     return MCHManagedCollisionModule(
-        zch_size=slots, device=device, eviction_policy=LFU_EvictionPolicy(), eviction_interval=interval, name=name
+        zch_size=slots,
+        device=device,
+        eviction_policy=LFU_EvictionPolicy(),
+        eviction_interval=interval,
+        name=name,
     )
 
 
@@ -102,7 +116,8 @@ def _mch(slots: int, interval: int, device: torch.device, name: str | None = Non
 def mch_bytes() -> tuple[int, int]:
     """(bytes per slot, bytes per table) of TorchRec's MCH buffers, measured once."""
     held = [
-        sum(tensor_bytes(_mch(z, 1, torch.device("cpu")).named_buffers()).values()) for z in (MIN_SLOTS, MIN_SLOTS + 1)
+        sum(tensor_bytes(_mch(z, 1, torch.device("cpu")).named_buffers()).values())
+        for z in (MIN_SLOTS, MIN_SLOTS + 1)
     ]
     per_slot = held[1] - held[0]
     return per_slot, held[0] - MIN_SLOTS * per_slot
@@ -111,30 +126,48 @@ def mch_bytes() -> tuple[int, int]:
 class ManagedCollisionEmbeddingBags(IdMappedCollection):
     """TorchRec's MC-EBC for the compressed tables, a plain EBC for the exact ones."""
 
-    def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, config: ManagedCollisionConfig, ctx: BuildContext) -> None:
+    def __init__(
+        self, tables: list[EmbeddingBagConfig], plan: Plan, config: Any, ctx: BuildContext
+    ) -> None:
         super().__init__(tables, plan, knob="zch_size", config=ctx.config)
-        mc = [inner_table(t, rows=plan.sizes[t.name]) for t in tables if plan.sizes[t.name] is not None]
+        mc = [
+            inner_table(t, rows=plan.sizes[t.name])
+            for t in tables
+            if plan.sizes[t.name] is not None
+        ]
         exact = [inner_table(t) for t in tables if plan.sizes[t.name] is None]
         self.mc_ebc = (
             ManagedCollisionEmbeddingBagCollection(
                 EmbeddingBagCollection(tables=mc, device=ctx.table_device),
                 ManagedCollisionCollection(
-                    {c.name: _mch(c.num_embeddings, config.eviction_interval, ctx.device, c.name) for c in mc}, mc
+                    {c.name: self.slot_module(c, config, ctx) for c in mc}, mc
                 ),
             )
             if mc
             else None
         )
-        self.exact_ebc = EmbeddingBagCollection(tables=exact, device=ctx.table_device) if exact else None
+        self.exact_ebc = (
+            EmbeddingBagCollection(tables=exact, device=ctx.table_device) if exact else None
+        )
         self.hasher = UniversalHash(1, seed=ctx.seed, device=ctx.device)
         self.params = KeyParams(
-            self.feature_names, {"rows": [t.num_embeddings for t in tables for _ in t.feature_names]}, device=ctx.device
+            self.feature_names,
+            {"rows": [t.num_embeddings for t in tables for _ in t.feature_names]},
+            device=ctx.device,
         )
         self._mc_keys_order = [f for c in mc for f in c.feature_names]
         self._exact_keys_order = [f for c in exact for f in c.feature_names]
         produced = [(f, c.embedding_dim) for c in mc + exact for f in c.feature_names]
-        self._perm = column_order(produced, [(f, t.embedding_dim) for t in tables for f in t.feature_names])
+        self._perm = column_order(
+            produced, [(f, t.embedding_dim) for t in tables for f in t.feature_names]
+        )
         self._mc_keys: list[str] | None = None
+
+    def slot_module(
+        self, table: EmbeddingBagConfig, config: Any, ctx: BuildContext
+    ) -> ManagedCollisionModule:
+        """The TorchRec module that maps raw ids to the slots of ``table``."""
+        return _mch(table.num_embeddings, config.eviction_interval, ctx.device, table.name)
 
     @property
     def mcc(self) -> ManagedCollisionCollection:
@@ -154,7 +187,9 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
             parts.append(in_order(self._lookup_mc(features), self._mc_keys_order))
         if self.exact_ebc is not None:
             ids = fold(features.values(), self.params.expand(features)["rows"], self.hasher)
-            parts.append(in_order(self.exact_ebc(with_values(features, ids)), self._exact_keys_order))
+            parts.append(
+                in_order(self.exact_ebc(with_values(features, ids)), self._exact_keys_order)
+            )
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return self.keyed(out if self._perm is None else out[:, self._perm])
 
@@ -196,16 +231,23 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
         return torch.where(hit, mapping[pos], module.output_size() - 1)
 
 
-def _cost(t: EmbeddingBagConfig, fmt: TableFormat) -> FieldCost:
-    per_slot, per_table = mch_bytes()
+def slot_cost(t: EmbeddingBagConfig, fmt: TableFormat, held: tuple[int, int]) -> FieldCost:
+    """A table's cost by slots: its rows plus ``held`` (bytes per slot, per table) of remap state."""
+    per_slot, per_table = held
     d, f = t.embedding_dim, len(t.feature_names)
     return FieldCost(t.name, fmt.table(t.num_embeddings, d, f), MIN_SLOTS, t.num_embeddings,
                      lambda z: fmt.table(z, d, f) + per_slot * z + per_table)  # fmt: skip
 
 
-@register(ManagedCollisionConfig)
-def build(tables: list[EmbeddingBagConfig], config: ManagedCollisionConfig, ctx: BuildContext) -> ManagedCollisionEmbeddingBags:
-    require_fbgemm_cuda("managed_collision", ctx.device)
+def build_slotted(
+    tables: list[EmbeddingBagConfig],
+    config: BudgetedConfig,
+    ctx: BuildContext,
+    held: tuple[int, int],
+    construct: Callable[[Plan], ManagedCollisionEmbeddingBags],
+) -> ManagedCollisionEmbeddingBags:
+    """Size an MC-EBC of slotted tables (and plain exact ones) to ``config``'s budget."""
+    require_fbgemm_cuda(config.method, ctx.device)
     base = UniversalHash.nbytes(1) + KeyParams.nbytes(1, sum(len(t.feature_names) for t in tables))
 
     def settle(fmt: TableFormat, plan: Plan) -> int:
@@ -216,8 +258,21 @@ def build(tables: list[EmbeddingBagConfig], config: ManagedCollisionConfig, ctx:
 
     return build_sized(
         tables, config, ctx,
-        costs=lambda fmt: [_cost(t, fmt) for t in tables],
+        costs=lambda fmt: [slot_cost(t, fmt, held) for t in tables],
         fixed=lambda fmt: base + 2 * fmt.collection(tables),  # both collections: at most this
         settle=settle,
-        construct=lambda plan: ManagedCollisionEmbeddingBags(tables, plan, config, ctx),
+        construct=construct,
     )  # fmt: skip
+
+
+@register(ManagedCollisionConfig)
+def build(
+    tables: list[EmbeddingBagConfig], config: ManagedCollisionConfig, ctx: BuildContext
+) -> ManagedCollisionEmbeddingBags:
+    return build_slotted(
+        tables,
+        config,
+        ctx,
+        mch_bytes(),
+        lambda plan: ManagedCollisionEmbeddingBags(tables, plan, config, ctx),
+    )

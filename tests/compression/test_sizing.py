@@ -80,6 +80,7 @@ UNREACHABLE = {
     "dhe": {1000},  # 128 hash functions' coefficients (4 KiB) and one MLP per table
     "tt_rec": {1000},  # rank 1: about 3·N^(1/3)·dim^(1/3) values per table at least
     "cafe": {1000},  # one exact slot, one hashed row and one bucket of sketch per table at least
+    "mpzch": {1000},  # two slots (rows, identities and read times) and a step clock per table at least
 }
 
 

@@ -40,6 +40,7 @@ from compression.methods.frequency_hybrid import FrequencyHybridConfig
 from compression.methods.hashing import HashingConfig
 from compression.methods.managed_collision import ManagedCollisionConfig
 from compression.methods.mixed_dim import MixedDimConfig
+from compression.methods.mpzch import MpzchConfig
 from compression.methods.none import NoCompression
 from compression.methods.optembed import OptEmbedConfig
 from compression.methods.qr import QRConfig
@@ -70,6 +71,7 @@ TUNED = {
     "qr_add": QRConfig(budget=Budget(ratio=8), combine="add"),
     "frequency_hybrid": FrequencyHybridConfig(budget=Budget(ratio=8)),
     "managed_collision": ManagedCollisionConfig(budget=Budget(ratio=2)),
+    "mpzch": MpzchConfig(budget=Budget(ratio=2)),
     "mixed_dim": MixedDimConfig(budget=Budget(ratio=3)),
     "unified_embedding": UnifiedEmbeddingConfig(budget=Budget(ratio=8), chunk_dim=4, num_tables=2),
     "optembed": OptEmbedConfig(),
@@ -91,6 +93,7 @@ CONFIGS = {
 # methods TorchRec cannot shard on the CPU, with the reason the run is refused with
 REFUSED_ON_CPU = {
     "managed_collision": "fbgemm::reset_weight_momentum, which FBGEMM implements for CUDA only",
+    "mpzch": "fbgemm::reset_weight_momentum, which FBGEMM implements for CUDA only",
 }
 # and methods refused everywhere: their module's declared sharding_refusal() (tt_rec: its only
 # plan gives wrong rows), which the run must report as it is

@@ -69,7 +69,7 @@ def check_shardable(model: nn.Module, runtime: Runtime) -> None:
     mc = [m for m in model.modules() if isinstance(m, ManagedCollisionEmbeddingBagCollection)]
     if mc and runtime.device.type == "cpu":
         raise DistributedError(
-            "managed_collision cannot be sharded on the CPU: TorchRec's sharded MC-EBC re-draws "
+            "managed collisions (managed_collision, mpzch) cannot be sharded on the CPU: TorchRec's sharded MC-EBC re-draws "
             "evicted rows with fbgemm::reset_weight_momentum, which FBGEMM implements for CUDA "
             "only; train it in one process (distributed.mode=off) or on GPUs"
         )
@@ -77,7 +77,7 @@ def check_shardable(model: nn.Module, runtime: Runtime) -> None:
         for name, mch in m._managed_collision_collection._managed_collision_modules.items():
             if mch.buckets() % runtime.world_size:
                 raise DistributedError(
-                    f"managed_collision table '{name}' has {mch.buckets()} MCH bucket(s); TorchRec's "
+                    f"managed-collision table '{name}' has {mch.buckets()} bucket(s); TorchRec's "
                     f"row-wise MC sharding needs a multiple of the world size ({runtime.world_size})"
                 )
 

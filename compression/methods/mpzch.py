@@ -1,0 +1,214 @@
+"""MPZCH: TorchRec's multi-probe zero-collision hashing (``HashZchManagedCollisionModule``).
+
+Per compressed table, TorchRec's MPZCH module keeps an identity table of ``zch_size``
+slots: an id hashes (FBGEMM's murmur3) to a home slot and probes up to ``max_probe``
+slots from there for its own or an empty one, so ids that find a slot never share
+a row. An id that finds none (its whole window taken) reads its home slot's row,
+shared with the id there. (TorchRec's other choice, ``disable_fallback``, drops such
+an id but keeps its bag's length right only when every bag holds one id, so it is not
+offered.) The compressed tables are TorchRec's ``ManagedCollisionEmbeddingBagCollection``
+with the MPZCH modules in its ``ManagedCollisionCollection``, as TorchRec builds them.
+
+Eviction (``eviction``): ``none`` (a slot is kept for good), ``ttl`` (FBGEMM's policy
+0: a new id takes the first slot of its window not read for ``ttl_steps`` training
+steps) or ``lru`` (policy 1: the least recently read of such slots). TorchRec counts
+that time in wall-clock hours, which an offline run of minutes never advances; here
+it is counted in training steps of the module (a buffer, saved with the state), fed
+to TorchRec's eviction config as its TTL. An evicted slot's row is re-drawn with the
+table's init, as for ``managed_collision``.
+
+On the CPU, FBGEMM's ``zero_collision_hash`` kernel answers lookups only (its CPU
+build refuses inserts); training inserts go through ``compression.zch_cpu``, which
+follows FBGEMM's CUDA kernel, and every lookup outside training (and everything on
+CUDA) goes through FBGEMM's own kernel.
+
+Bytes: per slot, the row (4·dim), the int64 identity and, with eviction, the int32
+time of last read; per table the bucket count and the step clock (all counted from
+the module's tensors). Tables whose plain form is smaller stay exact.
+
+Ids: keys are raw int64 ids (``takes_raw_ids``); -1 is FBGEMM's empty-slot marker and
+reads as -2, and 2^63 - 1 as 2^63 - 2. Sharding: TorchRec's sharded MC-EBC needs a
+CUDA-only FBGEMM op on the CPU, so a sharded run is refused as for ``managed_collision``.
+
+Example::
+
+    ebc = compress(tables, MpzchConfig(budget=Budget(ratio=10), eviction="lru", ttl_steps=500))
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, ClassVar, Optional
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.hash_mc_evictions import HashZchEvictionConfig, HashZchEvictionPolicyName
+from torchrec.modules.hash_mc_modules import HashZchManagedCollisionModule
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from compression.api import BuildContext, register
+from compression.budget import Budget
+from compression.config_checks import bounded, one_of
+from compression.memory import tensor_bytes
+from compression.methods.managed_collision import (
+    MIN_SLOTS,
+    ManagedCollisionEmbeddingBags,
+    build_slotted,
+)
+from compression.sizing import BudgetedConfig
+from compression.zch_cpu import EMPTY, zero_collision_hash_insert
+
+EVICTIONS = {
+    "none": None,
+    "ttl": HashZchEvictionPolicyName.SINGLE_TTL_EVICTION,
+    "lru": HashZchEvictionPolicyName.LRU_EVICTION,
+}
+
+
+@dataclass
+class MpzchConfig(BudgetedConfig):
+    """TorchRec's MPZCH; ``budget`` picks the slots, or give ``zch_size``."""
+
+    method: ClassVar[str] = "mpzch"
+    takes_raw_ids: ClassVar[bool] = True
+    # slots (rows) of every MPZCH table (budget: null)
+    zch_size: Optional[int] = None
+    # slots an id probes from its home slot, for its own or a free one
+    max_probe: int = bounded(128, ge=1)
+    # which slot a new id may take when its window is full: none, ttl or lru
+    eviction: str = one_of("lru", *EVICTIONS)
+    # training steps a slot must go unread before a new id may take it
+    ttl_steps: int = bounded(1000, ge=1)
+
+    def explicit_sizes(self) -> dict[str, Any]:
+        return {"zch_size": self.zch_size}
+
+    @classmethod
+    def contract_examples(cls) -> list[MpzchConfig]:
+        return [
+            cls(),
+            cls(budget=Budget(ratio=2), eviction="ttl", ttl_steps=1, max_probe=4),
+            cls(budget=None, zch_size=100, eviction="none"),
+        ]
+
+
+class _StepEviction(torch.nn.Module):
+    """TorchRec's TTL scores (time of read + TTL, threshold now) in training steps."""
+
+    def __init__(self, ttl: int, clock: Callable[[], int]) -> None:
+        super().__init__()
+        self.ttl = ttl
+        self.clock = clock  # reads the owner's step buffer wherever it has moved
+
+    def forward(self, feature: JaggedTensor) -> tuple[torch.Tensor, int]:
+        now = self.clock()
+        return torch.full_like(feature.values(), now + self.ttl, dtype=torch.int32), now
+
+
+class StepMpzch(HashZchManagedCollisionModule):
+    """TorchRec's MPZCH module, trainable on the CPU, its eviction clock in steps.
+
+    Takes TorchRec's constructor arguments, so TorchRec's own rebuilds (sharding)
+    make this class again; ``eviction_config.single_ttl`` is read as steps.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("_steps", torch.zeros((), dtype=torch.int64))
+        if self._eviction_module is not None:  # type: ignore[has-type]
+            ttl = self._eviction_config.single_ttl if self._eviction_config else None
+            assert ttl is not None, "MPZCH eviction needs a TTL"
+            self._eviction_module = _StepEviction(ttl, lambda: int(self._steps))
+
+    def remap(
+        self, features: dict[str, JaggedTensor], *args: Any, **kwargs: Any
+    ) -> dict[str, JaggedTensor]:
+        if self.training:
+            self._steps += 1
+        return super().remap(features, *args, **kwargs)
+
+    def _zero_collision_hash(self, **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        values = kwargs["input"]
+        kwargs["input"] = torch.where(values == EMPTY, EMPTY - 1, values)
+        if values.is_cuda:
+            return super()._zero_collision_hash(**kwargs)
+        if kwargs["readonly"]:  # FBGEMM's CPU lookup takes no eviction arguments
+            kwargs.update(metadata=None, input_metadata=None, eviction_threshold=-1)
+            return super()._zero_collision_hash(**kwargs)
+        return zero_collision_hash_insert(
+            kwargs["input"], kwargs["identities"].data, kwargs["max_probe"], kwargs["local_sizes"],
+            kwargs["offsets"], kwargs["metadata"], kwargs["input_metadata"], kwargs["eviction_threshold"],
+            kwargs["eviction_policy"], kwargs["disable_fallback"],
+        )  # fmt: skip
+
+
+def slot_module(slots: int, config: MpzchConfig, device: torch.device, name: str) -> StepMpzch:
+    policy = EVICTIONS[config.eviction]
+    before = logging.root.manager.disable
+    logging.disable(logging.INFO)  # TorchRec logs each module's settings, line by line
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="To copy construct from a tensor"
+            )  # TorchRec's own
+            return _step_mpzch(slots, config, device, name, policy)
+    finally:
+        logging.disable(before)
+
+
+def _step_mpzch(
+    slots: int,
+    config: MpzchConfig,
+    device: torch.device,
+    name: str,
+    policy: Optional[HashZchEvictionPolicyName],
+) -> StepMpzch:
+    return StepMpzch(
+        zch_size=slots, device=device, total_num_buckets=1, max_probe=config.max_probe, name=name,
+        eviction_policy_name=policy,
+        eviction_config=HashZchEvictionConfig(features=[], single_ttl=config.ttl_steps) if policy else None,
+    )  # fmt: skip
+
+
+@cache
+def zch_bytes(eviction: str) -> tuple[int, int]:
+    """(bytes per slot, bytes per table) of the MPZCH module's tensors, measured once."""
+    config = MpzchConfig(eviction=eviction)
+    held = [
+        sum(tensor_bytes(slot_module(z, config, torch.device("cpu"), "t").named_buffers()).values())
+        for z in (MIN_SLOTS, MIN_SLOTS + 1)
+    ]
+    per_slot = held[1] - held[0]
+    return per_slot, held[0] - MIN_SLOTS * per_slot
+
+
+class MpzchEmbeddingBags(ManagedCollisionEmbeddingBags):
+    """TorchRec's MC-EBC with MPZCH modules for the compressed tables."""
+
+    def slot_module(self, table: EmbeddingBagConfig, config: Any, ctx: BuildContext) -> StepMpzch:
+        return slot_module(table.num_embeddings, config, ctx.device, table.name)
+
+    def slot_of(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
+        """The slot (row) each raw id reads now (FBGEMM's lookup)."""
+        table = next(t.name for t in self.source_tables() if feature in t.feature_names)
+        module = self.mcc._managed_collision_modules[table]
+        was = module.training
+        module.eval()
+        try:
+            return module({feature: JaggedTensor(values=ids, lengths=torch.ones_like(ids))})[
+                feature
+            ].values()
+        finally:
+            module.train(was)
+
+
+@register(MpzchConfig)
+def build(
+    tables: list[EmbeddingBagConfig], config: MpzchConfig, ctx: BuildContext
+) -> ManagedCollisionEmbeddingBags:
+    construct = lambda plan: MpzchEmbeddingBags(tables, plan, config, ctx)  # noqa: E731
+    return build_slotted(tables, config, ctx, zch_bytes(config.eviction), construct)

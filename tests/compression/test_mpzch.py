@@ -1,0 +1,216 @@
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from compression import Budget, compress, memory_report
+from compression.methods.mpzch import MpzchConfig, zch_bytes
+from compression.zch_cpu import home_slots, zero_collision_hash_insert
+
+TABLES = [
+    EmbeddingBagConfig(
+        name="t_big", embedding_dim=4, num_embeddings=100_000, feature_names=["big"]
+    ),
+    EmbeddingBagConfig(name="t_tiny", embedding_dim=4, num_embeddings=6, feature_names=["tiny"]),
+]
+
+
+def kjt(big) -> KeyedJaggedTensor:
+    tiny = [0] * len(big)
+    return KeyedJaggedTensor(
+        keys=["big", "tiny"],
+        values=torch.tensor(big + tiny),
+        lengths=torch.ones(2 * len(big), dtype=torch.int32),
+    )
+
+
+def build(zch_size=8, **kw):
+    return compress(TABLES, MpzchConfig(budget=None, zch_size=zch_size, **kw), seed=0)
+
+
+def fbgemm_lookup(ids, identities, max_probe):
+    """FBGEMM's own CPU kernel (lookup only)."""
+    out, _ = torch.ops.fbgemm.zero_collision_hash(
+        input=ids, identities=identities, max_probe=max_probe, circular_probe=True, readonly=True
+    )
+    return out
+
+
+def test_home_slot_is_fbgemms_hash():
+    # on an empty table FBGEMM's lookup misses every probe and returns the home slot
+    ids = torch.cat([torch.randint(-(2**62), 2**62, (3000,)), torch.tensor([0, 1, -2, 2**63 - 1])])
+    for size in (1, 7, 1000, 2**20 + 3):
+        empty = torch.full((size, 1), -1, dtype=torch.int64)
+        assert torch.equal(
+            home_slots(ids, torch.full_like(ids, size)), fbgemm_lookup(ids, empty, 2)
+        )
+
+
+@pytest.mark.parametrize("policy", [None, 0, 1])  # no eviction, TTL, LRU
+@pytest.mark.parametrize("size,probe", [(64, 8), (64, 1), (300, 128)])
+def test_inserts_are_collision_free_and_found_by_fbgemm(size, probe, policy):
+    table = torch.full((size, 1), -1, dtype=torch.int64)
+    ids = torch.randint(0, 10**12, (200,))
+    batch = torch.cat([ids, ids[:50]])  # repeated ids in one batch
+    meta = None if policy is None else torch.full((size, 1), -1, dtype=torch.int32)
+    now = None if policy is None else torch.full_like(batch, 5, dtype=torch.int32)
+    args = (
+        (meta, now, -1, 0) if policy is None else (meta, now, 5, policy)
+    )  # ids of one batch never expire
+    out, evicted = zero_collision_hash_insert(batch, table, probe, None, None, *args, False)
+    assert evicted.numel() == 0
+    assert torch.equal(out[200:], out[:50])  # an id reads one slot
+    slot = out[:200]
+    won = table.view(-1)[slot] == ids
+    assert won.any()
+    assert torch.equal(
+        torch.unique(table[table != -1]).sort().values, torch.unique(ids[won]).sort().values
+    )
+    assert len(set(slot[won].tolist())) == int(won.sum())  # no two winners share a slot
+    home = home_slots(ids, torch.full_like(ids, size))
+    assert (((slot - home) % size) < probe)[won].all()  # within the window
+    assert torch.equal(slot[~won], home[~won])  # the others fall back to their home slot
+    for i in (~won).nonzero().flatten().tolist():  # ...because their whole window was taken
+        window = (home[i] + torch.arange(probe)) % size
+        assert (table.view(-1)[window] != -1).all()
+    assert torch.equal(fbgemm_lookup(ids, table, probe)[won], slot[won])
+    # a second batch of the same ids changes nothing
+    again, _ = zero_collision_hash_insert(
+        ids, table.clone(), probe, None, None, None, None, -1, 0, False
+    )
+    assert torch.equal(again[won], slot[won])
+
+
+def test_first_in_batch_wins_a_contested_slot():
+    size = 16
+    ids = torch.arange(1, 400)
+    home = home_slots(ids, torch.full_like(ids, size))
+    a, b = ids[home == 5][:2].tolist()  # two ids with one home slot
+    table = torch.full((size, 1), -1, dtype=torch.int64)
+    out, _ = zero_collision_hash_insert(
+        torch.tensor([b, a]), table, 4, None, None, None, None, -1, 0, False
+    )
+    assert out.tolist() == [5, 6]  # b came first: it keeps the home slot, a probes on
+
+
+def test_ttl_eviction_in_training_steps_redraws_rows():
+    m = build(zch_size=4, max_probe=4, eviction="ttl", ttl_steps=2)
+    m.train()
+    old = [1, 2, 3, 4]
+    m(kjt(old))
+    first = m.slot_of("big", torch.tensor(old)).tolist()
+    assert sorted(first) == [0, 1, 2, 3]
+    weight = m.mc_tables.embedding_bags["t_big"].weight
+    rows = weight.detach().clone()
+    m(kjt([1]))  # step 2: id 1 read again
+    m(kjt([1]))  # step 3
+    m(kjt([9]))  # step 4: 2, 3, 4 unread since step 1 (more than 2 steps): 9 may take one
+    nine = m.slot_of("big", torch.tensor([9])).item()
+    assert nine in first[1:]  # not id 1's slot, read at step 3
+    assert m.slot_of("big", torch.tensor([1])).item() == first[0]
+    assert not torch.equal(weight[nine].detach(), rows[nine])  # the evicted row was re-drawn
+    assert torch.equal(weight[first[0]].detach(), rows[first[0]])
+    # the step clock is state: saved and loaded
+    state = m.state_dict()
+    assert (
+        int(state["mc_ebc._managed_collision_collection._managed_collision_modules.t_big._steps"])
+        == 4
+    )
+    m2 = build(zch_size=4, max_probe=4, eviction="ttl", ttl_steps=2)
+    m2.load_state_dict(state)
+    m2.eval()
+    assert torch.equal(
+        m2.slot_of("big", torch.tensor(old + [9])), m.slot_of("big", torch.tensor(old + [9]))
+    )
+
+
+def test_lru_takes_the_least_recently_read_expired_slot():
+    size = 4
+    table = torch.full((size, 1), -1, dtype=torch.int64)
+    meta = torch.full((size, 1), -1, dtype=torch.int32)
+    ids = torch.arange(10, 14)
+    times = torch.tensor([5, 3, 7, 4], dtype=torch.int32)
+    for i, t in zip(ids.tolist(), times.tolist()):
+        zero_collision_hash_insert(
+            torch.tensor([i]),
+            table,
+            size,
+            None,
+            None,
+            meta,
+            torch.tensor([t], dtype=torch.int32),
+            0,
+            1,
+            False,
+        )
+    oldest = int(table.view(-1)[meta.view(-1).argmin()])
+    assert oldest == 11
+    new = torch.tensor([99])
+    out, evicted = zero_collision_hash_insert(
+        new, table, size, None, None, meta, torch.tensor([20], dtype=torch.int32), 6, 1, False
+    )
+    assert evicted.tolist() == out.tolist() and table.view(-1)[out].tolist() == [99]
+    assert 11 not in table.view(-1).tolist()  # the oldest (read at 3) went, not the first expired
+    # TTL (policy 0) takes the first expired slot of the window instead
+    table2 = table.clone()
+    meta2 = meta.clone()
+    h = int(home_slots(torch.tensor([77]), torch.tensor([size])))
+    first_expired = next((h + p) % size for p in range(size) if meta2.view(-1)[(h + p) % size] < 6)
+    out2, _ = zero_collision_hash_insert(
+        torch.tensor([77]),
+        table2,
+        size,
+        None,
+        None,
+        meta2,
+        torch.tensor([20], dtype=torch.int32),
+        6,
+        0,
+        False,
+    )
+    assert out2.item() == first_expired
+
+
+def test_without_eviction_a_full_window_shares_the_home_row():
+    m = build(zch_size=3, max_probe=3, eviction="none")
+    m.train()
+    m(kjt([1, 2, 3]))
+    m(kjt([4]))  # no free slot: 4 reads its home slot's row
+    home = home_slots(torch.tensor([4]), torch.tensor([3])).item()
+    assert m.slot_of("big", torch.tensor([4])).item() == home
+    assert sorted(m.slot_of("big", torch.tensor([1, 2, 3])).tolist()) == [0, 1, 2]
+
+
+def test_eval_never_inserts_and_matches_training_slots():
+    m = build(zch_size=16)
+    m.train()
+    seen = [11, -5, 2**40, 99_999, -1]
+    m(kjt(seen))
+    slots = m.slot_of("big", torch.tensor(seen))
+    assert len(set(slots[:4].tolist())) == 4
+    assert slots[4].item() == m.slot_of("big", torch.tensor([-2])).item()  # -1 reads as -2
+    m.eval()
+    before = m.state_dict()
+    out = m(kjt(seen)).to_dict()["big"]
+    torch.testing.assert_close(out[:4], m.mc_tables.embedding_bags["t_big"].weight[slots[:4]])
+    m(kjt([123, 456]))  # unseen in eval: looked up, not inserted
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_bytes_are_counted_from_the_tensors():
+    m = compress(TABLES, MpzchConfig(budget=Budget(ratio=20)), seed=0)
+    report = memory_report(m)
+    per_slot, per_table = zch_bytes("lru")
+    assert per_slot == 8 + 4  # int64 identity and int32 time of last read
+    assert zch_bytes("none")[0] == 8
+    z = m.mc_tables.embedding_bags["t_big"].weight.shape[0]
+    table_bytes = (z + 6) * 4 * 4
+    assert (
+        report.bytes
+        == table_bytes
+        + z * per_slot
+        + per_table
+        + m.hasher.coeffs.numel() * 8
+        + m.params.table.numel() * 8
+    )
+    assert 0.95 * report.uncompressed_bytes / 20 <= report.bytes <= report.uncompressed_bytes / 20
