@@ -149,7 +149,9 @@ class StepMpzch(HashZchManagedCollisionModule):
 def slot_module(slots: int, config: MpzchConfig, device: torch.device, name: str) -> StepMpzch:
     policy = EVICTIONS[config.eviction]
     before = logging.root.manager.disable
-    logging.disable(logging.INFO)  # TorchRec logs each module's settings, line by line
+    # TorchRec logs each module's settings, line by line, and warns for each that it
+    # skips its state validation (which its MPZCH module always does)
+    logging.disable(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings(

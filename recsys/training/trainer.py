@@ -33,6 +33,7 @@ from compression.base import CompressedEmbeddingBagCollection
 from compression.config_checks import ConfigError, bounded, one_of
 from compression.stages import EpochHook
 from recsys.data.loader import BatchLoader
+from recsys.data.prefetch import prefetch
 from recsys.training.backends import Backend, LocalBackend
 from recsys.training.callbacks import Callback
 from recsys.training.fused import FusedTables, config_refusal
@@ -77,6 +78,8 @@ class TrainerConfig:
     # optimizer state, 20% of a fused run's fit on 4.5M ids at every 200 steps
     checkpoint_min_interval_s: float = bounded(0.0, ge=0)
     max_steps_per_epoch: Optional[int] = bounded(None, ge=1)
+    # training batches made ahead on a thread while the step runs (0: made in the loop)
+    prefetch_batches: int = bounded(0, ge=0)
     progress: str = one_of("auto", "auto", "on", "off")
     seed: int = 0
     # hold each split in memory (None: when its file is under 2 GiB; False: stream row groups)
@@ -286,7 +289,7 @@ class Trainer:
                 total=steps_per_epoch, initial=state.batch, disable=not show,
                 desc=f"epoch {state.epoch + 1}/{epochs}", leave=False,
             )
-            for batch in train.epoch(state.epoch, start_batch=state.batch):
+            for batch in prefetch(train.epoch(state.epoch, start_batch=state.batch), cfg.prefetch_batches):
                 t0 = time.perf_counter()
                 loss_value, n_samples = step(batch.to(self.device))
                 if self.device.type == "cuda":

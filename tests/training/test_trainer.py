@@ -134,3 +134,22 @@ def test_step_checkpoints_wait_for_their_minimum_interval(tiny_dataset, tmp_path
             assert step_saves == cfg.epochs * len(tr) // 7  # every 7th step, counted over the epochs
         else:
             assert step_saves == expected_step_saves
+
+
+def test_prefetched_batches_train_the_same_model_and_resume(tiny_dataset, tmp_path):
+    """``prefetch_batches``: batches made on a thread give the same epochs and test metrics,
+    and an interrupted run stops its producer and resumes to the same result."""
+    import threading
+
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset, checkpoint_every_steps=7)
+    plain = Trainer(cfg).run(model, module, tr, va, te)
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset, checkpoint_every_steps=7, prefetch_batches=3)
+    ahead = Trainer(cfg).run(model, module, tr, va, te)
+    assert ahead.fit.history == plain.fit.history and ahead.test == plain.test
+    with pytest.raises(KeyboardInterrupt):
+        cfg, module, model, (tr, va, te) = setup(tiny_dataset, checkpoint_every_steps=7, prefetch_batches=3)
+        Trainer(cfg, callbacks=[Recorder(fail_at=50)], checkpoint_dir=tmp_path).run(model, module, tr, va, te)
+    assert not any(t.name == "batch-prefetch" for t in threading.enumerate())
+    cfg, module, model, (tr, va, te) = setup(tiny_dataset, checkpoint_every_steps=7, prefetch_batches=3)
+    resumed = Trainer(cfg, checkpoint_dir=tmp_path).run(model, module, tr, va, te)
+    assert resumed.fit.history == plain.fit.history and resumed.test == plain.test
