@@ -59,7 +59,9 @@ class CafeConfig(BudgetedConfig):
     """CAFE. ``budget`` picks each table's rows; or give ``rows`` (budget: null)."""
 
     method: ClassVar[str] = "cafe"
-    takes_raw_ids: ClassVar[bool] = True  # every id goes through the hash (exact tables: in-range ids only)
+    takes_raw_ids: ClassVar[bool] = (
+        True  # every id goes through the hash (exact tables: in-range ids only)
+    )
     rows: Optional[int] = bounded(None, ge=2)
     # the share of a table's rows that are exact slots for hot ids
     hot_fraction: float = bounded(0.5, gt=0, lt=1)
@@ -87,19 +89,27 @@ class CafeCollection(IdMappedCollection):
 
     steps: torch.Tensor
 
-    def __init__(self, tables: list[EmbeddingBagConfig], plan: Plan, config: CafeConfig, ctx: BuildContext) -> None:
+    def __init__(
+        self, tables: list[EmbeddingBagConfig], plan: Plan, config: CafeConfig, ctx: BuildContext
+    ) -> None:
         super().__init__(tables, plan, knob="rows", config=ctx.config)
         self.config = config
         self.coded: list[str] = []
         self.shape: dict[str, tuple[int, int, int]] = {}
+        self.first_bucket: dict[str, int] = {}  # the tables' sketches: consecutive buckets of one
         for t in tables:
             if plan.sizes[t.name] is not None:
                 self.coded.append(t.name)
-                k, m, buckets = self.shape[t.name] = split_rows(int(plan.sizes[t.name]), config)  # type: ignore[arg-type]
-                dev = ctx.device
-                self.register_buffer(f"keys_{t.name}", torch.full((buckets, config.slots), -1, dtype=torch.int64, device=dev))
-                self.register_buffer(f"scores_{t.name}", torch.zeros(buckets, config.slots, device=dev))
-                self.register_buffer(f"slot_{t.name}", torch.full((buckets, config.slots), -1, dtype=torch.int32, device=dev))
+                self.first_bucket[t.name] = sum(b for _, _, b in self.shape.values())
+                self.shape[t.name] = split_rows(int(plan.sizes[t.name]), config)  # type: ignore[arg-type]
+        total, dev = sum(b for _, _, b in self.shape.values()), ctx.device
+        self.register_buffer(
+            "keys", torch.full((total, config.slots), -1, dtype=torch.int64, device=dev)
+        )
+        self.register_buffer("scores", torch.zeros(total, config.slots, device=dev))
+        self.register_buffer(
+            "slot", torch.full((total, config.slots), -1, dtype=torch.int32, device=dev)
+        )
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=ctx.device))
         inner = [inner_table(t, rows=plan.sizes[t.name] or t.num_embeddings) for t in tables]
         self.ebc = EmbeddingBagCollection(tables=inner, device=ctx.table_device)
@@ -111,7 +121,9 @@ class CafeCollection(IdMappedCollection):
             "table": [index.get(t.name, -1) for t, _ in pairs],
             "base": [self.shape.get(t.name, (0, 0, 0))[0] for t, _ in pairs],
             "mod": [self.shape.get(t.name, (0, t.num_embeddings, 0))[1] for t, _ in pairs],
-        }, device=ctx.device)  # fmt: skip
+            "first_bucket": [self.first_bucket.get(t.name, 0) for t, _ in pairs],
+            "buckets": [self.shape.get(t.name, (0, 0, 1))[2] for t, _ in pairs],
+        }, unknown={"table": -1}, device=ctx.device)  # fmt: skip
 
     def sharding_refusal(self) -> str | None:
         return "cafe: promotion rewrites rows by the sketch's ranking of the whole table, which a sharded table does not hold on one rank"
@@ -119,13 +131,30 @@ class CafeCollection(IdMappedCollection):
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         for name, (k, m, buckets) in self.shape.items():
-            out.update({f"{name}.exact_slots": k, f"{name}.hashed_rows": m, f"{name}.sketch_entries": buckets * self.config.slots})
+            out.update(
+                {
+                    f"{name}.exact_slots": k,
+                    f"{name}.hashed_rows": m,
+                    f"{name}.sketch_entries": buckets * self.config.slots,
+                }
+            )
         return out
 
     def _sketch(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return getattr(self, f"keys_{name}"), getattr(self, f"scores_{name}"), getattr(self, f"slot_{name}")
+        """One table's buckets of the sketch (views: writing them writes the sketch)."""
+        lo = self.first_bucket[name]
+        hi = lo + self.shape[name][2]
+        return self.keys[lo:hi], self.scores[lo:hi], self.slot[lo:hi]
 
-    def rows(self, features: KeyedJaggedTensor, p: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def _buckets(
+        self, ids: torch.Tensor, p: dict[str, torch.Tensor], sel: torch.Tensor
+    ) -> torch.Tensor:
+        """The sketch bucket of the coded ids ``ids[sel]``, every table's at once."""
+        return p["first_bucket"][sel] + self.hasher(ids[sel], p["buckets"][sel], which=1)
+
+    def rows(
+        self, features: KeyedJaggedTensor, p: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """The inner row of every id: its exact slot while it is hot, else its hashed row
         (``p``: the per-id parameters, when the caller has them)."""
         p = self.params.expand(features) if p is None else p
@@ -133,14 +162,11 @@ class CafeCollection(IdMappedCollection):
         coded = p["table"] >= 0
         rows = torch.where(coded, p["base"] + self.hasher(ids, p["mod"], which=0),
                            torch.where(in_range(ids, p["rows"]), ids, self.hasher(ids, p["rows"], which=0)))  # fmt: skip
-        for i, name in enumerate(self.coded):
-            sel = (p["table"] == i).nonzero().squeeze(1)
-            if sel.numel() == 0:
-                continue
-            keys, _, slot = self._sketch(name)
-            b = self.hasher(ids[sel], torch.full_like(ids[sel], keys.shape[0]), which=1)
-            match = keys[b] == ids[sel].unsqueeze(1)
-            s = torch.where(match, slot[b], -1).amax(dim=1)
+        sel = coded.nonzero().squeeze(1)
+        if sel.numel():
+            b = self._buckets(ids, p, sel)
+            match = self.keys[b] == ids[sel].unsqueeze(1)
+            s = torch.where(match, self.slot[b], -1).amax(dim=1)
             rows[sel] = torch.where(s >= 0, s.to(rows.dtype), rows[sel])
         return rows
 
@@ -148,19 +174,21 @@ class CafeCollection(IdMappedCollection):
     def observe(self, features: KeyedJaggedTensor, p: dict[str, torch.Tensor]) -> None:
         """One training step's ids into the sketches; every ``interval`` steps, promote and demote."""
         ids = features.values()
-        for i, name in enumerate(self.coded):
-            seen, counts = torch.unique(ids[p["table"] == i], return_counts=True)
-            if seen.numel():
-                self._count(name, seen, counts.to(torch.float32))
+        sel = (p["table"] >= 0).nonzero().squeeze(1)
+        if sel.numel():  # (bucket, id) pairs: one per id of each table (buckets are per table)
+            pairs, counts = torch.unique(
+                torch.stack([self._buckets(ids, p, sel), ids[sel]]), dim=1, return_counts=True
+            )
+            self._count(pairs[0], pairs[1], counts.to(torch.float32))
         self.steps += 1
         if int(self.steps) % self.config.interval == 0:
             for name in self.coded:
                 self._promote(name)
 
-    def _count(self, name: str, ids: torch.Tensor, counts: torch.Tensor) -> None:
-        keys, scores, slot = self._sketch(name)
+    def _count(self, b: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> None:
+        """Distinct ``ids`` seen ``counts`` times, in their buckets ``b``, into the sketch."""
+        keys, scores, slot = self.keys, self.scores, self.slot
         n_buckets = keys.shape[0]
-        b = self.hasher(ids, torch.full_like(ids, n_buckets), which=1)
         match = keys[b] == ids.unsqueeze(1)
         found = match.any(dim=1)
         j = match.to(torch.int8).argmax(dim=1)
@@ -171,7 +199,9 @@ class CafeCollection(IdMappedCollection):
         # per bucket the most frequent new id (ties: the smallest id)
         best = torch.full((n_buckets,), -1.0, device=ids.device).scatter_reduce(0, nb, nc, "amax")
         top = nc == best[nb]
-        winner = torch.full((n_buckets,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=ids.device)
+        winner = torch.full(
+            (n_buckets,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=ids.device
+        )
         winner = winner.scatter_reduce(0, nb[top], new[top], "amin")
         buckets = (winner != torch.iinfo(torch.int64).max).nonzero().squeeze(1)
         low, at = scores[buckets].min(dim=1)
@@ -220,11 +250,13 @@ def _cost(t: EmbeddingBagConfig, config: CafeConfig, fmt: TableFormat) -> FieldC
 
 
 @register(CafeConfig)
-def build(tables: list[EmbeddingBagConfig], config: CafeConfig, ctx: BuildContext) -> CafeCollection:
+def build(
+    tables: list[EmbeddingBagConfig], config: CafeConfig, ctx: BuildContext
+) -> CafeCollection:
     n_features = sum(len(t.feature_names) for t in tables)
     return build_sized(
         tables, config, ctx,
         costs=lambda fmt: [_cost(t, config, fmt) for t in tables],
-        fixed=lambda fmt: UniversalHash.nbytes(2) + KeyParams.nbytes(4, n_features) + 8 + fmt.collection(tables),
+        fixed=lambda fmt: UniversalHash.nbytes(2) + KeyParams.nbytes(6, n_features) + 8 + fmt.collection(tables),
         construct=lambda plan: CafeCollection(tables, plan, config, ctx),
     )  # fmt: skip

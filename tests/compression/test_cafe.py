@@ -42,9 +42,9 @@ def test_ids_that_turn_hot_are_promoted_and_those_that_cool_are_demoted():
     assert exact(m, list(later)).all()
     assert exact(m, list(first)).sum() <= 5  # 25 slots: the 20 ids hot now, at most 5 of the old
     m.eval()
-    before = m.steps.clone(), m.keys_t_big.clone()
+    before = m.steps.clone(), m.keys.clone()
     m(stream(first, 999))
-    assert torch.equal(m.steps, before[0]) and torch.equal(m.keys_t_big, before[1])  # evaluation reads only
+    assert torch.equal(m.steps, before[0]) and torch.equal(m.keys, before[1])  # evaluation reads only
 
 
 def test_a_promoted_id_starts_from_the_hashed_row_it_read():
