@@ -7,8 +7,8 @@ true"), in every release up to the newest source. TorchRec's MPZCH module
 the CPU it cannot train. This module is the insert path on the CPU, with the
 semantics of FBGEMM's CUDA kernel:
 
-- an id's home slot is ``murmur_hash3_2x64(id, 0, 0) % size`` (FBGEMM's hash), and
-  it probes up to ``max_probe`` slots from there, circularly;
+- an id's home slot is ``murmur_hash3_2x64(id, 0, 0) % size`` (FBGEMM's hash, taken
+  from FBGEMM's own lookup), and it probes up to ``max_probe`` slots from there, circularly;
 - an id already in its probe window keeps its slot (and never evicts another);
 - otherwise it takes the first empty slot, or, with eviction, an expired one:
   policy 0 (TTL) the first slot whose metadata is below the threshold and older
@@ -29,57 +29,25 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 
 EMPTY = -1  # FBGEMM's marker of an empty slot (identities and metadata)
 
-_C1 = np.uint64(0x87C37B91114253D5)
-_C2 = np.uint64(0x4CF5AD432745937F)
-_F1 = np.uint64(0xFF51AFD7ED558CCD)
-_F2 = np.uint64(0xC4CEB9FE1A85EC53)
 
+def home_slots(
+    ids: torch.Tensor, identities: torch.Tensor, sizes: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Each id's first probe: ``offset + murmur_hash3_2x64(id, 0, 0) % size``, FBGEMM's.
 
-def _rotl(x: np.ndarray, r: int) -> np.ndarray:
-    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
-
-
-def _fmix(h: np.ndarray) -> np.ndarray:
-    h = h ^ (h >> np.uint64(33))
-    h = h * _F1
-    h = h ^ (h >> np.uint64(33))
-    h = h * _F2
-    return h ^ (h >> np.uint64(33))
-
-
-def murmur_hash3_2x64(x: torch.Tensor, y: int = 0, seed: int = 0) -> np.ndarray:
-    """FBGEMM's ``murmur_hash3_2x64`` of every int64 in ``x``, as uint64."""
-    k1 = x.cpu().numpy().astype(np.int64).view(np.uint64)
-    h1 = np.full_like(k1, seed)
-    h2 = np.full_like(k1, seed)
-    with np.errstate(over="ignore"):
-        k1 = _rotl(k1 * _C1, 31) * _C2
-        h1 = _rotl(h1 ^ k1, 27) + h2
-        h1 = h1 * np.uint64(5) + np.uint64(0x52DCE729)
-        k2 = _rotl(np.full_like(k1, y) * _C2, 33) * _C1
-        h2 = _rotl(h2 ^ k2, 31) + h1
-        h2 = h2 * np.uint64(5) + np.uint64(0x38495AB5)
-        h1 = h1 ^ np.uint64(16)
-        h2 = h2 ^ np.uint64(16)
-        h1 = h1 + h2
-        h2 = h2 + h1
-        h1, h2 = _fmix(h1), _fmix(h2)
-        h1 = h1 + h2
-        h2 = h2 + h1
-    return h1 ^ h2
-
-
-def home_slots(ids: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Each id's first probe, ``hash % size`` (in its own bucket of ``sizes``)."""
-    hashed = murmur_hash3_2x64(ids)
-    return torch.from_numpy((hashed % sizes.cpu().numpy().astype(np.uint64)).astype(np.int64)).to(
-        ids.device
-    )
+    Computed by FBGEMM's own CPU lookup with one probe, which answers every id with its
+    home slot (its own slot there, or the fallback: the home slot again).
+    """
+    out, _ = torch.ops.fbgemm.zero_collision_hash(
+        input=ids, identities=identities, max_probe=1, circular_probe=True, readonly=True,
+        local_sizes=sizes, offsets=offsets,
+    )  # fmt: skip
+    return out
 
 
 def zero_collision_hash_insert(
@@ -105,14 +73,13 @@ def zero_collision_hash_insert(
     if offsets is None:
         offsets = torch.zeros_like(input)
     ids, inverse = torch.unique(input, return_inverse=True)
-    first = torch.full((ids.numel(),), n, dtype=torch.int64).scatter_reduce_(
-        0, inverse, torch.arange(n), "amin"
-    )
     size = torch.zeros_like(ids).scatter_(0, inverse, local_sizes)
     offset = torch.zeros_like(ids).scatter_(0, inverse, offsets)
-    home = home_slots(ids, size)
-    steps = torch.arange(max_probe)
-    window = offset[:, None] + (home[:, None] + steps) % size[:, None]  # [ids, max_probe]
+    home = home_slots(ids, identities, size, offset) - offset
+
+    def span(rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The slots at probes [lo, hi) of the ids ``rows``."""
+        return offset[rows, None] + (home[rows, None] + torch.arange(lo, hi)) % size[rows, None]
 
     meta = metadata.view(-1) if metadata is not None else None
     evicting = meta is not None and (eviction_threshold > 0 or eviction_policy > 0)
@@ -126,23 +93,43 @@ def zero_collision_hash_insert(
             else torch.zeros_like(ids)
         ).to(meta.dtype)
 
+    # Ids already in: an id never sits past an empty slot of its window (slots are only
+    # ever taken or replaced), so the scan of an id stops at its own slot or an empty one,
+    # a few probes in for most; the window is read in growing chunks.
     slot = torch.full_like(ids, EMPTY)
-    present = table[window] == ids[:, None]
-    found = present.any(1)
-    slot[found] = window[found, present[found].int().argmax(1)]
+    scanning, absent, lo, width = torch.arange(ids.numel()), [], 0, 4
+    while scanning.numel() and lo < max_probe:
+        hi = min(lo + width, max_probe)
+        at = span(scanning, lo, hi)
+        held = table[at]
+        present = held == ids[scanning, None]
+        hit = present.any(1)
+        slot[scanning[hit]] = at[hit, present[hit].int().argmax(1)]
+        ended = ~hit & (held == EMPTY).any(1)
+        absent.append(scanning[ended])
+        scanning = scanning[~hit & ~ended]
+        lo, width = hi, width * 4
+    absent.append(scanning)  # whole windows of others
+    found = slot != EMPTY
     if meta is not None:
         assert value is not None
         meta[slot[found]] = torch.maximum(meta[slot[found]], value[found])
+    pending = torch.cat(absent)
+    window = span(pending, 0, max_probe)  # [pending, max_probe]; rows follow ``live``
+    live = torch.arange(pending.numel())
+    first = torch.full((ids.numel(),), n, dtype=torch.int64).scatter_reduce_(
+        0, inverse, torch.arange(n), "amin"
+    )
     evicted: list[torch.Tensor] = []
-    pending = (~found).nonzero().flatten()
-    while pending.numel():
-        held = table[window[pending]]
+    while live.numel():
+        at_all = window[live]
+        held = table[at_all]
         free = held == EMPTY
         stale = torch.zeros_like(free)
         if evicting:
             assert meta is not None and value is not None
-            age = meta[window[pending]]
-            stale = (age < eviction_threshold) & (age < value[pending, None])
+            age = meta[at_all]
+            stale = (age < eviction_threshold) & (age < value[pending[live], None])
         if evicting and eviction_policy == 1:  # LRU: the first empty slot, else the oldest expired
             oldest = torch.where(stale, age, torch.iinfo(age.dtype).max).argmin(1)
             pick = torch.where(free.any(1), free.int().argmax(1), oldest)
@@ -150,13 +137,18 @@ def zero_collision_hash_insert(
         else:  # the first slot that is empty or expired
             usable = free | stale
             pick, ok = usable.int().argmax(1), usable.any(1)
-        pending, pick = pending[ok], pick[ok]
-        if not pending.numel():
+        live, pick = live[ok], pick[ok]
+        if not live.numel():
             break
-        want = window[pending, pick]
-        claim = torch.full_like(table, n).scatter_reduce_(0, want, first[pending], "amin")
-        won = claim[want] == first[pending]
-        winners, at = pending[won], want[won]
+        want = window[live, pick]
+        who = pending[live]
+        # a slot wanted by several goes to the id that comes first in the batch
+        wanted, which = torch.unique(want, return_inverse=True)
+        best = torch.full((wanted.numel(),), n, dtype=torch.int64).scatter_reduce_(
+            0, which, first[who], "amin"
+        )
+        won = first[who] == best[which]
+        winners, at = who[won], want[won]
         replaced = table[at] != EMPTY
         evicted.append(at[replaced])
         table[at] = ids[winners]
@@ -164,7 +156,7 @@ def zero_collision_hash_insert(
         if meta is not None:  # read now: not expired for the ids still probing
             assert value is not None
             meta[at] = torch.maximum(meta[at], value[winners])
-        pending = pending[~won]
+        live = live[~won]
 
     got = slot != EMPTY
     if disable_fallback:
