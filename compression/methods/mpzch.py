@@ -9,7 +9,7 @@ an id but keeps its bag's length right only when every bag holds one id, so it i
 offered.) The compressed tables are TorchRec's ``ManagedCollisionEmbeddingBagCollection``
 with the MPZCH modules in its ``ManagedCollisionCollection``, as TorchRec builds them.
 
-Eviction (``eviction``): ``none`` (a slot is kept for good), ``ttl`` (FBGEMM's policy
+Eviction (``eviction``): ``none`` (default: a slot is kept for good), ``ttl`` (FBGEMM's policy
 0: a new id takes the first slot of its window not read for ``ttl_steps`` training
 steps) or ``lru`` (policy 1: the least recently read of such slots). TorchRec counts
 that time in wall-clock hours, which an offline run of minutes never advances; here
@@ -32,7 +32,8 @@ CUDA-only FBGEMM op on the CPU, so a sharded run is refused as for ``managed_col
 
 Example::
 
-    ebc = compress(tables, MpzchConfig(budget=Budget(ratio=10), eviction="lru", ttl_steps=500))
+    ebc = compress(tables, MpzchConfig(budget=Budget(ratio=10)))  # no eviction
+    ebc = compress(tables, MpzchConfig(budget=Budget(ratio=10), eviction="lru", ttl_steps=100))
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ class MpzchConfig(BudgetedConfig):
     zch_size: Optional[int] = None
     # slots an id probes from its home slot, for its own or a free one
     max_probe: int = bounded(128, ge=1)
-    # which slot a new id may take when its window is full: none, ttl or lru
-    eviction: str = one_of("lru", *EVICTIONS)
+    # which slot a new id may take when its window is full: none, ttl or lru. none: chosen
+    # on validation AUC (MovieLens-100K and drifting synthetic ids split in time, 10x,
+    # against lru with 25, 100 and 1000 steps), and TorchRec's default
+    eviction: str = one_of("none", *EVICTIONS)
     # training steps a slot must go unread before a new id may take it
     ttl_steps: int = bounded(1000, ge=1)
 
@@ -92,7 +95,7 @@ class MpzchConfig(BudgetedConfig):
         return [
             cls(),
             cls(budget=Budget(ratio=2), eviction="ttl", ttl_steps=1, max_probe=4),
-            cls(budget=None, zch_size=100, eviction="none"),
+            cls(budget=None, zch_size=100, eviction="lru", ttl_steps=2),
         ]
 
 

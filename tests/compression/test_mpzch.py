@@ -227,7 +227,7 @@ def test_eval_never_inserts_and_matches_training_slots():
 
 
 def test_bytes_are_counted_from_the_tensors():
-    m = compress(TABLES, MpzchConfig(budget=Budget(ratio=20)), seed=0)
+    m = compress(TABLES, MpzchConfig(budget=Budget(ratio=20), eviction="lru"), seed=0)
     report = memory_report(m)
     per_slot, per_table = zch_bytes("lru")
     assert per_slot == 8 + 4  # int64 identity and int32 time of last read
