@@ -175,11 +175,16 @@ class CafeCollection(IdMappedCollection):
         """One training step's ids into the sketches; every ``interval`` steps, promote and demote."""
         ids = features.values()
         sel = (p["table"] >= 0).nonzero().squeeze(1)
-        if sel.numel():  # (bucket, id) pairs: one per id of each table (buckets are per table)
-            pairs, counts = torch.unique(
-                torch.stack([self._buckets(ids, p, sel), ids[sel]]), dim=1, return_counts=True
-            )
-            self._count(pairs[0], pairs[1], counts.to(torch.float32))
+        if sel.numel():  # one (bucket, id) pair per id of each table (buckets are per table)
+            b, x = self._buckets(ids, p, sel), ids[sel]
+            order = torch.argsort(x, stable=True)
+            order = order[torch.argsort(b[order], stable=True)]  # by bucket, then id
+            b, x = b[order], x[order]
+            new = torch.ones_like(b, dtype=torch.bool)
+            new[1:] = (b[1:] != b[:-1]) | (x[1:] != x[:-1])
+            starts = new.nonzero().squeeze(1)  # (torch.unique over the pairs: 27 ms a step, not 21)
+            counts = torch.diff(starts, append=starts.new_tensor([b.numel()]))
+            self._count(b[starts], x[starts], counts.to(torch.float32))
         self.steps += 1
         if int(self.steps) % self.config.interval == 0:
             for name in self.coded:
