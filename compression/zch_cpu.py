@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Optional
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+import numpy as np
 import torch
 
 EMPTY = -1  # FBGEMM's marker of an empty slot (identities and metadata)
@@ -63,48 +64,44 @@ def zero_collision_hash_insert(
     disable_fallback: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots for ``input`` (inserting the new ids into ``identities`` in place) and
-    the evicted slots; the arguments are those of ``fbgemm::zero_collision_hash``."""
+    the evicted slots; the arguments are those of ``fbgemm::zero_collision_hash``.
+
+    In NumPy on the tensors' memory: a batch's few hundred ids per table make each
+    operation small, where NumPy's per-call cost is a fraction of torch's.
+    """
     n = input.numel()
     if n == 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
-    table = identities.view(-1)
-    if local_sizes is None:
-        local_sizes = torch.full_like(input, table.numel())
-    if offsets is None:
-        offsets = torch.zeros_like(input)
-    ids, inverse = torch.unique(input, return_inverse=True)
-    size = torch.zeros_like(ids).scatter_(0, inverse, local_sizes)
-    offset = torch.zeros_like(ids).scatter_(0, inverse, offsets)
-    home = home_slots(ids, identities, size, offset) - offset
+    table = identities.detach().view(-1).numpy()  # writes go to the identities
+    ids, first, inverse = np.unique(input.numpy(), return_index=True, return_inverse=True)
+    size = np.full(ids.size, table.size) if local_sizes is None else local_sizes.numpy()[first]
+    offset = np.zeros(ids.size, dtype=np.int64) if offsets is None else offsets.numpy()[first]
+    t = torch.from_numpy
+    home = home_slots(t(ids), identities, t(size), t(offset)).numpy() - offset
 
-    def span(rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def span(rows: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """The slots at probes [lo, hi) of the ids ``rows``."""
-        return offset[rows, None] + (home[rows, None] + torch.arange(lo, hi)) % size[rows, None]
+        return offset[rows, None] + (home[rows, None] + np.arange(lo, hi)) % size[rows, None]
 
-    meta = metadata.view(-1) if metadata is not None else None
+    meta = metadata.view(-1).numpy() if metadata is not None else None
     evicting = meta is not None and (eviction_threshold > 0 or eviction_policy > 0)
-    value = None
-    if meta is not None:
-        value = (
-            torch.full_like(ids, -(2**31)).scatter_reduce_(
-                0, inverse, input_metadata.long(), "amax"
-            )
-            if input_metadata is not None
-            else torch.zeros_like(ids)
-        ).to(meta.dtype)
+    value = np.zeros(ids.size, dtype=np.int32)
+    if meta is not None and input_metadata is not None:
+        value = np.full(ids.size, np.iinfo(np.int32).min, dtype=np.int32)
+        np.maximum.at(value, inverse, input_metadata.numpy().astype(np.int32))
 
     # Ids already in: an id never sits past an empty slot of its window (slots are only
     # ever taken or replaced), so the scan of an id stops at its own slot or an empty one,
     # a few probes in for most; the window is read in growing chunks.
-    slot = torch.full_like(ids, EMPTY)
-    scanning, absent, lo, width = torch.arange(ids.numel()), [], 0, 4
-    while scanning.numel() and lo < max_probe:
+    slot = np.full(ids.size, EMPTY, dtype=np.int64)
+    scanning, absent, lo, width = np.arange(ids.size), [], 0, 4
+    while scanning.size and lo < max_probe:
         hi = min(lo + width, max_probe)
         at = span(scanning, lo, hi)
         held = table[at]
         present = held == ids[scanning, None]
         hit = present.any(1)
-        slot[scanning[hit]] = at[hit, present[hit].int().argmax(1)]
+        slot[scanning[hit]] = at[hit, present[hit].argmax(1)]
         ended = ~hit & (held == EMPTY).any(1)
         absent.append(scanning[ended])
         scanning = scanning[~hit & ~ended]
@@ -112,56 +109,46 @@ def zero_collision_hash_insert(
     absent.append(scanning)  # whole windows of others
     found = slot != EMPTY
     if meta is not None:
-        assert value is not None
-        meta[slot[found]] = torch.maximum(meta[slot[found]], value[found])
-    pending = torch.cat(absent)
+        meta[slot[found]] = np.maximum(meta[slot[found]], value[found])
+
+    pending = np.concatenate(absent)
     window = span(pending, 0, max_probe)  # [pending, max_probe]; rows follow ``live``
-    live = torch.arange(pending.numel())
-    first = torch.full((ids.numel(),), n, dtype=torch.int64).scatter_reduce_(
-        0, inverse, torch.arange(n), "amin"
-    )
-    evicted: list[torch.Tensor] = []
-    while live.numel():
+    live = np.arange(pending.size)
+    evicted: list[np.ndarray] = []
+    while live.size:
         at_all = window[live]
         held = table[at_all]
         free = held == EMPTY
-        stale = torch.zeros_like(free)
+        stale = np.zeros_like(free)
         if evicting:
-            assert meta is not None and value is not None
+            assert meta is not None
             age = meta[at_all]
             stale = (age < eviction_threshold) & (age < value[pending[live], None])
         if evicting and eviction_policy == 1:  # LRU: the first empty slot, else the oldest expired
-            oldest = torch.where(stale, age, torch.iinfo(age.dtype).max).argmin(1)
-            pick = torch.where(free.any(1), free.int().argmax(1), oldest)
+            oldest = np.where(stale, age, np.iinfo(age.dtype).max).argmin(1)
+            pick = np.where(free.any(1), free.argmax(1), oldest)
             ok = free.any(1) | stale.any(1)
         else:  # the first slot that is empty or expired
             usable = free | stale
-            pick, ok = usable.int().argmax(1), usable.any(1)
+            pick, ok = usable.argmax(1), usable.any(1)
         live, pick = live[ok], pick[ok]
-        if not live.numel():
+        if not live.size:
             break
         want = window[live, pick]
         who = pending[live]
         # a slot wanted by several goes to the id that comes first in the batch
-        wanted, which = torch.unique(want, return_inverse=True)
-        best = torch.full((wanted.numel(),), n, dtype=torch.int64).scatter_reduce_(
-            0, which, first[who], "amin"
-        )
-        won = first[who] == best[which]
+        order = np.lexsort((first[who], want))
+        won = np.zeros(want.size, dtype=bool)
+        won[order[np.r_[True, want[order][1:] != want[order][:-1]]]] = True
         winners, at = who[won], want[won]
-        replaced = table[at] != EMPTY
-        evicted.append(at[replaced])
+        evicted.append(at[table[at] != EMPTY])
         table[at] = ids[winners]
         slot[winners] = at
         if meta is not None:  # read now: not expired for the ids still probing
-            assert value is not None
-            meta[at] = torch.maximum(meta[at], value[winners])
+            meta[at] = np.maximum(meta[at], value[winners])
         live = live[~won]
 
-    got = slot != EMPTY
-    if disable_fallback:
-        out = slot
-    else:
-        out = torch.where(got, slot, offset + home)
-    evictions = torch.unique(torch.cat(evicted)) if evicted else torch.empty(0, dtype=torch.int64)
-    return out[inverse], evictions
+    if not disable_fallback:
+        slot = np.where(slot != EMPTY, slot, offset + home)
+    evictions = np.unique(np.concatenate(evicted)) if evicted else np.empty(0, dtype=np.int64)
+    return t(slot[inverse]), t(evictions)
