@@ -73,6 +73,7 @@ CASES = [
     ("deeplight", None, "dlrm"),
     ("binary", Quantization("int8"), "dcnv2"),
     ("matryoshka", Quantization("int8"), "dlrm"),
+    ("mpzch", Quantization("int8"), "dcnv2"),
 ]
 COMPACT = {"dpq": "pack", "mgqe": "pack", "dedup": "merge", "pep": "compact", "deeplight": "compact", "binary": "pack", "matryoshka": "deploy_to_budget"}  # the stage that makes the deployed form
 

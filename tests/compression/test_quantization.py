@@ -205,7 +205,7 @@ def test_quantized_module_is_smaller_and_counts_the_transform():
 
 
 # -- composition ---------------------------------------------------------------------------
-COMPOSED = ["hashing", "double_hashing", "qr", "frequency_hybrid", "unified_embedding", "managed_collision"]
+COMPOSED = ["hashing", "double_hashing", "qr", "frequency_hybrid", "unified_embedding", "managed_collision", "mpzch"]
 
 
 @pytest.mark.parametrize("method", COMPOSED)
