@@ -79,9 +79,14 @@ def zero_collision_hash_insert(
     t = torch.from_numpy
     home = home_slots(t(ids), identities, t(size), t(offset)).numpy() - offset
 
+    wraps_once = max_probe <= size.min()  # then home + probe < 2 size: no modulo needed
+
     def span(rows: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """The slots at probes [lo, hi) of the ids ``rows``."""
-        return offset[rows, None] + (home[rows, None] + np.arange(lo, hi)) % size[rows, None]
+        at = home[rows, None] + np.arange(lo, hi)
+        n = size[rows, None]
+        at = np.where(at >= n, at - n, at) if wraps_once else at % n
+        return at + offset[rows, None]
 
     meta = metadata.view(-1).numpy() if metadata is not None else None
     evicting = meta is not None and (eviction_threshold > 0 or eviction_policy > 0)
@@ -92,9 +97,9 @@ def zero_collision_hash_insert(
 
     # Ids already in: an id never sits past an empty slot of its window (slots are only
     # ever taken or replaced), so the scan of an id stops at its own slot or an empty one,
-    # a few probes in for most; the window is read in growing chunks.
+    # a few probes in for most; the window is read in two parts.
     slot = np.full(ids.size, EMPTY, dtype=np.int64)
-    scanning, absent, lo, width = np.arange(ids.size), [], 0, 4
+    scanning, absent, lo, width = np.arange(ids.size), [], 0, 8
     while scanning.size and lo < max_probe:
         hi = min(lo + width, max_probe)
         at = span(scanning, lo, hi)
@@ -105,17 +110,19 @@ def zero_collision_hash_insert(
         ended = ~hit & (held == EMPTY).any(1)
         absent.append(scanning[ended])
         scanning = scanning[~hit & ~ended]
-        lo, width = hi, width * 4
+        lo, width = hi, max_probe  # the first few probes, then the rest of the window
     absent.append(scanning)  # whole windows of others
     found = slot != EMPTY
     if meta is not None:
         meta[slot[found]] = np.maximum(meta[slot[found]], value[found])
 
-    pending = np.concatenate(absent)
-    window = span(pending, 0, max_probe)  # [pending, max_probe]; rows follow ``live``
+    # without eviction an id whose whole window is taken by others has nowhere to go
+    pending = np.concatenate(absent if evicting else absent[:-1])
     live = np.arange(pending.size)
+    window = span(pending, 0, max_probe) if pending.size else None  # rows follow ``live``
     evicted: list[np.ndarray] = []
     while live.size:
+        assert window is not None
         at_all = window[live]
         held = table[at_all]
         free = held == EMPTY
