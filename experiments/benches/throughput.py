@@ -59,6 +59,10 @@ CRITEO_KAGGLE_VOCAB = [
 MODELS = {
     # BARS's DeepFM: FM dim 10 (tables 11 wide: the first-order weight), MLP [400, 400, 400]
     "deepfm": lambda: DeepFMConfig(embedding_dim=10, deep_layers=[400, 400, 400]),
+    # ... with BARS's batch norm and dropout 0.2 (model=deepfm_bars)
+    "deepfm_bars": lambda: DeepFMConfig(
+        embedding_dim=10, deep_layers=[400, 400, 400], batch_norm=True, dropout=0.2
+    ),
     "dcnv2": lambda: DCNv2Config(embedding_dim=16),
     "dlrm": lambda: DLRMConfig(embedding_dim=16),
 }
@@ -74,7 +78,11 @@ TRAINERS = {
 }  # fmt: skip
 # the published Frappe CSV's ten fields (BARS's DeepFM split; no dense features)
 FRAPPE_VOCAB = [957, 4082, 7, 7, 2, 3, 2, 9, 80, 233]
-VOCABS = {"kaggle": (CRITEO_KAGGLE_VOCAB, 13), "sample": (CRITEO_SAMPLE_VOCAB, 13), "frappe": (FRAPPE_VOCAB, 0)}
+VOCABS = {
+    "kaggle": (CRITEO_KAGGLE_VOCAB, 13),
+    "sample": (CRITEO_SAMPLE_VOCAB, 13),
+    "frappe": (FRAPPE_VOCAB, 0),
+}
 
 
 def gemm_peak(seconds: float = 2.0) -> tuple[float, str]:
@@ -131,7 +139,9 @@ class Run:
                  n_dense: int = 13) -> None:  # fmt: skip
         mcfg = MODELS[model_name]()
         config = compression.config_class(method)().with_budget(Budget(ratio=ratio))
-        counts = {f"C{i + 1}": (1e6 / np.arange(1, v + 1)).astype(np.int64) for i, v in enumerate(vocab)}
+        counts = {
+            f"C{i + 1}": (1e6 / np.arange(1, v + 1)).astype(np.int64) for i, v in enumerate(vocab)
+        }
         self.tabs = tables(vocab, mcfg.table_dim())
         self.module = compress(self.tabs, config, counts=counts, seed=0)
         self.model = mcfg.build(self.module, n_dense)
@@ -178,7 +188,9 @@ def assembly_ms(vocab: list[int], batch: int, n: int, n_dense: int) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = int(batch * n / 0.8) + batch
-        ds = SyntheticConfig(rows=rows, cardinalities=vocab, n_dense=n_dense, seed=0).prepare(Path(tmp))
+        ds = SyntheticConfig(rows=rows, cardinalities=vocab, n_dense=n_dense, seed=0).prepare(
+            Path(tmp)
+        )
         loader = BatchLoader(ds, "train", batch, shuffle=True, seed=0)
         start, count = time.perf_counter(), 0
         for _ in loader:
@@ -191,10 +203,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--methods", nargs="*", default=["none", "hashing"])
     parser.add_argument("--ratio", type=float, default=10.0)
-    parser.add_argument("--vocab", choices=list(VOCABS), default="kaggle",
-                        help="the Criteo Kaggle file's 26 vocabularies, the Criteo sample's, or Frappe's ten")
-    parser.add_argument("--trainer", nargs="+", choices=list(TRAINERS), default=["bars"],
-                        help="one or more: their runs are timed interleaved, batch by batch")
+    parser.add_argument(
+        "--vocab",
+        choices=list(VOCABS),
+        default="kaggle",
+        help="the Criteo Kaggle file's 26 vocabularies, the Criteo sample's, or Frappe's ten",
+    )
+    parser.add_argument(
+        "--trainer",
+        nargs="+",
+        choices=list(TRAINERS),
+        default=["bars"],
+        help="one or more: their runs are timed interleaved, batch by batch",
+    )
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -205,8 +226,12 @@ def main(argv: list[str] | None = None) -> None:
     vocab, n_dense = VOCABS[args.vocab]
     peak, shape = gemm_peak()
     bw = bandwidth()
-    print(f"{torch.get_num_threads()} threads: fp32 GEMM peak {peak:.0f} GFLOP/s ({shape}); copy bandwidth {bw:.1f} GB/s")
-    print(f"batch assembly (BatchLoader, {len(vocab)} fields, batch {args.batch}): {assembly_ms(vocab, args.batch, 20, n_dense):.1f} ms")
+    print(
+        f"{torch.get_num_threads()} threads: fp32 GEMM peak {peak:.0f} GFLOP/s ({shape}); copy bandwidth {bw:.1f} GB/s"
+    )
+    print(
+        f"batch assembly (BatchLoader, {len(vocab)} fields, batch {args.batch}): {assembly_ms(vocab, args.batch, 20, n_dense):.1f} ms"
+    )
     data = batches(vocab, args.steps + 2, args.batch, n_dense=n_dense)
     runs = {(m, x, t): Run(m, x, args.ratio, vocab, TRAINERS[t], n_dense)
             for m in args.models for x in args.methods for t in args.trainer}  # fmt: skip
@@ -219,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             r.step(b)
             r.times.append(time.perf_counter() - start)
-    emb_forward = {key: r.emb_forward for key, r in runs.items()}  # (before the counting passes below)
+    emb_forward = {
+        key: r.emb_forward for key, r in runs.items()
+    }  # (before the counting passes below)
     print(f"trainer={','.join(args.trainer)}, batch {args.batch}, budget {args.ratio:g}x, {args.steps} steps, median; "
           f"phases as shares of the mean step")  # fmt: skip
     head = (f"{'model':<7} {'method':<18} {'trainer':<12} {'samples/s':>10} {'MFLOP/smp':>9} {'of peak':>7} {'row GB/s':>8} {'of bw':>6} "
@@ -238,7 +265,10 @@ def main(argv: list[str] | None = None) -> None:
         r.model.train()
         total = sum(r.times)
         ph = r.step.phases or {}
-        share = " / ".join(f"{ph.get(k, 0) / total:.0%}" for k in ("forward", "backward", "l2_and_clip", "optimizer"))
+        share = " / ".join(
+            f"{ph.get(k, 0) / total:.0%}"
+            for k in ("forward", "backward", "l2_and_clip", "optimizer")
+        )
         fwd_emb = emb_forward[(model_name, method, trainer)] / total
         print(f"{model_name:<7} {method:<18} {trainer:<12} {rate:10.0f} {flops / 1e6:9.2f} {flops * rate / 1e9 / peak:7.1%} "
               f"{moved:8.2f} {moved / bw:6.1%} {eval_rate:10.0f}  {share} (emb fwd {fwd_emb:.0%}); "

@@ -25,16 +25,27 @@ from torch import nn
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout``'s distribution (each element kept with probability 1 - p and scaled by
-    1 / (1 - p); identity in eval) drawn as one uniform number an element compared to p. On
-    the CPU torch's dropout draws its mask with a Bernoulli kernel that takes twice as long
-    (measured, 4096 x 400 fp32, 2 threads: 10.7 ms forward and backward against 5.1 ms; it
-    was 31% of a BARS DeepFM step); on CUDA torch's fused kernel is used."""
+    """``nn.Dropout`` (each element kept with probability 1 - p and scaled by the inverse of
+    that; identity in eval) with its mask drawn from 16 random bits an element.
+
+    On the CPU torch's dropout draws its mask with a Bernoulli kernel, and a uniform float
+    an element costs 3.3 ms for 4096 x 400 (one generator call each); 64 random bits from
+    torch's generator make four elements' masks (1.2 ms), which took a BARS DeepFM layer's
+    dropout forward and backward from 6.4 to 3.1 ms. The keep probability is 1 - p with p
+    rounded to a multiple of 2^-16 (at most 7.6e-6 off), and the scale is its exact inverse,
+    so the output's mean is the input's. Seeded by ``torch.manual_seed`` as torch's own.
+    On CUDA torch's fused kernel is used.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.is_cuda:
             return super().forward(x)
-        keep = (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        cut = round(self.p * 65536)  # dropped: the 16-bit draws below -32768 + cut
+        if cut >= 65536:
+            return x * 0.0
+        words = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+        bits = words.view(torch.int16)[: x.numel()].view(x.shape)
+        keep = (bits >= cut - 32768).to(x.dtype).mul_(65536 / (65536 - cut))
         return x * keep
 
 

@@ -20,7 +20,9 @@ def tables(dim=8):
 
 def kjt():
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=["a", "b"], values=torch.tensor([1, 2, 3, 4, 5, 6]), lengths=torch.tensor([1, 2, 0, 1, 1, 1])
+        keys=["a", "b"],
+        values=torch.tensor([1, 2, 3, 4, 5, 6]),
+        lengths=torch.tensor([1, 2, 0, 1, 1, 1]),
     )
 
 
@@ -77,7 +79,9 @@ def test_deepfm_is_bias_plus_first_order_plus_fm_plus_mlp():
 
 def test_fm_term_is_the_sum_of_pairwise_dot_products():
     v = torch.randn(4, 3, 6)
-    pairs = sum((v[:, i] * v[:, j]).sum(dim=1, keepdim=True) for i in range(3) for j in range(i + 1, 3))
+    pairs = sum(
+        (v[:, i] * v[:, j]).sum(dim=1, keepdim=True) for i in range(3) for j in range(i + 1, 3)
+    )
     torch.testing.assert_close(fm_interaction(v), pairs)
 
 
@@ -87,7 +91,9 @@ def test_dense_fields_are_value_times_vector():
     out = f(x)
     torch.testing.assert_close(out[0, 2], 2.0 * f.vectors[2])
     assert torch.all(out[0, 1] == 0)
-    torch.testing.assert_close(f.first_order_term(x), (f.weights[0] + 2 * f.weights[2]).reshape(1, 1))
+    torch.testing.assert_close(
+        f.first_order_term(x), (f.weights[0] + 2 * f.weights[2]).reshape(1, 1)
+    )
 
 
 def test_mlp_block_is_linear_batchnorm_relu_dropout():
@@ -107,7 +113,9 @@ def test_dense_layers_start_xavier_normal_and_the_tables_are_left_alone():
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
     first = model.mlp[0]
     fan_in, fan_out = first.weight.shape[1], first.weight.shape[0]
-    assert float(first.weight.detach().std()) == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.1)
+    assert float(first.weight.detach().std()) == pytest.approx(
+        (2 / (fan_in + fan_out)) ** 0.5, rel=0.1
+    )
     assert torch.all(first.bias == 0)
 
 
@@ -121,7 +129,12 @@ class _PerFeatureDims(torch.nn.Module):
 
     def embedding_bag_configs(self):
         a, b = self.inner.embedding_bag_configs()
-        return [a, EmbeddingBagConfig(name="t_b", embedding_dim=12, num_embeddings=30, feature_names=["b"])]
+        return [
+            a,
+            EmbeddingBagConfig(
+                name="t_b", embedding_dim=12, num_embeddings=30, feature_names=["b"]
+            ),
+        ]
 
     def forward(self, features):
         d = self.inner(features).to_dict()
@@ -138,21 +151,34 @@ def test_per_feature_dims():
         DLRMConfig().build(m, 2)
 
 
-def test_the_mlp_dropout_is_torchs_distribution():
+@pytest.mark.parametrize("p", [0.3, 0.2, 0.5, 0.05])
+def test_the_mlp_dropout_is_torchs_distribution(p):
     """``recsys.models.layers.Dropout`` (the MLP blocks' dropout): each element kept with
-    probability 1 - p and scaled by 1 / (1 - p), the gradient through the same mask, an
-    identity in eval, as ``nn.Dropout``."""
+    probability 1 - p (p to 2^-16) and scaled by the inverse, the gradient through the same
+    mask, an identity in eval, as ``nn.Dropout``; seeded by torch's generator."""
     from recsys.models.layers import Dropout
 
     torch.manual_seed(0)
-    d = Dropout(0.3)
-    x = torch.ones(1000, 1000, requires_grad=True)
+    d = Dropout(p)
+    x = torch.ones(1000, 1003, requires_grad=True)  # not a multiple of 4 elements
     y = d(x)
     kept = y != 0
-    assert abs(kept.float().mean().item() - 0.7) < 0.003  # 1e6 draws: 4.6 standard deviations
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    sd = (p * (1 - p) / x.numel()) ** 0.5
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * sd
+    keep = 1 - round(p * 65536) / 65536
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / keep))
+    # every 16-bit lane of the 64-bit draws keeps 1 - p of its elements (none is biased)
+    lanes = kept.flatten()[: kept.numel() // 4 * 4].view(-1, 4).float().mean(0)
+    assert ((lanes - (1 - p)).abs() < 5 * sd * 2).all()
     y.sum().backward()
     torch.testing.assert_close(x.grad, y.detach())  # d y / d x: the mask times the scale
     assert not torch.equal(d(x), y)  # a new mask every call
+    torch.manual_seed(0)
+    assert torch.equal(Dropout(p)(x), y)  # the same seed, the same mask
+    big = torch.randn(2000, 1000)
+    assert (
+        abs(d(big).mean().item() - big.mean().item())
+        < 5 * (big.var().item() * p / (1 - p) / big.numel()) ** 0.5
+    )
     d.eval()
     assert d(x) is x
