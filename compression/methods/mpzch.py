@@ -126,6 +126,9 @@ class StepMpzch(HashZchManagedCollisionModule):
             ttl = self._eviction_config.single_ttl if self._eviction_config else None
             assert ttl is not None, "MPZCH eviction needs a TTL"
             self._eviction_module = _StepEviction(ttl, lambda: int(self._steps))
+        # without eviction a full table stays full: no insert can place an id, so a training
+        # lookup is FBGEMM's lookup (empty slots recounted every 64 lookups, and after a load)
+        self._empty_slots, self._counted_at, self._lookups = -1, (-1, -1), 0
 
     def remap(
         self, features: dict[str, JaggedTensor], *args: Any, **kwargs: Any
@@ -139,14 +142,24 @@ class StepMpzch(HashZchManagedCollisionModule):
         kwargs["input"] = torch.where(values == EMPTY, EMPTY - 1, values)
         if values.is_cuda:
             return super()._zero_collision_hash(**kwargs)
-        if kwargs["readonly"]:  # FBGEMM's CPU lookup takes no eviction arguments
-            kwargs.update(metadata=None, input_metadata=None, eviction_threshold=-1)
+        if kwargs["readonly"] or self._full(kwargs["identities"]):  # FBGEMM's CPU lookup
+            kwargs.update(readonly=True, metadata=None, input_metadata=None, eviction_threshold=-1)
             return super()._zero_collision_hash(**kwargs)
         return zero_collision_hash_insert(
             kwargs["input"], kwargs["identities"].data, kwargs["max_probe"], kwargs["local_sizes"],
             kwargs["offsets"], kwargs["metadata"], kwargs["input_metadata"], kwargs["eviction_threshold"],
             kwargs["eviction_policy"], kwargs["disable_fallback"],
         )  # fmt: skip
+
+    def _full(self, identities: torch.Tensor) -> bool:
+        """Whether no id can be placed: no eviction and no empty slot."""
+        if self._eviction_module is not None:
+            return False
+        at = (id(identities), identities._version)  # a load copies into it: counted again
+        if at != self._counted_at or self._lookups % 64 == 0:
+            self._empty_slots, self._counted_at = int((identities == EMPTY).sum()), at
+        self._lookups += 1
+        return self._empty_slots == 0
 
 
 def slot_module(slots: int, config: MpzchConfig, device: torch.device, name: str) -> StepMpzch:

@@ -243,3 +243,18 @@ def test_bytes_are_counted_from_the_tensors():
         + m.params.table.numel() * 8
     )
     assert 0.95 * report.uncompressed_bytes / 20 <= report.bytes <= report.uncompressed_bytes / 20
+
+
+def test_a_full_table_only_looks_up_until_a_load_empties_it():
+    m = build(zch_size=3, max_probe=3, eviction="none")
+    m.train()
+    empty = {k: v.clone() for k, v in m.state_dict().items()}
+    m(kjt([1, 2, 3]))
+    m(kjt([4, 1]))  # full: FBGEMM's lookup, 4 at its home slot's row
+    home = murmur_home(torch.tensor([4]), 3).item()
+    assert m.slot_of("big", torch.tensor([4, 1])).tolist() == [home, m.slot_of("big", torch.tensor([1])).item()]
+    table = m.mcc._managed_collision_modules["t_big"]._hash_zch_identities
+    assert sorted(table.view(-1).tolist()) == [1, 2, 3]
+    m.load_state_dict(empty)
+    m(kjt([4]))
+    assert table.view(-1)[m.slot_of("big", torch.tensor([4]))].tolist() == [4]  # placed again
