@@ -42,8 +42,6 @@ from recsys.data.base import DatasetConfig
 from recsys.data.common import (
     ROW_GROUP_ROWS,
     SPLIT_COMPRESSION,
-    IdLookup,
-    RawIds,
     cached_dataset,
     file_fingerprint,
     scan_lines,
@@ -53,6 +51,7 @@ from recsys.data.common import (
     write_counts,
 )
 from recsys.data.files import require_file, text_read_error
+from recsys.data.ids import IdLookup, RawIds
 from recsys.data.schema import (
     COUNTS_FILE,
     SPLITS,

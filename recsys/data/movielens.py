@@ -43,7 +43,6 @@ import polars as pl
 from compression.config_checks import bounded, one_of
 from recsys.data.base import DatasetConfig
 from recsys.data.common import (
-    RawTextIds,
     assign_splits,
     build_vocab,
     cached_dataset,
@@ -51,6 +50,7 @@ from recsys.data.common import (
     sha256_file,
     write_counts,
 )
+from recsys.data.ids import RawTextIds
 from recsys.data.schema import (
     COUNTS_FILE,
     SPLITS,

@@ -27,14 +27,12 @@ import polars as pl
 from recsys.data.common import (
     ROW_GROUP_ROWS,
     SPLIT_COMPRESSION,
-    IdLookup,
-    RawTextIds,
     file_fingerprint,
     split_code_expr,
-    string_ids,
     vocab_from_counts,
     write_counts,
 )
+from recsys.data.ids import IdLookup, RawTextIds, string_ids
 from recsys.data.schema import COUNTS_FILE, SPLITS, DataError, DatasetSchema, SparseField
 from recsys.data.tabular_columns import CODE_VERSION, Columns
 from recsys.data.tabular_parse import bad_flag, diagnose, parsed

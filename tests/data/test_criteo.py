@@ -11,8 +11,9 @@ import polars as pl
 import pytest
 
 from recsys.data import criteo
-from recsys.data.common import assign_splits, raw_ids
+from recsys.data.common import assign_splits
 from recsys.data.criteo import DENSE, SPARSE, CriteoConfig
+from recsys.data.ids import raw_ids
 from recsys.data.schema import SPLITS
 from tests.conftest import CRITEO_SAMPLE
 

@@ -178,7 +178,7 @@ def test_raw_ids_give_users_who_joined_later_their_own_ids(movielens_raw, tmp_pa
     """``ids: raw`` on MovieLens split in time: every user, item and genre is ``raw_text_id``
     of its value, so the test split's new users keep ids of their own instead of sharing 0;
     the counts stay the train vocabulary's (indexed by vocabulary id), the full table its size."""
-    from recsys.data.common import raw_text_id
+    from recsys.data.ids import raw_text_id
 
     vocab = MovieLensConfig(raw_dir=str(movielens_raw), split_by="order").prepare(tmp_path / "c")
     raw = MovieLensConfig(raw_dir=str(movielens_raw), split_by="order", ids="raw").prepare(tmp_path / "c")

@@ -258,7 +258,7 @@ def test_raw_ids_hash_each_values_text(tmp_path):
     ``raw_text_id`` of its text, in every split (a value seen only in the test file keeps an
     id of its own, not 0); empty is 0; the vocabulary still sizes the full table. A CSV and a
     Parquet file of one table give the same ids (an integer hashes as its digits)."""
-    from recsys.data.common import raw_text_id
+    from recsys.data.ids import raw_text_id
 
     df = _frame(300, seed=4)
     text = df.with_columns(pl.col("tags").list.join("|"))
