@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.datasets.utils import Batch
 
+from recsys.training.malloc import keep_freed_memory
 from recsys.training.optim import Optimizers, add_embedding_l2
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float, int]]
@@ -51,6 +52,8 @@ class TrainStep:
     ) -> None:
         self.model, self.module, self.opts, self.cfg = model, module, opts, cfg
         self.loss_fn, self.reg_scale = loss_fn, reg_scale
+        if getattr(cfg, "keep_freed_memory", False):
+            keep_freed_memory()
         self.l2 = float(cfg.embedding_l2 or 0.0)
         self.l2_mode = cfg.embedding_l2_mode
         self.clip: float = float(cfg.clip_grad_norm or 0.0)

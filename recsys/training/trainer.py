@@ -37,7 +37,6 @@ from recsys.data.prefetch import prefetch
 from recsys.training.backends import Backend, LocalBackend
 from recsys.training.callbacks import Callback
 from recsys.training.fused import FusedTables, config_refusal
-from recsys.training.malloc import keep_freed_memory
 from recsys.training.optim import L2_MODES, SPARSE_OPTIMIZERS, Optimizers
 from recsys.training.results import FitResult, RunResult
 from recsys.training.stage_context import StageContext
@@ -73,7 +72,8 @@ class TrainerConfig:
     min_delta: float = bounded(0.0, ge=0)
     device: str = "auto"
     num_threads: Optional[int] = bounded(None, ge=1)
-    # glibc keeps freed activations in the process (recsys.training.malloc): +5% on a BARS step
+    # glibc keeps freed activations in the process (recsys.training.malloc), set by the
+    # training step: +5% on a BARS DeepFM step
     keep_freed_memory: bool = True
     log_every_steps: int = bounded(50, ge=0)
     checkpoint_every_steps: int = bounded(0, ge=0)
@@ -146,8 +146,6 @@ class Trainer:
         self.trained_samples = 0
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        if cfg.keep_freed_memory:
-            keep_freed_memory()
         # where the model lives: this process, or sharded by DMP (recsys.training.sharded)
         self.backend: Backend = backend if backend is not None else LocalBackend(self.device)
 
