@@ -20,7 +20,8 @@ table's init, as for ``managed_collision``.
 On the CPU, FBGEMM's ``zero_collision_hash`` kernel answers lookups only (its CPU
 build refuses inserts); training inserts go through ``compression.zch_cpu``, which
 follows FBGEMM's CUDA kernel, and every lookup outside training (and everything on
-CUDA) goes through FBGEMM's own kernel.
+CUDA) goes through FBGEMM's own kernel, as do training lookups once a table without
+eviction is full (it stays full: no insert can place an id).
 
 Bytes: per slot, the row (4·dim), the int64 identity and, with eviction, the int32
 time of last read; per table the bucket count and the step clock (all counted from
