@@ -18,7 +18,9 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, TypeVar
 
@@ -158,6 +160,18 @@ Builder = Callable[[list[EmbeddingBagConfig], Any, BuildContext], CompressedEmbe
 
 _BUILDERS: dict[type, Builder] = {}
 _BY_NAME: dict[str, type] = {}
+
+
+@contextmanager
+def quiet_logs(level: int = logging.INFO) -> Iterator[None]:
+    """No log records at ``level`` or below while TorchRec / FBGEMM modules are built (they
+    log their settings line by line, module by module), as it was before afterwards."""
+    before = logging.root.manager.disable
+    logging.disable(level)
+    try:
+        yield
+    finally:
+        logging.disable(before)
 
 
 def require_fbgemm_cuda(what: str, device: torch.device) -> None:

@@ -52,7 +52,7 @@ from torchrec.modules.hash_mc_evictions import HashZchEvictionConfig, HashZchEvi
 from torchrec.modules.hash_mc_modules import HashZchManagedCollisionModule
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from compression.api import BuildContext, register
+from compression.api import BuildContext, quiet_logs, register
 from compression.budget import Budget
 from compression.config_checks import bounded, one_of
 from compression.memory import tensor_bytes
@@ -165,32 +165,15 @@ class StepMpzch(HashZchManagedCollisionModule):
 
 def slot_module(slots: int, config: MpzchConfig, device: torch.device, name: str) -> StepMpzch:
     policy = EVICTIONS[config.eviction]
-    before = logging.root.manager.disable
-    # TorchRec logs each module's settings, line by line, and warns for each that it
-    # skips its state validation (which its MPZCH module always does)
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message="To copy construct from a tensor"
-            )  # TorchRec's own
-            return _step_mpzch(slots, config, device, name, policy)
-    finally:
-        logging.disable(before)
-
-
-def _step_mpzch(
-    slots: int,
-    config: MpzchConfig,
-    device: torch.device,
-    name: str,
-    policy: Optional[HashZchEvictionPolicyName],
-) -> StepMpzch:
-    return StepMpzch(
-        zch_size=slots, device=device, total_num_buckets=1, max_probe=config.max_probe, name=name,
-        eviction_policy_name=policy,
-        eviction_config=HashZchEvictionConfig(features=[], single_ttl=config.ttl_steps) if policy else None,
-    )  # fmt: skip
+    # TorchRec logs each module's settings, line by line, and warns for each that it skips
+    # its state validation (which its MPZCH module always does)
+    with quiet_logs(logging.WARNING), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="To copy construct from a tensor")  # TorchRec's own
+        return StepMpzch(
+            zch_size=slots, device=device, total_num_buckets=1, max_probe=config.max_probe, name=name,
+            eviction_policy_name=policy,
+            eviction_config=HashZchEvictionConfig(features=[], single_ttl=config.ttl_steps) if policy else None,
+        )  # fmt: skip
 
 
 @cache

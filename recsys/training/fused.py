@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from compression.api import quiet_logs
 from recsys.training.optim import Optimizers, build_optimizers
 
 # the trainer's sparse optimizers fbgemm runs fused on the CPU, with the unfused ones' epsilon
@@ -89,15 +89,11 @@ class FusedTables:
                     continue
                 if any(t.embedding_dim % 4 for t in child.embedding_bag_configs()):
                     continue  # fbgemm's CPU kernel takes dims that are multiples of 4: stays plain
-                before = logging.root.manager.disable
-                logging.disable(logging.INFO)  # fbgemm logs its TBE's settings to the root logger, line by line
-                try:
+                with quiet_logs():  # fbgemm logs its TBE's settings to the root logger, line by line
                     fused = FusedEmbeddingBagCollection(
                         tables=child.embedding_bag_configs(), optimizer_type=opt_type, optimizer_kwargs=kwargs,
                         is_weighted=child.is_weighted(), device=weights[0].device,
                     )  # fmt: skip
-                finally:
-                    logging.disable(before)
                 fused.load_state_dict(child.state_dict())
                 setattr(parent, name, fused)
                 swaps.append((parent, name, child, fused))
