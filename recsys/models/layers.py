@@ -22,6 +22,9 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from recsys.models.fused import batch_norm_relu_dropout, dropout_bits, dropout_cut, fusable
 
 
 class Dropout(nn.Dropout):
@@ -29,23 +32,21 @@ class Dropout(nn.Dropout):
     that; identity in eval) with its mask drawn from 16 random bits an element.
 
     On the CPU torch's dropout draws its mask with a Bernoulli kernel, and a uniform float
-    an element costs 3.3 ms for 4096 x 400 (one generator call each); 64 random bits from
-    torch's generator make four elements' masks (1.2 ms), which took a BARS DeepFM layer's
-    dropout forward and backward from 6.4 to 3.1 ms. The keep probability is 1 - p with p
-    rounded to a multiple of 2^-16 (at most 7.6e-6 off), and the scale is its exact inverse,
-    so the output's mean is the input's. Seeded by ``torch.manual_seed`` as torch's own.
-    On CUDA torch's fused kernel is used.
+    an element costs 3.3 ms for 4096 x 400 (one generator call each); 64 random bits make
+    four elements' masks (``fused.dropout_bits``: 0.6 ms), which took a BARS DeepFM layer's
+    dropout forward and backward from 6.4 to 3.1 ms with torch's generator, less with PCG64.
+    The keep probability is 1 - p with p rounded to a multiple of 2^-16 (at most 7.6e-6
+    off), and the scale is its exact inverse, so the output's mean is the input's. Seeded
+    by ``torch.manual_seed`` as torch's own. On CUDA torch's fused kernel is used.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.is_cuda:
             return super().forward(x)
-        cut = round(self.p * 65536)  # dropped: the 16-bit draws below -32768 + cut
+        cut = dropout_cut(self.p)
         if cut >= 65536:
             return x * 0.0
-        words = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-        bits = words.view(torch.int16)[: x.numel()].view(x.shape)
-        keep = (bits >= cut - 32768).to(x.dtype).mul_(65536 / (65536 - cut))
+        keep = (dropout_bits(x.shape) >= cut - 32768).to(x.dtype).mul_(65536 / (65536 - cut))
         return x * keep
 
 
@@ -90,6 +91,30 @@ class MLPBlock(nn.Sequential):
             width = output_dim
         super().__init__(*layers)
         self.out_features = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers in turn; in CPU training each ``Linear -> BatchNorm1d -> ReLU ->
+        [Dropout]`` is the linear layer's product and one autograd function
+        (``recsys.models.fused``): the same result in fewer passes."""
+        layers = list(self)
+        i = 0
+        while i < len(layers):
+            if (
+                type(layers[i]) is nn.Linear
+                and i + 2 < len(layers)
+                and type(layers[i + 2]) is nn.ReLU
+                and fusable(x, layers[i + 1], layers[i + 3 :])
+            ):
+                nxt = layers[i + 3] if i + 3 < len(layers) else None
+                dropout = isinstance(nxt, Dropout) and nxt.training
+                linear: nn.Linear = layers[i]  # type: ignore[assignment]
+                h = F.linear(x, linear.weight)
+                x = batch_norm_relu_dropout(h, layers[i + 1], nxt.p if dropout else 0.0, linear.bias)  # type: ignore[union-attr, arg-type]
+                i += 4 if dropout else 3
+            else:
+                x = layers[i](x)
+                i += 1
+        return x
 
 
 class DenseFields(nn.Module):
