@@ -44,8 +44,9 @@ def dropout_bits(shape: torch.Size) -> torch.Tensor:
 
 
 def dropout_cut(p: float) -> int:
-    """Dropped elements are those whose 16 bits, read as an unsigned number, fall below
-    this: ``p`` rounded to a multiple of 2^-16."""
+    """Dropped elements are those whose 16 bits, as a number in [0, 65536), fall below
+    this: ``p`` rounded to a multiple of 2^-16 (the bits are int16, so the comparison is
+    ``bits < cut - 32768``)."""
     return round(p * 65536)
 
 
