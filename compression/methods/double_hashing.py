@@ -45,6 +45,7 @@ from compression.idmap import (
     in_order,
     in_range,
     inner_table,
+    take_columns,
     with_values,
 )
 from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
@@ -171,7 +172,7 @@ class DoubleHashedEmbeddingBagCollection(IdMappedCollection):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         out = in_order(self.ebc(self.remap(features)), self._inner_keys)
-        return self.keyed(out if self._perm is None else out[:, self._perm])
+        return self.keyed(take_columns(out, self._perm))
 
     def _expanded(self, features: KeyedJaggedTensor, h: torch.Tensor, exact: torch.Tensor) -> KeyedJaggedTensor:
         """Each id's bag entry replaced by its k hashed rows (one row for exact features)."""

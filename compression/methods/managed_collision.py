@@ -66,6 +66,7 @@ from compression.idmap import (
     fold,
     in_order,
     inner_table,
+    take_columns,
     with_values,
 )
 from compression.memory import tensor_bytes
@@ -191,7 +192,7 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
                 in_order(self.exact_ebc(with_values(features, ids)), self._exact_keys_order)
             )
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return self.keyed(out if self._perm is None else out[:, self._perm])
+        return self.keyed(take_columns(out, self._perm))
 
     def _lookup_mc(self, features: KeyedJaggedTensor) -> KeyedTensor:
         ids = with_values(features, features.values().clamp(max=_EMPTY - 1))

@@ -50,6 +50,7 @@ from compression.idmap import (
     fold,
     in_order,
     inner_table,
+    take_columns,
     with_values,
 )
 from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
@@ -175,7 +176,7 @@ class QREmbeddingBagCollection(IdMappedCollection):
     def _combine(self, out: torch.Tensor) -> torch.Tensor:
         """Inner output to one block per feature, in source order."""
         if self.combine == "concat":
-            return out if self._perm is None else out[:, self._perm]
+            return take_columns(out, self._perm)
         compressed = self._compressed_width
         a, b, e = out.split([compressed, compressed, out.shape[1] - 2 * compressed], dim=1)
         combined = a * b if self.combine == "mult" else a + b
