@@ -31,7 +31,7 @@ ONE_TB = [
 
 
 def test_torchrun_two_processes_shard_and_log_per_rank_bytes(tmp_path):
-    overrides = smoke_overrides(tmp_path, "dataset=criteo_sample", "model=dcnv2", "compression=qr", "budget=10x")
+    overrides = smoke_overrides(tmp_path, "dataset=criteo_sample", "model=dcnv2_bars", "model.embedding_dim=16", "compression=qr", "budget=10x")
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
