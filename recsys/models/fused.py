@@ -14,6 +14,10 @@ layers) they were a third of the time outside the GEMMs. Here:
   torch's own ``native_batch_norm_backward`` (with the scaled weight) does the rest; the
   weight's and bias's gradients are scaled back by ``s``.
 
+The linear layer before it runs without its bias (``batch_norm_relu_dropout``): batch norm
+in training takes the batch's mean away, so the bias only enters the running mean, and its
+gradient is an exact zero.
+
 The result is eager torch's to float rounding, with the same mask for the same generator
 state (``dropout_bits``, shared with ``layers.Dropout``); running statistics and
 ``num_batches_tracked`` are updated as ``nn.BatchNorm1d`` updates them. Eval, CUDA, tracing
