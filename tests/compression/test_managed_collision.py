@@ -134,3 +134,35 @@ def test_a_bad_value_is_refused_when_the_config_is_made(kwargs, key):
     with pytest.raises(MethodConfigError) as e:
         ManagedCollisionConfig(**kwargs)
     assert str(e.value) == key
+
+
+@pytest.mark.parametrize("zch, interval", [(40, 1), (97, 3), (400, 1)])
+def test_the_steady_shortcut_computes_what_torchrec_computes(zch, interval):
+    """``SteadyMCH`` against TorchRec's own ``MCHManagedCollisionModule``, built alike and fed
+    the same power-law id stream: the same slots for every id and the same buffers (ids,
+    slots, LFU counts) after every step, through steps that evict and steps that cannot."""
+    from torchrec.modules.mc_modules import LFU_EvictionPolicy, MCHManagedCollisionModule
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    from compression.methods.managed_collision import SteadyMCH
+
+    def build(cls):
+        return cls(zch_size=zch, device=torch.device("cpu"), eviction_policy=LFU_EvictionPolicy(),
+                   eviction_interval=interval, name="t")  # fmt: skip
+
+    ours, theirs = build(SteadyMCH), build(MCHManagedCollisionModule)
+    ours.train(), theirs.train()
+    g = torch.Generator().manual_seed(zch)
+    steady = changed = 0
+    for step in range(300):
+        ids = (torch.empty(64).exponential_(generator=g) ** 3 * 7).long() + (step // 50) * 1000
+        features = {"f": JaggedTensor(values=ids, lengths=torch.ones(64, dtype=torch.int32))}
+        before = theirs._mch_sorted_raw_ids.clone()
+        got, want = ours(dict(features)), theirs(dict(features))
+        assert torch.equal(got["f"].values(), want["f"].values()), step
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), (step, name)
+        if (step + 1) % interval == 0:
+            same = torch.equal(before, theirs._mch_sorted_raw_ids)
+            steady, changed = steady + same, changed + (not same)
+    assert steady > 50 and changed > 10, (steady, changed)  # both kinds of step were met
