@@ -1,6 +1,7 @@
 """Managed collisions: TorchRec's zero-collision hashing (MCH) with LFU eviction.
 
-Per compressed table, a ``MCHManagedCollisionModule`` keeps a sorted map from raw ids
+Per compressed table, a ``MCHManagedCollisionModule`` (``SteadyMCH``: TorchRec's, with
+one exact shortcut for evictions that evict nothing) keeps a sorted map from raw ids
 to ``zch_size`` slots of a TorchRec table. The compressed tables are TorchRec's own
 ``ManagedCollisionEmbeddingBagCollection`` (a ``ManagedCollisionCollection`` in front
 of an ``EmbeddingBagCollection``), so ``DistributedModelParallel`` shards them as one.
