@@ -2,56 +2,125 @@
 as one autograd function on the CPU in training.
 
 Eager torch runs those three as separate kernels, each a pass over the ``[B, width]``
-activations, and keeps a float mask for dropout's backward. On two cores those passes run
-at the memory's pace, not the GEMMs': in a BARS DeepFM step (batch 4096, three 400-wide
-layers) they were a third of the time outside the GEMMs. Here:
+activations (batch norm's statistics and output, ReLU, the mask's draws, compare and
+multiply; in backward ReLU's and dropout's masks and batch norm's two), each at the
+memory's pace on two cores, not the GEMMs'.
 
-- dropout's scale ``s`` is folded into batch norm's affine weight and bias (``relu(s z) =
-  s relu(z)`` for ``s > 0``), so torch's own ``native_batch_norm`` writes the scaled output;
-- ReLU and the mask are applied in place on that output;
-- backward needs only the input and the output: ``y > 0`` exactly where the ReLU passed and
-  the mask kept, so the gradient reaching batch norm is ``threshold_backward(g, y, 0)``, and
-  torch's own ``native_batch_norm_backward`` (with the scaled weight) does the rest; the
-  weight's and bias's gradients are scaled back by ``s``.
+Where a C++ compiler is, ``fused_cpu.cpp`` (built on first use, ``kernel``) makes two
+passes each way:
+
+- forward: the batch's column sums, then ``y = relu(s (w xhat + b))`` zeroed where the
+  element's dropout draw is below the cut, the draw made in the same pass (``s``, dropout's
+  scale, is folded into batch norm's weight and bias: ``relu(s z) = s relu(z)``);
+- backward: the masked gradient's column sums, then the input's gradient. It needs only
+  the input and the output: ``y > 0`` exactly where the ReLU passed and the mask kept.
+
+Without a compiler the same function runs as torch ops: torch's ``native_batch_norm`` with
+the scaled weight, ReLU and the mask in place, and in backward ``threshold_backward`` and
+``native_batch_norm_backward``.
 
 The linear layer before it runs without its bias (``batch_norm_relu_dropout``): batch norm
 in training takes the batch's mean away, so the bias only enters the running mean, and its
 gradient is an exact zero.
 
 The result is eager torch's to float rounding, with the same mask for the same generator
-state (``dropout_bits``, shared with ``layers.Dropout``); running statistics and
-``num_batches_tracked`` are updated as ``nn.BatchNorm1d`` updates them. Eval, CUDA, tracing
-and batch norm without affine parameters take the modules one by one.
+state both ways (``dropout_keep``, shared with ``layers.Dropout``); running statistics and
+``num_batches_tracked`` are updated as ``nn.BatchNorm1d`` updates them. Eval, CUDA, tracing,
+float64 and batch norm without affine parameters take the modules one by one or torch ops.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
 
-def dropout_bits(shape: torch.Size) -> torch.Tensor:
-    """16 random bits an element (int16, ``shape``), drawn from a PCG64 generator seeded by
-    one draw from torch's default generator, so ``torch.manual_seed`` fixes them.
 
-    PCG64 makes 64 bits in about half the time torch's CPU generator does (0.6 against
-    1.1 ms for 4096 x 400 elements' worth)."""
-    n = math.prod(shape)
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-    words = np.random.PCG64(seed).random_raw(-(-n // 4))
-    return torch.from_numpy(words.view(np.int16)[:n]).view(shape)
+FULL_CUT = 2**32
 
 
 def dropout_cut(p: float) -> int:
-    """Dropped elements are those whose 16 bits, as a number in [0, 65536), fall below
-    this: ``p`` rounded to a multiple of 2^-16 (the bits are int16, so the comparison is
-    ``bits < cut - 32768``)."""
-    return round(p * 65536)
+    """Dropped elements are those whose 32-bit draw falls below this: ``p`` rounded to a
+    multiple of 2^-32 (``FULL_CUT``: every element dropped)."""
+    return round(p * FULL_CUT)
+
+
+def dropout_seed() -> int:
+    """A call's dropout seed: one draw from torch's default generator, so that
+    ``torch.manual_seed`` fixes the masks."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def _mix32(x: np.ndarray) -> np.ndarray:
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def _draws(n: int, seed: int) -> np.ndarray:
+    """The 32-bit dropout draws of elements ``0 .. n-1`` for ``seed``: ``draw`` of
+    ``fused_cpu.cpp`` in NumPy (two rounds of a 32-bit integer hash of the element's index,
+    keyed by the seed's halves), for where the C++ kernel is not built."""
+    if n >= FULL_CUT:
+        raise ValueError(f"dropout: {n} elements; the draws index at most 2^32 - 1")
+    x = np.arange(n, dtype=np.uint32)
+    x += np.uint32(seed & 0xFFFFFFFF)
+    return _mix32(_mix32(x) ^ np.uint32(seed >> 32))
+
+
+def dropout_keep(shape: torch.Size, cut: int) -> torch.Tensor:
+    """Dropout's mask (bool, ``shape``) for one call: element ``e`` (in row-major order) is
+    kept where its draw is at least ``cut``. The same mask as the fused layer's for the same
+    generator state, from the C++ kernel where it is built and from NumPy otherwise."""
+    n, seed = math.prod(shape), dropout_seed()
+    k = kernel()
+    if k is not None:
+        return k.keep(n, seed, cut).view(shape)  # type: ignore[no-any-return]
+    return torch.from_numpy(_draws(n, seed) >= cut).view(shape)
+
+
+_KERNEL: dict[str, Any] = {}
+
+
+def kernel() -> Any:
+    """The C++ kernel (``fused_cpu.cpp``), built on first use into torch's extension cache
+    (``TORCH_EXTENSIONS_DIR``), for this machine's CPU; None where it cannot be built (no
+    C++ compiler or ninja: one warning, and torch ops do the same work) or where
+    ``EMBCOMP_CPU_KERNELS=0``."""
+    if "k" not in _KERNEL:
+        _KERNEL["k"] = _build()
+    return _KERNEL["k"]
+
+
+def _build() -> Any:
+    if os.environ.get("EMBCOMP_CPU_KERNELS", "1") == "0":
+        return None
+    src = Path(__file__).with_name("fused_cpu.cpp")
+    flags = ["-O3", "-march=native"]  # built where it runs; the name keys the CPU's features
+    cpu = Path("/proc/cpuinfo")
+    features = [ln for ln in cpu.read_text().splitlines() if ln.startswith("flags")][:1] if cpu.exists() else []
+    key = hashlib.sha256("\n".join([src.read_text(), *flags, torch.__version__, *features]).encode()).hexdigest()[:12]
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(f"embcomp_fused_cpu_{key}", [str(src)], extra_cflags=flags, verbose=False)
+    except Exception as e:  # noqa: BLE001 (a missing compiler shows in many ways)
+        why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+        log.warning("%s did not build (%s); the MLP block's batch norm, ReLU and dropout run as torch ops", src.name, why)
+        return None
 
 
 class _BatchNormReluDropout(torch.autograd.Function):
@@ -68,32 +137,54 @@ class _BatchNormReluDropout(torch.autograd.Function):
         cut: int,
         shift: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        scale = 65536 / (65536 - cut)
-        w = weight * scale
-        out, mean, invstd = torch.native_batch_norm(
-            x, w, bias * scale, running_mean, running_var, True, momentum, eps
-        )
+        scale = FULL_CUT / (FULL_CUT - cut)
+        k = kernel() if _kernel_takes(x, weight) else None
+        ctx.kernel, ctx.scale, ctx.eps = k, scale, eps
+        if k is not None:
+            x = x.contiguous()
+            w = weight.detach().contiguous()
+            seed = dropout_seed() if cut else 0
+            out, _, invstd, var, mean = k.forward(x, w, bias.detach().contiguous(), eps, scale, cut, seed)  # mean: less x[0]
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum).add_(x[0], alpha=momentum)
+            if running_var is not None:
+                running_var.mul_(1 - momentum).add_(var, alpha=momentum)
+        else:
+            w = weight * scale
+            out, mean, invstd = torch.native_batch_norm(x, w, bias * scale, running_mean, running_var, True, momentum, eps)
+            out.clamp_min_(0)
+            if cut:
+                out.mul_(dropout_keep(out.shape, cut))
         if shift is not None and running_mean is not None:  # the mean of x + shift
             running_mean.add_(shift.detach(), alpha=momentum)
-        out.clamp_min_(0)
-        if cut:
-            out.mul_(dropout_bits(out.shape) >= cut - 32768)
         ctx.save_for_backward(x, out, w, mean, invstd)
-        ctx.scale, ctx.eps = scale, eps
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         x, y, w, mean, invstd = ctx.saved_tensors
-        g = torch.ops.aten.threshold_backward(grad, y, 0)
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            g, x, w, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3])
+        s, need = ctx.scale, ctx.needs_input_grad
+        if ctx.kernel is not None:
+            gx, gw, gb = ctx.kernel.backward(grad.contiguous(), x, y, w, mean, invstd, s)
+        else:
+            g = torch.ops.aten.threshold_backward(grad, y, 0)
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                g, x, w, None, None, mean, invstd, True, ctx.eps, list(need[:3])
+            )
+            gw = None if gw is None else gw * s
+            gb = None if gb is None else gb * s
+        shift = torch.zeros(x.shape[1], dtype=grad.dtype) if need[8] else None  # its exact gradient
+        return (
+            gx if need[0] else None,
+            gw if need[1] else None,
+            gb if need[2] else None,
+            *[None] * 5,
+            shift,
         )
-        s = ctx.scale
-        shift = None
-        if ctx.needs_input_grad[8]:  # its exact gradient: zero
-            shift = torch.zeros(x.shape[1], dtype=grad.dtype)
-        return gx, None if gw is None else gw * s, None if gb is None else gb * s, *[None] * 5, shift
+
+
+def _kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.dtype == weight.dtype == torch.float32 and x.shape[0] > 1 and x.numel() < FULL_CUT
 
 
 def batch_norm_relu_dropout(
@@ -131,7 +222,7 @@ def fusable(x: torch.Tensor, bn: nn.Module, after_relu: Sequence[nn.Module]) -> 
     nxt = after_relu[0] if len(after_relu) else None
     return (
         type(bn) is nn.BatchNorm1d
-        and not (isinstance(nxt, nn.Dropout) and nxt.training and dropout_cut(nxt.p) >= 65536)
+        and not (isinstance(nxt, nn.Dropout) and nxt.training and dropout_cut(nxt.p) >= FULL_CUT)
         and bn.training
         and bn.affine
         and x.dim() == 2

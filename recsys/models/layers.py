@@ -24,29 +24,35 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from recsys.models.fused import batch_norm_relu_dropout, dropout_bits, dropout_cut, fusable
+from recsys.models.fused import (
+    FULL_CUT,
+    batch_norm_relu_dropout,
+    dropout_cut,
+    dropout_keep,
+    fusable,
+)
 
 
 class Dropout(nn.Dropout):
     """``nn.Dropout`` (each element kept with probability 1 - p and scaled by the inverse of
-    that; identity in eval) with its mask drawn from 16 random bits an element.
+    that; identity in eval) with its mask from a 32-bit draw an element.
 
-    On the CPU torch's dropout draws its mask with a Bernoulli kernel, and a uniform float
-    an element costs 3.3 ms for 4096 x 400 (one generator call each); 64 random bits make
-    four elements' masks (``fused.dropout_bits``: 0.6 ms), which took a BARS DeepFM layer's
-    dropout forward and backward from 6.4 to 3.1 ms with torch's generator, less with PCG64.
-    The keep probability is 1 - p with p rounded to a multiple of 2^-16 (at most 7.6e-6
-    off), and the scale is its exact inverse, so the output's mean is the input's. Seeded
-    by ``torch.manual_seed`` as torch's own. On CUDA torch's fused kernel is used.
+    On the CPU torch's dropout draws its mask with a Bernoulli kernel, a uniform float an
+    element: 3.3 ms for 4096 x 400. Here an element's draw is a hash of its index keyed by
+    one draw from torch's generator (``fused.dropout_keep``; 0.2 ms with the C++ kernel,
+    4 ms in NumPy where it is not built, the same mask either way, and the fused layer's).
+    The keep probability is 1 - p with p rounded to a multiple of 2^-32, and the scale is
+    its exact inverse, so the output's mean is the input's. Seeded by ``torch.manual_seed``
+    as torch's own. On CUDA torch's fused kernel is used.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.is_cuda:
             return super().forward(x)
         cut = dropout_cut(self.p)
-        if cut >= 65536:
+        if cut >= FULL_CUT:
             return x * 0.0
-        keep = (dropout_bits(x.shape) >= cut - 32768).to(x.dtype).mul_(65536 / (65536 - cut))
+        keep = dropout_keep(x.shape, cut).to(x.dtype).mul_(FULL_CUT / (FULL_CUT - cut))
         return x * keep
 
 

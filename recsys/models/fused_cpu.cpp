@@ -1,0 +1,198 @@
+// The MLP block's hidden layer after its linear layer, BatchNorm1d -> ReLU -> Dropout, in
+// training on the CPU: two passes forward and two backward over the [rows, width]
+// activations, where eager torch makes six forward and three backward, and dropout's mask
+// drawn in the pass that applies it. Built on first use by recsys/models/fused.py, which
+// says what each function computes; its NumPy twin of draw() is fused._draws.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// rows a block: each block's column sums are float over its rows, and blocks are added in
+// double, in order, so the result does not depend on the number of threads
+constexpr int64_t kRows = 64;
+
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// element e's dropout draw: 32 bits from the element's index and the call's 64-bit seed
+inline uint32_t draw(uint32_t e, uint32_t k1, uint32_t k2) { return mix32(mix32(e + k1) ^ k2); }
+
+template <typename F>
+void for_blocks(int64_t rows, const F& f) {
+  const int64_t nb = (rows + kRows - 1) / kRows;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) f(b, b * kRows, std::min(rows, (b + 1) * kRows));
+  });
+}
+
+void check(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(), name,
+              " must be a contiguous float32 CPU tensor");
+}
+
+}  // namespace
+
+// keep[e] = draw(e) >= cut, for e in [0, n)
+torch::Tensor keep(int64_t n, int64_t seed, int64_t cut) {
+  TORCH_CHECK(n >= 0 && n <= int64_t(UINT32_MAX), "at most 2^32 - 1 elements");
+  auto out = torch::empty({n}, torch::kBool);
+  bool* o = out.data_ptr<bool>();
+  const uint32_t k1 = uint32_t(seed), k2 = uint32_t(uint64_t(seed) >> 32), ct = uint32_t(cut);
+  at::parallel_for(0, n, 1 << 16, [&](int64_t a, int64_t b) {
+    for (int64_t e = a; e < b; ++e) o[e] = draw(uint32_t(e), k1, k2) >= ct;
+  });
+  return out;
+}
+
+// y = relu(s (w (x - mean) invstd + b)), zeroed where draw < cut (cut 0: no dropout).
+// Returns y, the batch's mean and invstd, its unbiased variance (for running_var), and
+// the mean less x's first row (for backward: x - mean is taken as (x - x[0]) - that, which
+// keeps its digits where the mean is large against the spread).
+std::vector<torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias,
+                                   double eps, double s, int64_t cut, int64_t seed) {
+  check(x, "x");
+  check(w, "weight");
+  check(bias, "bias");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) > 1 && x.numel() <= int64_t(UINT32_MAX), "x: [rows > 1, width], under 2^32 elements");
+  const int64_t n = x.size(0), c = x.size(1), nb = (n + kRows - 1) / kRows;
+  const float* X = x.data_ptr<float>();
+  // sums of x - x[0]: x's first row is near the mean, so the variance does not cancel
+  std::vector<double> part(size_t(nb) * 2 * c);
+  const float* __restrict K = X;
+  for_blocks(n, [&](int64_t b, int64_t r0, int64_t r1) {
+    std::vector<float> s1(c, 0.f), s2(c, 0.f);
+    float* __restrict S = s1.data();
+    float* __restrict Q = s2.data();
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* __restrict xi = X + i * c;
+      for (int64_t j = 0; j < c; ++j) {
+        const float v = xi[j] - K[j];
+        S[j] += v;
+        Q[j] += v * v;
+      }
+    }
+    std::copy(s1.begin(), s1.end(), part.begin() + b * 2 * c);
+    std::copy(s2.begin(), s2.end(), part.begin() + b * 2 * c + c);
+  });
+  auto mean = torch::empty({c}, torch::kFloat), invstd = torch::empty({c}, torch::kFloat),
+       var = torch::empty({c}, torch::kFloat), off = torch::empty({c}, torch::kFloat);
+  float *Mo = mean.data_ptr<float>(), *Io = invstd.data_ptr<float>(), *Vo = var.data_ptr<float>(),
+        *Oo = off.data_ptr<float>();
+  const float *W = w.data_ptr<float>(), *Bi = bias.data_ptr<float>();
+  std::vector<float> a(c), d(c);
+  for (int64_t j = 0; j < c; ++j) {
+    double S = 0, Q = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      S += part[b * 2 * c + j];
+      Q += part[b * 2 * c + c + j];
+    }
+    const double dm = S / n, m = dm + K[j], v = std::max(Q / n - dm * dm, 0.0), is = 1.0 / std::sqrt(v + eps);
+    Mo[j] = float(m);
+    Oo[j] = float(dm);
+    Io[j] = float(is);
+    Vo[j] = float(v * n / (n - 1));
+    a[j] = float(s * W[j] * is);
+    d[j] = float(s * Bi[j]);
+  }
+  auto y = torch::empty_like(x);
+  float* Y = y.data_ptr<float>();
+  const uint32_t k1 = uint32_t(seed), k2 = uint32_t(uint64_t(seed) >> 32), ct = uint32_t(cut);
+  const float *__restrict A = a.data(), *__restrict D = d.data(), *__restrict O = Oo;
+  for_blocks(n, [&](int64_t, int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* __restrict xi = X + i * c;
+      float* __restrict yi = Y + i * c;
+      if (ct) {
+        const uint32_t e0 = uint32_t(i * c);
+        for (int64_t j = 0; j < c; ++j) {
+          const float z = ((xi[j] - K[j]) - O[j]) * A[j] + D[j];
+          yi[j] = (z > 0.f && draw(e0 + uint32_t(j), k1, k2) >= ct) ? z : 0.f;
+        }
+      } else {
+        for (int64_t j = 0; j < c; ++j) {
+          const float z = ((xi[j] - K[j]) - O[j]) * A[j] + D[j];
+          yi[j] = z > 0.f ? z : 0.f;
+        }
+      }
+    }
+  });
+  return {y, mean, invstd, var, off};
+}
+
+// The gradients of x, w and b from the output's gradient: g = grad where y > 0 (the ReLU
+// passed and the mask kept), then batch norm's backward with weight s w.
+std::vector<torch::Tensor> backward(const torch::Tensor& grad, const torch::Tensor& x, const torch::Tensor& y,
+                                    const torch::Tensor& w, const torch::Tensor& off, const torch::Tensor& invstd,
+                                    double s) {
+  for (auto* t : {&grad, &x, &y, &w, &off, &invstd}) check(*t, "a saved tensor");
+  const int64_t n = x.size(0), c = x.size(1), nb = (n + kRows - 1) / kRows;
+  const float *G = grad.data_ptr<float>(), *X = x.data_ptr<float>(), *Y = y.data_ptr<float>();
+  const float *O = off.data_ptr<float>(), *IS = invstd.data_ptr<float>(), *W = w.data_ptr<float>();
+  const float* __restrict K = X;
+  std::vector<double> part(size_t(nb) * 2 * c);
+  for_blocks(n, [&](int64_t b, int64_t r0, int64_t r1) {
+    std::vector<float> s1(c, 0.f), s2(c, 0.f);
+    float* __restrict SG = s1.data();
+    float* __restrict SX = s2.data();
+    const float* __restrict Op = O;
+    for (int64_t i = r0; i < r1; ++i) {
+      const float *__restrict gi = G + i * c, *__restrict xi = X + i * c, *__restrict yi = Y + i * c;
+      for (int64_t j = 0; j < c; ++j) {
+        const float g = yi[j] > 0.f ? gi[j] : 0.f;
+        SG[j] += g;
+        SX[j] += g * ((xi[j] - K[j]) - Op[j]);
+      }
+    }
+    std::copy(s1.begin(), s1.end(), part.begin() + b * 2 * c);
+    std::copy(s2.begin(), s2.end(), part.begin() + b * 2 * c + c);
+  });
+  auto gw = torch::empty({c}, torch::kFloat), gb = torch::empty({c}, torch::kFloat);
+  float *GW = gw.data_ptr<float>(), *GB = gb.data_ptr<float>();
+  std::vector<float> a(c), bx(c), d(c);
+  for (int64_t j = 0; j < c; ++j) {
+    double sg = 0, sx = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      sg += part[b * 2 * c + j];
+      sx += part[b * 2 * c + c + j];
+    }
+    // gx = a (g - sg / n - (x - mean) invstd^2 sx / n), a = s w invstd
+    const double is = IS[j], aj = s * W[j] * is, bj = -aj * is * is * sx / n;
+    GW[j] = float(s * sx * is);
+    GB[j] = float(s * sg);
+    a[j] = float(aj);
+    bx[j] = float(bj);
+    d[j] = float(-aj * sg / n);
+  }
+  auto gx = torch::empty_like(x);
+  float* GX = gx.data_ptr<float>();
+  const float *__restrict A = a.data(), *__restrict BX = bx.data(), *__restrict D = d.data(), *__restrict Op = O;
+  for_blocks(n, [&](int64_t, int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const float *__restrict gi = G + i * c, *__restrict xi = X + i * c, *__restrict yi = Y + i * c;
+      float* __restrict o = GX + i * c;
+      for (int64_t j = 0; j < c; ++j) {
+        const float g = yi[j] > 0.f ? gi[j] : 0.f;
+        o[j] = A[j] * g + BX[j] * ((xi[j] - K[j]) - Op[j]) + D[j];
+      }
+    }
+  });
+  return {gx, gw, gb};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("keep", &keep);
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+}
