@@ -18,6 +18,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.identity import describe_job, job_key, resolve_compression
+from experiments.interrupts import interrupted
 from experiments.job_resolve import (
     GROUP_RECORD,
     PARENT_TAG,
@@ -98,7 +99,7 @@ def run_seeds(
                 if (done := _finished_seed(record.run_id("job"), s)) is not None:
                     per_seed[s] = done
     except BaseException as e:
-        record.end("job", "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        record.end("job", "KILLED" if interrupted(e) else "FAILED")
         raise
     if unreachable is not None:
         record.tags("job", {"embcomp.status": "unreachable", "embcomp.reason": unreachable})

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from compression import BudgetError, memory_report
 from compression.base import CompressedEmbeddingBagCollection
+from experiments.interrupts import interrupted
 from experiments.job_build import Built, build
 from experiments.job_resolve import JobUnreachable, Resolved, resolve, write_json_atomic
 from experiments.job_summary import JobSummary
@@ -74,7 +75,7 @@ def train_and_record(r: Resolved, b: Built, output_dir: Path, callbacks: Sequenc
             record.end("job")
             raise
         except BaseException as e:
-            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            status = "KILLED" if interrupted(e) else "FAILED"
             callback.close(status)  # a stage's nested run left open ends with the job's status
             if not isinstance(e, BudgetError) or not r.in_sweep:
                 record.end("job", status)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from compression.errors import EmbcompError
 from experiments.config import register_configs
 from experiments.console import quiet_libraries
+from experiments.interrupts import terminated
 from experiments.job import JobSkipped, run_job
 from experiments.validate import check_job
 
@@ -49,8 +50,6 @@ def _quiet_libraries() -> None:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 register_configs()
 _quiet_libraries()
@@ -62,7 +61,7 @@ def main(cfg: DictConfig) -> float | list[float]:
     _quiet_libraries()
     quiet_libraries(bool(cfg.verbose))
     if threading.current_thread() is threading.main_thread():  # (signals go to the main thread only)
-        signal.signal(signal.SIGTERM, _terminated)
+        signal.signal(signal.SIGTERM, terminated)
     try:
         check_job(cfg)
         summary = run_job(cfg, Path(HydraConfig.get().runtime.output_dir))

@@ -68,6 +68,7 @@ from experiments.advise.search import (
     wait_for_plan,
 )
 from experiments.config import PROJECT_ROOT, register_configs
+from experiments.interrupts import interrupted
 from experiments.job import JobSkipped, JobUnreachable, run_job
 from experiments.job_summary import JobSummary
 from experiments.tracking import check_tracking, use_experiment
@@ -173,8 +174,8 @@ def advise(job: Sequence[str], config: AdviseConfig | None = None, *, argv: Sequ
         advice = _conclude(study, found, base, cfg, config, composer, root, parent, ctx, started, say, name)
         status = "FINISHED"
         return advice
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as e:
+        status = "KILLED" if interrupted(e) else "FAILED"
         raise
     finally:
         for w in workers:

@@ -17,7 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 from compression.config_checks import ConfigError
 from experiments.advise import AdviseConfig, AdviseError, advise
 from experiments.config import register_configs
-from experiments.run import USER_ERRORS, _quiet_libraries, _terminated
+from experiments.interrupts import interrupted, terminated
+from experiments.run import USER_ERRORS, _quiet_libraries
 
 PREFIX = "advise."
 
@@ -43,16 +44,18 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     _quiet_libraries()
-    signal.signal(signal.SIGTERM, _terminated)  # a scheduler's cancel: the trial's point goes back in the queue
+    signal.signal(signal.SIGTERM, terminated)  # a scheduler's cancel: the trial's point goes back in the queue
     try:
         job, config = parse(argv)
         advise(job, config, argv=argv)
-    except USER_ERRORS as e:  # AdviseError among them
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume the study", file=sys.stderr)
-        return 130
+    except BaseException as e:
+        if interrupted(e):
+            print("interrupted: run the same command again to resume the study", file=sys.stderr)
+            return 130
+        if isinstance(e, USER_ERRORS):  # AdviseError among them
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

@@ -59,6 +59,7 @@ from experiments.advise.pruner import PerCandidateHalving
 from experiments.advise.study_storage import GRACE_BEATS
 from experiments.advise.study_storage import open_study as open_study  # (imported from here)
 from experiments.advise.study_storage import storage as storage
+from experiments.interrupts import interrupted
 from experiments.job_summary import JobSummary
 from recsys.training.callbacks import Callback, TrainingStopped
 
@@ -246,9 +247,13 @@ class Search:
             self.current = None
             try:
                 self.study.optimize(self.objective, n_trials=1, catch=(_TrialError,), gc_after_trial=False)
-            except KeyboardInterrupt:
+            except BaseException as e:
+                if not interrupted(e):
+                    raise
                 self.requeue()
-                raise
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                raise KeyboardInterrupt(str(e)) from e
 
     def reclaim_unstarted(self) -> None:
         """Fail and queue again a trial taken by a worker that died before its first
