@@ -1,7 +1,10 @@
 """Training throughput against the machine's limits, and where a step's time goes.
 
 In one process: the machine's fp32 GEMM peak (``torch.mm`` of the MLP's shapes and larger,
-the best GFLOP/s) and its memory bandwidth (a STREAM-like copy, read + write bytes); then,
+the best GFLOP/s; then the best shape timed again between the rounds of steps, and the
+median of those is the peak the steps are measured against: a shared machine's speed
+drifts by 10% from one minute to the next, and a ratio taken with its parts far apart in
+time carries that drift) and its memory bandwidth (a STREAM-like copy, read + write bytes); then,
 for each model and method on Criteo-shaped tables (26 fields, the Kaggle file's
 vocabularies by default: 33.7M ids, some tables of millions of rows), the trainer's own
 step (``recsys.training.step.TrainStep``) on power-law batches:
@@ -85,9 +88,10 @@ VOCABS = {
 }
 
 
-def gemm_peak(seconds: float = 2.0) -> tuple[float, str]:
-    """The best fp32 GFLOP/s of ``torch.mm`` over the MLP's shapes and larger ones."""
-    best, shape = 0.0, ""
+def gemm_peak(seconds: float = 2.0) -> tuple[float, tuple[int, int, int]]:
+    """The best fp32 GFLOP/s of ``torch.mm`` over the MLP's shapes and larger ones, and
+    the shape (m, k, n) that gave it."""
+    best, shape = 0.0, (0, 0, 0)
     for m, k, n in ((4096, 400, 400), (4096, 1024, 1024), (2048, 2048, 2048)):
         a, b = torch.randn(m, k), torch.randn(k, n)
         torch.mm(a, b)
@@ -97,8 +101,31 @@ def gemm_peak(seconds: float = 2.0) -> tuple[float, str]:
             reps += 1
         rate = 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
         if rate > best:
-            best, shape = rate, f"{m}x{k} @ {k}x{n}"
+            best, shape = rate, (m, k, n)
     return best, shape
+
+
+def _shape(mkn: tuple[int, int, int]) -> str:
+    m, k, n = mkn
+    return f"{m}x{k} @ {k}x{n}"
+
+
+class GemmClock:
+    """The GFLOP/s of one GEMM shape, timed at each ``tick`` (a few products' worth)."""
+
+    def __init__(self, shape: tuple[int, int, int], reps: int = 3) -> None:
+        m, k, n = shape
+        self.a, self.b, self.reps, self.flop = torch.randn(m, k), torch.randn(k, n), reps, 2.0 * m * k * n
+        self.rates: list[float] = []
+
+    def tick(self) -> None:
+        start = time.perf_counter()
+        for _ in range(self.reps):
+            torch.mm(self.a, self.b)
+        self.rates.append(self.flop * self.reps / (time.perf_counter() - start) / 1e9)
+
+    def median(self) -> float:
+        return statistics.median(self.rates)
 
 
 def bandwidth(mib: int = 512, reps: int = 10) -> float:
@@ -227,11 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     peak, shape = gemm_peak()
     bw = bandwidth()
     print(
-        f"{torch.get_num_threads()} threads: fp32 GEMM peak {peak:.0f} GFLOP/s ({shape}); copy bandwidth {bw:.1f} GB/s"
+        f"{torch.get_num_threads()} threads: fp32 GEMM peak {peak:.0f} GFLOP/s ({_shape(shape)}); copy bandwidth {bw:.1f} GB/s"
     )
     print(
         f"batch assembly (BatchLoader, {len(vocab)} fields, batch {args.batch}): {assembly_ms(vocab, args.batch, 20, n_dense):.1f} ms"
     )
+    clock = GemmClock(shape)
     data = batches(vocab, args.steps + 2, args.batch, n_dense=n_dense)
     runs = {(m, x, t): Run(m, x, args.ratio, vocab, TRAINERS[t], n_dense)
             for m in args.models for x in args.methods for t in args.trainer}  # fmt: skip
@@ -244,11 +272,15 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             r.step(b)
             r.times.append(time.perf_counter() - start)
+        clock.tick()
+    peak = clock.median()
     emb_forward = {
         key: r.emb_forward for key, r in runs.items()
     }  # (before the counting passes below)
     print(f"trainer={','.join(args.trainer)}, batch {args.batch}, budget {args.ratio:g}x, {args.steps} steps, median; "
           f"phases as shares of the mean step")  # fmt: skip
+    print(f"GEMM peak between the rounds of steps ({_shape(shape)}, median of {len(clock.rates)}): {peak:.0f} GFLOP/s "
+          f"(range {min(clock.rates):.0f}-{max(clock.rates):.0f}); 'of peak' is against it")  # fmt: skip
     head = (f"{'model':<7} {'method':<18} {'trainer':<12} {'samples/s':>10} {'MFLOP/smp':>9} {'of peak':>7} {'row GB/s':>8} {'of bw':>6} "
             f"{'eval smp/s':>10}  forward (emb) / backward / l2+clip / optim")  # fmt: skip
     print(head)

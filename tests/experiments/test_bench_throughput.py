@@ -25,6 +25,8 @@ def test_the_bench_reports_each_model_and_method(capsys):
     out = capsys.readouterr().out
     assert re.search(r"fp32 GEMM peak \d+ GFLOP/s .* copy bandwidth [\d.]+ GB/s", out)
     assert re.search(r"batch assembly .*: [\d.]+ ms", out)
+    # the peak the steps are measured against: timed between the two rounds of steps
+    assert re.search(r"GEMM peak between the rounds of steps \(\d+x\d+ @ \d+x\d+, median of 2\): \d+ GFLOP/s", out)
     for model in MODELS:
         for method in ("none", "hashing"):
             for trainer in ("default", "fused"):
