@@ -112,11 +112,21 @@ def _build() -> Any:
     flags = ["-O3", "-march=native"]  # built where it runs; the name keys the CPU's features
     cpu = Path("/proc/cpuinfo")
     features = [ln for ln in cpu.read_text().splitlines() if ln.startswith("flags")][:1] if cpu.exists() else []
-    key = hashlib.sha256("\n".join([src.read_text(), *flags, torch.__version__, *features]).encode()).hexdigest()[:12]
+    # the path too: ninja rebuilds a build directory whose source path changed, so two
+    # checkouts sharing the cache would take turns rebuilding one
+    parts = [str(src.resolve()), src.read_text(), *flags, torch.__version__, *features]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    name = f"embcomp_fused_cpu_{key}"
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils import cpp_extension
 
-        return load(f"embcomp_fused_cpu_{key}", [str(src)], extra_cflags=flags, verbose=False)
+        try:  # (torch's own, private: only to say why the first step waits)
+            built = Path(cpp_extension._get_build_directory(name, verbose=False), "build.ninja").exists()
+        except Exception:  # noqa: BLE001
+            built = False
+        if not built:
+            log.info("building %s for this machine (once, about 20 s)", src.name)
+        return cpp_extension.load(name, [str(src)], extra_cflags=flags, verbose=False)
     except Exception as e:  # noqa: BLE001 (a missing compiler shows in many ways)
         why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         log.warning("%s did not build (%s); the MLP block's batch norm, ReLU and dropout run as torch ops", src.name, why)
