@@ -128,7 +128,9 @@ def _build() -> Any:
             log.info("building %s for this machine (once, about 20 s)", src.name)
         return cpp_extension.load(name, [str(src)], extra_cflags=flags, verbose=False)
     except Exception as e:  # noqa: BLE001 (a missing compiler shows in many ways)
-        why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        said = [ln for ln in lines if "error:" in ln.lower() or "not found" in ln.lower()]  # the compiler's own line
+        why = (said[:1] or lines[-1:] or [type(e).__name__])[0][:300]
         log.warning("%s did not build (%s); the MLP block's batch norm, ReLU and dropout run as torch ops", src.name, why)
         return None
 
