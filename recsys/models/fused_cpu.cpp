@@ -37,6 +37,10 @@ void for_blocks(int64_t rows, const F& f) {
   });
 }
 
+void check_cut(int64_t cut) {
+  TORCH_CHECK(cut >= 0 && cut <= int64_t(UINT32_MAX), "cut ", cut, " out of [0, 2^32): 2^32 drops everything");
+}
+
 void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(), name,
               " must be a contiguous float32 CPU tensor");
@@ -47,6 +51,7 @@ void check(const torch::Tensor& t, const char* name) {
 // keep[e] = draw(e) >= cut, for e in [0, n)
 torch::Tensor keep(int64_t n, int64_t seed, int64_t cut) {
   TORCH_CHECK(n >= 0 && n <= int64_t(UINT32_MAX), "at most 2^32 - 1 elements");
+  check_cut(cut);
   auto out = torch::empty({n}, torch::kBool);
   bool* o = out.data_ptr<bool>();
   const uint32_t k1 = uint32_t(seed), k2 = uint32_t(uint64_t(seed) >> 32), ct = uint32_t(cut);
@@ -65,6 +70,7 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& 
   check(x, "x");
   check(w, "weight");
   check(bias, "bias");
+  check_cut(cut);
   TORCH_CHECK(x.dim() == 2 && x.size(0) > 1 && x.numel() <= int64_t(UINT32_MAX), "x: [rows > 1, width], under 2^32 elements");
   const int64_t n = x.size(0), c = x.size(1), nb = (n + kRows - 1) / kRows;
   const float* X = x.data_ptr<float>();

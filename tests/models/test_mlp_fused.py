@@ -131,6 +131,8 @@ def test_numpy_draws_are_the_kernels(n, seed):
     for p in (0.0, 0.2, 0.5, 0.9):
         cut = dropout_cut(p)
         np.testing.assert_array_equal(k.keep(n, seed, cut).numpy(), _draws(n, seed) >= cut)
+    with pytest.raises(RuntimeError, match="out of"):  # 2^32 would wrap to 0 and keep everything
+        k.keep(n, seed, FULL_CUT)
     if n > 10**6:  # and the draws keep 1 - p of the elements, column by column
         kept = torch.from_numpy(_draws(n, seed) >= dropout_cut(0.2)).view(4096, 400).float()
         assert abs(kept.mean().item() - 0.8) < 0.002
