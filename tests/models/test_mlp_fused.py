@@ -85,7 +85,7 @@ def test_fused_block_is_eager_torch(dropout, momentum, path):
     assert "_BatchNormReluDropoutBackward" not in _nodes(fused(x.requires_grad_()))
 
 
-@pytest.mark.parametrize("cut", [0, dropout_cut(0.3)])
+@pytest.mark.parametrize("cut", [0, dropout_cut(0.2)])
 def test_fused_gradient_is_the_derivative(cut):
     """torch's numerical gradient check, in float64, the mask fixed by the seed."""
     torch.manual_seed(0)
