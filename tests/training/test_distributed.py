@@ -14,6 +14,8 @@ import copy
 import json
 import os
 import socket
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -288,3 +290,23 @@ def test_the_plan_and_what_each_rank_holds(results, name):
     for res in results:
         b = res[name]["bytes"]
         assert b["total_bytes"] == b["table_bytes"] + b["other_bytes"] + b["optimizer_bytes"]
+
+
+def test_the_group_a_job_started_is_destroyed_at_exit():
+    """A gloo group left to the interpreter's finalization can abort the process (its
+    worker threads outlive it): an error's ``exit 1`` came back as SIGABRT. ``start``
+    leaves the group to an exit handler that destroys it while the interpreter is whole."""
+    code = (
+        "import atexit, torch.distributed as dist\n"
+        "from recsys.training.distributed import DistributedConfig, start\n"
+        "start(DistributedConfig(mode='on'), 'cpu')\n"
+        "assert dist.is_initialized()\n"
+        "atexit._run_exitfuncs()\n"
+        "print('group left after the exit handlers:', dist.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("group left after the exit handlers: False"), proc.stdout
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -109,9 +110,17 @@ def start(cfg: DistributedConfig, device_name: str) -> Runtime:
             dist.init_process_group(backend=backend)
         else:  # one process, no torchrun: a group of one, nothing to rendezvous with
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        # destroyed while the interpreter is whole: a gloo group left to finalization can
+        # abort the process (std::terminate from a worker thread) after an error's exit 1
+        atexit.register(_destroy_group)
     world = dist.get_world_size()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # ranks on one host share its cores (torchrun sets OMP_NUM_THREADS=1 itself)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return Runtime(dist.get_rank(), world, local, device, dist.get_backend())
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
