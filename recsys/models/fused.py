@@ -109,7 +109,9 @@ def _build() -> Any:
     if os.environ.get("EMBCOMP_CPU_KERNELS", "1") == "0":
         return None
     src = Path(__file__).with_name("fused_cpu.cpp")
-    flags = ["-O3", "-march=native"]  # built where it runs; the name keys the CPU's features
+    # built where it runs (the name keys the CPU's features); OpenMP, or at::parallel_for
+    # (inline in torch's headers) runs the blocks on one thread
+    flags = ["-O3", "-march=native", "-fopenmp"]
     cpu = Path("/proc/cpuinfo")
     features = [ln for ln in cpu.read_text().splitlines() if ln.startswith("flags")][:1] if cpu.exists() else []
     # the path too: ninja rebuilds a build directory whose source path changed, so two
@@ -126,7 +128,7 @@ def _build() -> Any:
             built = False
         if not built:
             log.info("building %s for this machine (once, about 20 s)", src.name)
-        return cpp_extension.load(name, [str(src)], extra_cflags=flags, verbose=False)
+        return cpp_extension.load(name, [str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 (a missing compiler shows in many ways)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         said = [ln for ln in lines if "error:" in ln.lower() or "not found" in ln.lower()]  # the compiler's own line

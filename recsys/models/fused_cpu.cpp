@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -46,6 +47,79 @@ void check(const torch::Tensor& t, const char* name) {
               " must be a contiguous float32 CPU tensor");
 }
 
+// The passes over one block of rows, rows [r0, r1) of width c. Functions of their own, with
+// every pointer and key a parameter: inside at::parallel_for's OpenMP region the captured
+// locals are memory the stores might alias, and the loops would not vectorize.
+
+// keep[e] = draw(e) >= ct for e in [a, b)
+void keep_range(bool* __restrict o, int64_t a, int64_t b, uint32_t k1, uint32_t k2, uint32_t ct) {
+  for (int64_t e = a; e < b; ++e) o[e] = draw(uint32_t(e), k1, k2) >= ct;
+}
+
+// the block's column sums of x - K and of its square (K: x's first row)
+void sums_x(const float* __restrict X, const float* __restrict K, float* __restrict S, float* __restrict Q,
+            int64_t c, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* __restrict xi = X + i * c;
+    for (int64_t j = 0; j < c; ++j) {
+      const float v = xi[j] - K[j];
+      S[j] += v;
+      Q[j] += v * v;
+    }
+  }
+}
+
+// y = relu(((x - K) - O) A + D), zeroed where the element's draw is below ct (ct 0: kept)
+void forward_rows(const float* __restrict X, const float* __restrict K, const float* __restrict O,
+                  const float* __restrict A, const float* __restrict D, float* __restrict Y, int64_t c, int64_t r0,
+                  int64_t r1, uint32_t k1, uint32_t k2, uint32_t ct) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* __restrict xi = X + i * c;
+    float* __restrict yi = Y + i * c;
+    if (ct) {
+      const uint32_t e0 = uint32_t(i * c);
+      for (int64_t j = 0; j < c; ++j) {
+        const float z = ((xi[j] - K[j]) - O[j]) * A[j] + D[j];
+        yi[j] = (z > 0.f && draw(e0 + uint32_t(j), k1, k2) >= ct) ? z : 0.f;
+      }
+    } else {
+      for (int64_t j = 0; j < c; ++j) {
+        const float z = ((xi[j] - K[j]) - O[j]) * A[j] + D[j];
+        yi[j] = z > 0.f ? z : 0.f;
+      }
+    }
+  }
+}
+
+// the block's column sums of g = grad where y > 0, and of g ((x - K) - O)
+void sums_grad(const float* __restrict G, const float* __restrict X, const float* __restrict Y,
+               const float* __restrict K, const float* __restrict O, float* __restrict SG, float* __restrict SX,
+               int64_t c, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const float *__restrict gi = G + i * c, *__restrict xi = X + i * c, *__restrict yi = Y + i * c;
+    for (int64_t j = 0; j < c; ++j) {
+      const float g = yi[j] > 0.f ? gi[j] : 0.f;
+      SG[j] += g;
+      SX[j] += g * ((xi[j] - K[j]) - O[j]);
+    }
+  }
+}
+
+// gx = A g + BX ((x - K) - O) + D, g = grad where y > 0
+void backward_rows(const float* __restrict G, const float* __restrict X, const float* __restrict Y,
+                   const float* __restrict K, const float* __restrict O, const float* __restrict A,
+                   const float* __restrict BX, const float* __restrict D, float* __restrict GX, int64_t c,
+                   int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const float *__restrict gi = G + i * c, *__restrict xi = X + i * c, *__restrict yi = Y + i * c;
+    float* __restrict o = GX + i * c;
+    for (int64_t j = 0; j < c; ++j) {
+      const float g = yi[j] > 0.f ? gi[j] : 0.f;
+      o[j] = A[j] * g + BX[j] * ((xi[j] - K[j]) - O[j]) + D[j];
+    }
+  }
+}
+
 }  // namespace
 
 // keep[e] = draw(e) >= cut, for e in [0, n)
@@ -55,9 +129,7 @@ torch::Tensor keep(int64_t n, int64_t seed, int64_t cut) {
   auto out = torch::empty({n}, torch::kBool);
   bool* o = out.data_ptr<bool>();
   const uint32_t k1 = uint32_t(seed), k2 = uint32_t(uint64_t(seed) >> 32), ct = uint32_t(cut);
-  at::parallel_for(0, n, 1 << 16, [&](int64_t a, int64_t b) {
-    for (int64_t e = a; e < b; ++e) o[e] = draw(uint32_t(e), k1, k2) >= ct;
-  });
+  at::parallel_for(0, n, 1 << 16, [&](int64_t a, int64_t b) { keep_range(o, a, b, k1, k2, ct); });
   return out;
 }
 
@@ -76,19 +148,10 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& 
   const float* X = x.data_ptr<float>();
   // sums of x - x[0]: x's first row is near the mean, so the variance does not cancel
   std::vector<double> part(size_t(nb) * 2 * c);
-  const float* __restrict K = X;
+  const float* K = X;
   for_blocks(n, [&](int64_t b, int64_t r0, int64_t r1) {
     std::vector<float> s1(c, 0.f), s2(c, 0.f);
-    float* __restrict S = s1.data();
-    float* __restrict Q = s2.data();
-    for (int64_t i = r0; i < r1; ++i) {
-      const float* __restrict xi = X + i * c;
-      for (int64_t j = 0; j < c; ++j) {
-        const float v = xi[j] - K[j];
-        S[j] += v;
-        Q[j] += v * v;
-      }
-    }
+    sums_x(X, K, s1.data(), s2.data(), c, r0, r1);
     std::copy(s1.begin(), s1.end(), part.begin() + b * 2 * c);
     std::copy(s2.begin(), s2.end(), part.begin() + b * 2 * c + c);
   });
@@ -115,25 +178,8 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& 
   auto y = torch::empty_like(x);
   float* Y = y.data_ptr<float>();
   const uint32_t k1 = uint32_t(seed), k2 = uint32_t(uint64_t(seed) >> 32), ct = uint32_t(cut);
-  const float *__restrict A = a.data(), *__restrict D = d.data(), *__restrict O = Oo;
-  for_blocks(n, [&](int64_t, int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      const float* __restrict xi = X + i * c;
-      float* __restrict yi = Y + i * c;
-      if (ct) {
-        const uint32_t e0 = uint32_t(i * c);
-        for (int64_t j = 0; j < c; ++j) {
-          const float z = ((xi[j] - K[j]) - O[j]) * A[j] + D[j];
-          yi[j] = (z > 0.f && draw(e0 + uint32_t(j), k1, k2) >= ct) ? z : 0.f;
-        }
-      } else {
-        for (int64_t j = 0; j < c; ++j) {
-          const float z = ((xi[j] - K[j]) - O[j]) * A[j] + D[j];
-          yi[j] = z > 0.f ? z : 0.f;
-        }
-      }
-    }
-  });
+  const float *A = a.data(), *D = d.data();
+  for_blocks(n, [&](int64_t, int64_t r0, int64_t r1) { forward_rows(X, K, Oo, A, D, Y, c, r0, r1, k1, k2, ct); });
   return {y, mean, invstd, var, off};
 }
 
@@ -146,21 +192,11 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad, const torch::Tens
   const int64_t n = x.size(0), c = x.size(1), nb = (n + kRows - 1) / kRows;
   const float *G = grad.data_ptr<float>(), *X = x.data_ptr<float>(), *Y = y.data_ptr<float>();
   const float *O = off.data_ptr<float>(), *IS = invstd.data_ptr<float>(), *W = w.data_ptr<float>();
-  const float* __restrict K = X;
+  const float* K = X;
   std::vector<double> part(size_t(nb) * 2 * c);
   for_blocks(n, [&](int64_t b, int64_t r0, int64_t r1) {
     std::vector<float> s1(c, 0.f), s2(c, 0.f);
-    float* __restrict SG = s1.data();
-    float* __restrict SX = s2.data();
-    const float* __restrict Op = O;
-    for (int64_t i = r0; i < r1; ++i) {
-      const float *__restrict gi = G + i * c, *__restrict xi = X + i * c, *__restrict yi = Y + i * c;
-      for (int64_t j = 0; j < c; ++j) {
-        const float g = yi[j] > 0.f ? gi[j] : 0.f;
-        SG[j] += g;
-        SX[j] += g * ((xi[j] - K[j]) - Op[j]);
-      }
-    }
+    sums_grad(G, X, Y, K, O, s1.data(), s2.data(), c, r0, r1);
     std::copy(s1.begin(), s1.end(), part.begin() + b * 2 * c);
     std::copy(s2.begin(), s2.end(), part.begin() + b * 2 * c + c);
   });
@@ -183,21 +219,21 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad, const torch::Tens
   }
   auto gx = torch::empty_like(x);
   float* GX = gx.data_ptr<float>();
-  const float *__restrict A = a.data(), *__restrict BX = bx.data(), *__restrict D = d.data(), *__restrict Op = O;
-  for_blocks(n, [&](int64_t, int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      const float *__restrict gi = G + i * c, *__restrict xi = X + i * c, *__restrict yi = Y + i * c;
-      float* __restrict o = GX + i * c;
-      for (int64_t j = 0; j < c; ++j) {
-        const float g = yi[j] > 0.f ? gi[j] : 0.f;
-        o[j] = A[j] * g + BX[j] * ((xi[j] - K[j]) - Op[j]) + D[j];
-      }
-    }
-  });
+  const float *A = a.data(), *BX = bx.data(), *D = d.data();
+  for_blocks(n, [&](int64_t, int64_t r0, int64_t r1) { backward_rows(G, X, Y, K, O, A, BX, D, GX, c, r0, r1); });
   return {gx, gw, gb};
 }
 
+// how many threads at::parallel_for runs n blocks on in this build (one where it was built
+// without OpenMP: the pragma in torch's header is then ignored)
+int64_t workers(int64_t n) {
+  std::vector<int> used(std::max(at::get_num_threads(), 1), 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { used[at::get_thread_num()] = 1; });
+  return std::accumulate(used.begin(), used.end(), int64_t(0));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("workers", &workers);
   m.def("keep", &keep);
   m.def("forward", &forward);
   m.def("backward", &backward);

@@ -177,6 +177,21 @@ def test_kernel_against_float64():
         assert torch.equal(a, b_)
 
 
+def test_the_kernel_runs_its_blocks_on_torchs_threads():
+    """Built without OpenMP, at::parallel_for (inline in torch's headers) runs every block
+    on the calling thread: the kernel then took twice its time on two cores."""
+    k = kernel()
+    if k is None:
+        pytest.skip("the C++ kernel is not built here")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert k.workers(64) == n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_without_a_compiler_the_layer_runs_as_torch_ops(tmp_path):
     """A machine whose C++ compiler is missing: one warning naming why, and training goes
     on through torch ops (a real build attempt, in a process of its own)."""
