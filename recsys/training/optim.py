@@ -37,8 +37,51 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from compression.base import CompressedEmbeddingBagCollection
 
+
+class ForeachRowWiseAdagrad(RowWiseAdagrad):
+    """TorchRec's ``RowWiseAdagrad``, its update made for every table at once with torch's
+    ``_foreach`` ops where TorchRec's loops over the tables with eight ops each: the same
+    state (``sum``, ``step``), the same checkpoint, the same bits. Groups with weight
+    decay, lr decay, ``maximize`` or a sparse gradient take TorchRec's own step."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        plain = all(
+            g["weight_decay"] == 0 and g["lr_decay"] == 0 and not g["maximize"]
+            and not any(p.grad is not None and p.grad.is_sparse for p in g["params"])
+            for g in self.param_groups
+        )  # fmt: skip
+        if not plain:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            sums = [s["sum"] for s in states]
+            torch._foreach_add_([s["step"] for s in states], 1)
+            torch._foreach_add_(sums, [g.mean(dim=1, keepdim=True) for g in torch._foreach_pow(grads, 2)])
+            std = torch._foreach_sqrt(sums)
+            torch._foreach_add_(std, group["eps"])
+            torch._foreach_addcdiv_(params, grads, std, value=-group["lr"])
+        return loss
+
+
+def adam(params: Sequence[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam with torch's fused kernel where every parameter is a float tensor on the CPU
+    or CUDA (one pass over each parameter where the default makes a dozen: a third of its
+    time on the CPU), the default implementation otherwise."""
+    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "rowwise_adagrad": RowWiseAdagrad,
+    "rowwise_adagrad": ForeachRowWiseAdagrad,
     "adam": torch.optim.Adam,
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
@@ -93,6 +136,8 @@ def sparse_optimizer(params: Sequence[nn.Parameter], name: str, lr: float) -> to
         raise ValueError(
             f"trainer.sparse_optimizer must be one of {', '.join(SPARSE_OPTIMIZERS)}, got '{name}'"
         ) from None
+    if cls is torch.optim.Adam:
+        return adam(params, lr)
     return cls(params, lr=lr)  # type: ignore[call-arg]
 
 
@@ -122,7 +167,7 @@ def build_optimizers(
     if rows:
         named["sparse" if fused is None else "sparse_replicated"] = sparse_optimizer(rows, cfg.sparse_optimizer, cfg.sparse_lr)
     if dense:
-        named["dense"] = torch.optim.Adam(dense, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
+        named["dense"] = adam(dense, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
     for i, opt in enumerate(extra):
         named[f"extra{i}"] = opt
     return Optimizers(named)
