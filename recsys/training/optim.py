@@ -4,11 +4,12 @@ the tables, gradient clipping, learning rate decay on a validation plateau.
 The embedding rows (``module.table_parameters()``) get ``sparse_optimizer``:
 
 - ``rowwise_adagrad`` (TorchRec's ``RowWiseAdagrad``, one fp32 accumulator per row:
-  the choice for tables too big for per-element state; sharded, FBGEMM's fused kernel),
+  the choice for tables too big for per-element state; its update for all tables at once,
+  ``ForeachRowWiseAdagrad``; sharded, FBGEMM's fused kernel),
 - ``adam`` (every row element has two moments: what FuxiCTR/BARS train with),
 - ``adagrad``, ``sgd``.
 
-Everything else is dense and trains with Adam. A compressed module may bring
+Everything else is dense and trains with Adam (torch's fused kernel, ``adam``). A compressed module may bring
 optimizers of its own (``extra_optimizers()``, e.g. OptEmbed's thresholds on plain
 SGD); their parameters are left out of both.
 
