@@ -45,6 +45,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from compression.errors import EmbcompError
 from experiments.config import PROJECT_ROOT, register_configs
 from experiments.job import run_job
 from experiments.seeds import Stat, aggregate
@@ -175,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = a.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     cfg = compose_job(a.dataset, a.model, a.overrides)
-    ds = OmegaConf.to_object(cfg.dataset).prepare(Path(cfg.cache_dir))  # type: ignore[attr-defined,union-attr]
+    try:
+        ds = OmegaConf.to_object(cfg.dataset).prepare(Path(cfg.cache_dir))  # type: ignore[attr-defined,union-attr]
+    except EmbcompError as e:  # the split's file missing or malformed: one line, as experiments.run says it
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     # as BARS feeds them: Criteo's counts as bucketed categories, multi-hot sets as one id
     flat = joint_multi_hot(dense_as_categorical(ds, Path(cfg.cache_dir)), Path(cfg.cache_dir))
     work = a.out / f"{a.dataset}-{a.model}"
