@@ -135,12 +135,14 @@ class MixedDimEmbeddingBagCollection(IdMappedCollection):
         self.params = KeyParams(
             self.feature_names, {"r": [r for t, r in zip(tables, upper_rows) for _ in t.feature_names]}, device=ctx.device
         )
-        # inner output columns of each feature's upper (dim) and lower (dim - 1) block
-        at, col = {}, 0
+        # the inner output's blocks in column order (their widths), and which of them is each
+        # feature's upper (dim) and lower (dim - 1) block
+        self._widths: list[int] = []
+        at: dict[str, int] = {}
         for x in inner:
             for f in x.feature_names:
-                at[f] = (col, x.embedding_dim)
-                col += x.embedding_dim
+                at[f] = len(self._widths)
+                self._widths.append(x.embedding_dim)
         self._blocks = [
             (table, at[f], at[f"{f}__b"] if low else None) for f, (table, _, low) in zip(self.feature_names, per_feature)
         ]
@@ -171,12 +173,14 @@ class MixedDimEmbeddingBagCollection(IdMappedCollection):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         self.check_ids(features)
         pooled = in_order(self.ebc(self._split_blocks(features) if self._any_lower else features), self._inner_keys)
+        # one split, not a slice a block: each slice's backward writes a zero gradient as wide
+        # as the whole output and adds it up, a split's backward is one concatenation
+        blocks = pooled.split(self._widths, dim=1)
         out = []
-        for table, (a, wa), lower in self._blocks:
-            x = pooled[:, a : a + wa]
+        for table, upper, lower in self._blocks:
+            x = blocks[upper]
             if lower is not None:  # the lower block lacks the last dim: pad it with zero
-                b, wb = lower
-                x = x + F.pad(pooled[:, b : b + wb], (0, 1))
+                x = x + F.pad(blocks[lower], (0, 1))
             out.append(x if table not in self.projections else self.projections[table](x))
         return self.keyed(torch.cat(out, dim=1))
 
