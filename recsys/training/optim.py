@@ -9,9 +9,9 @@ The embedding rows (``module.table_parameters()``) get ``sparse_optimizer``:
 - ``adam`` (every row element has two moments: what FuxiCTR/BARS train with),
 - ``adagrad``, ``sgd``.
 
-Everything else is dense and trains with Adam (torch's fused kernel, ``adam``). A compressed module may bring
-optimizers of its own (``extra_optimizers()``, e.g. OptEmbed's thresholds on plain
-SGD); their parameters are left out of both.
+Everything else is dense and trains with Adam (torch's fused kernel, ``adam``). A
+compressed module may bring optimizers of its own (``extra_optimizers()``, e.g.
+OptEmbed's thresholds on plain SGD); their parameters are left out of both.
 
 L2 on the embeddings (``embedding_l2 = lambda``) has FuxiCTR's semantics by default
 (``embedding_l2_mode="table"``): the loss gains ``lambda/2 * ||W||^2`` over every
