@@ -21,7 +21,10 @@ The pipeline is polars lazy and streaming (bounded memory for a 200M-row day):
 3. map values to ids per split -> ``{train,val,test}.parquet``.
 
 Memory is bounded by the vocabularies (hash tables of the distinct train values),
-not by the number of rows.
+not by the number of rows. A file of at most ``IN_MEMORY_MAX_BYTES`` keeps step 1's
+output in memory instead (about 0.6x the file's size as columns), and step 3 maps
+each split's columns on polars' threads at once: the same output, written without the
+intermediate's round trip through the disk.
 
 Example::
 
@@ -51,7 +54,7 @@ from recsys.data.common import (
     write_counts,
 )
 from recsys.data.files import require_file, text_read_error
-from recsys.data.ids import IdLookup, RawIds
+from recsys.data.ids import IdLookup, RawIds, frame_ids
 from recsys.data.schema import (
     COUNTS_FILE,
     SPLITS,
@@ -69,6 +72,9 @@ COLUMNS = ["label", *DENSE, *SPARSE]
 TAB = "\t"
 # Sources up to this size also get a sha256 in schema.source (hashing 11 GB is slow).
 SHA256_MAX_BYTES = 256 << 20
+# Sources up to this size are parsed into memory, not into intermediate files (the module's
+# docstring): at most about 0.6 GiB of columns beside the vocabularies.
+IN_MEMORY_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -233,27 +239,29 @@ def preprocess_criteo(
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file, no rows")
     lines = scan_lines(path, n_rows=max_rows)
+    in_memory = path.stat().st_size <= IN_MEMORY_MAX_BYTES
     tmp = {s: out_dir / f"_parsed-{s}.parquet" for s in SPLITS}
 
-    # Pass 1: parse and validate every line once, writing one intermediate per split
-    # (lz4: written and read once, so cheap compression beats small files).
-    # split_by order: the first split[0] of the lines train, the next validate, the rest test
+    # Pass 1: parse and validate every line once, into one frame per split: in memory, or as
+    # one intermediate file each (lz4: written and read once, so cheap compression beats
+    # small files). split_by order: the first split[0] of the lines train, the next
+    # validate, the rest test
     total = lines.select(pl.len()).collect(engine="streaming").item() if split_by == "order" else None
     parsed = _parsed(lines, seed, split, total)
+    per_split = [parsed.filter(pl.col("_split") == code).drop("_split") for code in range(len(SPLITS))]
     try:
-        pl.collect_all(
-            [
-                parsed.filter(pl.col("_split") == code)
-                .drop("_split")
-                .sink_parquet(tmp[s], compression="lz4", lazy=True)
-                for code, s in enumerate(SPLITS)
-            ],
-            engine="streaming",
-        )
+        if in_memory:
+            kept = dict(zip(SPLITS, pl.collect_all(per_split, engine="streaming")))
+            frames = {s: kept[s].lazy() for s in SPLITS}
+        else:
+            pl.collect_all(
+                [q.sink_parquet(tmp[s], compression="lz4", lazy=True) for s, q in zip(SPLITS, per_split)],
+                engine="streaming",
+            )
+            frames = {s: pl.scan_parquet(tmp[s]) for s in SPLITS}
     except pl.exceptions.PolarsError as e:  # a NUL byte splits a line: polars' text has no line
         raise text_read_error(path, e, "Criteo TSV text") from None
-    every = pl.scan_parquet(list(tmp.values()))
-    first_bad, n_rows = every.select(
+    first_bad, n_rows = pl.concat(list(frames.values())).select(
         pl.col("row").filter(pl.col("_bad")).min(), pl.len()
     ).collect().row(0)
     if first_bad is not None:
@@ -262,7 +270,7 @@ def preprocess_criteo(
         raise DataError(f"{path}: empty file, no rows")
 
     # Pass 2: vocabularies from the train split, counted by streaming group_by.
-    train = pl.scan_parquet(tmp["train"])
+    train = frames["train"]
     n_train = train.select(pl.len()).collect().item()
     raw_counts = pl.collect_all(
         [train.group_by(pl.col(c).alias("value")).agg(pl.len().alias("count")) for c in SPARSE],
@@ -272,22 +280,22 @@ def preprocess_criteo(
 
     # Pass 3: values -> ids (vocabulary ids, or with ids: raw each value's stable hash; the
     # vocabulary then only sizes the full table and the counts), one output file per split.
+    maps = {c: RawIds() if ids == "raw" else IdLookup(vocabs[c]) for c in SPARSE}
     rows: dict[str, int] = {}
     for s in SPLITS:
-        pl.scan_parquet(tmp[s]).select(
-            "label",
-            *DENSE,
-            *(
-                pl.col(c).map_batches(
-                    RawIds() if ids == "raw" else IdLookup(vocabs[c]), return_dtype=pl.Int64, is_elementwise=True
-                )
-                for c in SPARSE
-            ),
-        ).sink_parquet(
-            out_dir / f"{s}.parquet", row_group_size=ROW_GROUP_ROWS, compression=SPLIT_COMPRESSION, engine="streaming"
-        )
-        rows[s] = pl.scan_parquet(out_dir / f"{s}.parquet").select(pl.len()).collect().item()
-        tmp[s].unlink()
+        target = out_dir / f"{s}.parquet"
+        if in_memory:
+            frame_ids(kept.pop(s).select("label", *DENSE, *SPARSE), maps).write_parquet(
+                target, row_group_size=ROW_GROUP_ROWS, compression=SPLIT_COMPRESSION
+            )
+        else:
+            frames[s].select(
+                "label",
+                *DENSE,
+                *(pl.col(c).map_batches(maps[c], return_dtype=pl.Int64, is_elementwise=True) for c in SPARSE),
+            ).sink_parquet(target, row_group_size=ROW_GROUP_ROWS, compression=SPLIT_COMPRESSION, engine="streaming")
+            tmp[s].unlink()
+        rows[s] = pl.scan_parquet(target).select(pl.len()).collect().item()
 
     counts = {}
     for c in SPARSE:

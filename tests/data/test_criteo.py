@@ -11,9 +11,10 @@ import polars as pl
 import pytest
 
 from recsys.data import criteo
+from recsys.data.bench import outputs_equal
 from recsys.data.common import assign_splits
 from recsys.data.criteo import DENSE, SPARSE, CriteoConfig
-from recsys.data.ids import raw_ids
+from recsys.data.ids import frame_ids, raw_ids
 from recsys.data.schema import SPLITS
 from tests.conftest import CRITEO_SAMPLE
 
@@ -196,3 +197,22 @@ def test_raw_ids_are_each_values_stable_hash(tmp_path, criteo_sample, sample_row
 
     with pytest.raises(ConfigError, match=r"^dataset.ids: raw is written by the criteo, movielens and tabular loaders, and the LibFMConfig"):
         LibFMConfig(ids="raw")
+
+
+@pytest.mark.parametrize(("ids", "split_by"), [("vocab", "hash"), ("raw", "order")])
+def test_a_file_parsed_in_memory_and_one_spilled_to_intermediates_give_the_same_files(tmp_path, monkeypatch, ids, split_by):
+    """A file of at most ``IN_MEMORY_MAX_BYTES`` keeps the parse in memory and maps its ids with
+    ``frame_ids``; a larger one (here: a limit of 0) goes through intermediate files and
+    streamed look-ups. Same splits, ids and counts either way."""
+    calls = []
+    monkeypatch.setattr(criteo, "frame_ids", lambda frame, maps: calls.append(frame.height) or frame_ids(frame, maps))
+    out = {}
+    for limit in (criteo.IN_MEMORY_MAX_BYTES, 0):
+        monkeypatch.setattr(criteo, "IN_MEMORY_MAX_BYTES", limit)
+        out[limit] = tmp_path / str(limit)
+        out[limit].mkdir()
+        criteo.preprocess_criteo(CRITEO_SAMPLE, out[limit], ids=ids, split_by=split_by, min_count=2)
+        assert not list(out[limit].glob("_parsed-*"))
+        assert len(calls) == 3  # three splits in memory; the spilled run adds none
+    assert sum(calls) == 10_000
+    assert outputs_equal(*out.values())

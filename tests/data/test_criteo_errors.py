@@ -76,7 +76,12 @@ def test_bad_label(tmp_path, value):
     _refused(tmp_path, _with_field(5, 0, value), rf"bad\.tsv:5: column label: '{value}' is not 0 or 1")
 
 
-def test_first_bad_line_is_reported(tmp_path):
+@pytest.mark.parametrize("spilled", [False, True], ids=["in-memory", "spilled"])
+def test_first_bad_line_is_reported(tmp_path, monkeypatch, spilled):
+    """Whether the parse stays in memory or goes through intermediate files (a file over
+    ``IN_MEMORY_MAX_BYTES``), the first bad line is the one named and nothing is left."""
+    if spilled:
+        monkeypatch.setattr(criteo, "IN_MEMORY_MAX_BYTES", 0)
     lines = _with_field(40, 1, "nan", _with_field(17, 20, "zz"))
     _refused(tmp_path, lines, r"bad\.tsv:17: column C7: 'zz'")
 

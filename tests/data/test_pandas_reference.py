@@ -25,5 +25,6 @@ def test_bench_runs_end_to_end(tmp_path, capsys):
 
     main(["--rows", "3000", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "| polars |" in out and "| pandas |" in out and "outputs equal: True" in out
+    assert "| polars |" in out and "| polars-spilled |" in out and "| pandas |" in out
+    assert "outputs equal: True" in out
     assert (tmp_path / "synthetic-criteo-3000-seed0.tsv").is_file()
