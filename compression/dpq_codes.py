@@ -34,6 +34,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from compression.bags import pooled_lookup
 from compression.deployed import TableFormat
 from compression.idmap import in_order, inner_table
 
@@ -182,7 +183,7 @@ class PackedCodes(nn.Module):
                 values.append(rows[:, j])
                 lengths.append(jt.lengths())
         kjt = KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=features.stride())
-        out = in_order(self.ebc(kjt), self._inner_keys)
+        out = in_order(pooled_lookup(self.ebc, kjt), self._inner_keys)
         return KeyedTensor(keys=self.features, length_per_key=self.dims, values=out)
 
 

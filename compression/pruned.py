@@ -15,6 +15,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from compression.bags import pooled_lookup
+
 
 def compact_configs(units: list[str], unit_features: list[list[str]], kept: list[int], dims: list[int],
                     rows: list[int]) -> list[EmbeddingBagConfig]:
@@ -72,7 +74,7 @@ class CompactTables(nn.Module):
                 keys=live, values=torch.cat(remapped), lengths=torch.cat([d[f].lengths() for f in live]), stride=batch,
             )
             assert self.ebc is not None
-            pooled = self.ebc(kjt).to_dict()
+            pooled = pooled_lookup(self.ebc, kjt).to_dict()
         out = []
         for f in self.feature_order:
             i = self._unit_of[f]

@@ -32,6 +32,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from compression.bags import pooled_lookup
 from compression.deployed import TableFormat
 from compression.formats import BITS
 
@@ -157,7 +158,7 @@ class SegmentTables(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         order = [(f, self.rank(self._table_of[f]), getattr(self, f"starts__{self._table_of[f]}")) for f in self.features]
-        pooled = self.ebc(route(features, order, local=True)).to_dict()
+        pooled = pooled_lookup(self.ebc, route(features, order, local=True)).to_dict()
         batch = features.stride()
         out = {}
         for f in self.features:

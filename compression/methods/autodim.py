@@ -53,6 +53,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
+from compression.bags import pooled_lookup
 from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import BUDGET_TOLERANCE, Budget, BudgetError
 from compression.config_checks import bounded, one_of
@@ -254,7 +255,7 @@ class AutoDimCollection(CompressedEmbeddingBagCollection):
             out = self.deployed(features, self.feature_names)
         else:
             assert self.ebc is not None and self.proj is not None and self.bn is not None and self.alpha is not None
-            pooled = self.ebc(features).to_dict()
+            pooled = pooled_lookup(self.ebc, features).to_dict()
             tau = self.temperature()
             if self.training:
                 self.search_steps += 1

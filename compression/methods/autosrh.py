@@ -54,6 +54,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
 from compression.autosrh_select import choose_entries, frequency_groups, table_segments
+from compression.bags import pooled_lookup
 from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import Budget
 from compression.config_checks import bounded, one_of
@@ -145,7 +146,7 @@ class AutoSrhCollection(CompressedEmbeddingBagCollection):
         else:
             assert self.ebc is not None and self.alpha is not None
             kjt = route(features, self._order(), local=False)
-            pooled = self.ebc(kjt).to_dict()
+            pooled = pooled_lookup(self.ebc, kjt).to_dict()
             out = []
             for f in self.feature_names:
                 t = self._table_of[f]

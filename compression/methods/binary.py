@@ -46,7 +46,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
-from compression.bags import collections_by_dim, pool, unpooled
+from compression.bags import collections_by_dim, pool, pooled_lookup, unpooled
 from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.deployed import MetaForm, TableFormat
@@ -195,7 +195,7 @@ class BinaryCodesCollection(IdMappedCollection):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         self.check_ids(features)
         mapped = with_values(features, self.rows(features))
-        exact = self.ebc(mapped).to_dict() if self.ebc is not None else {}
+        exact = pooled_lookup(self.ebc, mapped).to_dict() if self.ebc is not None else {}
         lookups = {f: jt for ec in self.ec.values() for f, jt in ec(mapped).items()} if self.ec is not None else {}
         batch = features.stride()
         out = []

@@ -44,6 +44,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, register
+from compression.bags import pooled_lookup
 from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.deployed import TableFormat
@@ -245,7 +246,7 @@ class CafeCollection(IdMappedCollection):
         p = self.params.expand(features)  # (once: the sketch and the rows read the same)
         if self.training and self.coded:
             self.observe(features, p)
-        return self.ebc(with_values(features, self.rows(features, p)))
+        return pooled_lookup(self.ebc, with_values(features, self.rows(features, p)))
 
 
 def _cost(t: EmbeddingBagConfig, config: CafeConfig, fmt: TableFormat) -> FieldCost:

@@ -38,6 +38,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, register
+from compression.bags import pooled_lookup
 from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.deployed import MetaForm, TableFormat
@@ -150,12 +151,12 @@ class DedupEmbeddingBagCollection(IdMappedCollection):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         self.check_ids(features)
         if not self.merged:
-            return self.ebc(features)
+            return pooled_lookup(self.ebc, features)
         p = self.params.expand(features)
         ids = features.values()
         exact = p["exact"] != 0
         rows = self.remap[torch.where(exact, 0, p["offset"] + ids)].to(torch.int64)
-        return self.ebc(with_values(features, torch.where(exact, ids, rows)))
+        return pooled_lookup(self.ebc, with_values(features, torch.where(exact, ids, rows)))
 
     def stages(self) -> list[Stage]:
         return compact_then_finetune(

@@ -54,7 +54,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
-from compression.bags import pool
+from compression.bags import pool, pooled_lookup
 from compression.config_checks import bounded, one_of
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
@@ -143,7 +143,7 @@ class DHEEmbeddingBagCollection(IdMappedCollection):
                       for f in keys]  # fmt: skip
             kjt = KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat([d[f].lengths() for f in keys]),
                                     stride=b)  # fmt: skip
-            plain = self.ebc(kjt).to_dict()
+            plain = pooled_lookup(self.ebc, kjt).to_dict()
         pooled = []
         for f in self.feature_names:
             t = self._table_of[f]

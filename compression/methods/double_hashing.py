@@ -33,6 +33,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
+from compression.bags import pooled_lookup
 from compression.budget import Budget
 from compression.config_checks import bounded, one_of
 from compression.deployed import TableFormat
@@ -171,7 +172,7 @@ class DoubleHashedEmbeddingBagCollection(IdMappedCollection):
         return self._expanded(features, h, exact)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        out = in_order(self.ebc(self.remap(features)), self._inner_keys)
+        out = in_order(pooled_lookup(self.ebc, self.remap(features)), self._inner_keys)
         return self.keyed(take_columns(out, self._perm))
 
     def _expanded(self, features: KeyedJaggedTensor, h: torch.Tensor, exact: torch.Tensor) -> KeyedJaggedTensor:

@@ -35,6 +35,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
+from compression.bags import pooled_lookup
 from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.counts import table_counts
@@ -143,7 +144,7 @@ class HybridEmbeddingBagCollection(IdMappedCollection):
         return rows
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.ebc(with_values(features, self.rows(features)))
+        return pooled_lookup(self.ebc, with_values(features, self.rows(features)))
 
 
 def _cost(t: EmbeddingBagConfig, split: Callable[[int], int], fmt: TableFormat) -> FieldCost:

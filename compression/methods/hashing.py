@@ -26,6 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, register
+from compression.bags import pooled_lookup
 from compression.budget import Budget
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
@@ -84,7 +85,7 @@ class HashedEmbeddingBagCollection(IdMappedCollection):
         return torch.where(own, ids, self.hasher(ids, p["rows"], which=0)), own
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.ebc(with_values(features, self.rows(features)))
+        return pooled_lookup(self.ebc, with_values(features, self.rows(features)))
 
 
 def _cost(t: EmbeddingBagConfig, fmt: TableFormat) -> FieldCost:

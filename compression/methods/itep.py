@@ -62,6 +62,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
+from compression.bags import pooled_lookup
 from compression.base import _tracing
 from compression.budget import Budget
 from compression.config_checks import bounded
@@ -163,7 +164,7 @@ class ItepEmbeddingBagCollection(IdMappedCollection):
             if self.training and not _tracing() and not torch.all(exact):
                 self._count(at[~exact])
             rows = self.address[at].to(torch.int64) if self.address.numel() else torch.zeros_like(ids)
-        return self.ebc(with_values(features, torch.where(exact, ids, rows)))
+        return pooled_lookup(self.ebc, with_values(features, torch.where(exact, ids, rows)))
 
     def _key_start(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """Index of each id's table's first key in ``kept_keys``."""

@@ -56,6 +56,7 @@ from torchrec.modules.mc_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, register, require_fbgemm_cuda
+from compression.bags import pooled_lookup
 from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.deployed import TableFormat
@@ -220,7 +221,7 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
         if self.exact_ebc is not None:
             ids = fold(features.values(), self.params.expand(features)["rows"], self.hasher)
             parts.append(
-                in_order(self.exact_ebc(with_values(features, ids)), self._exact_keys_order)
+                in_order(pooled_lookup(self.exact_ebc, with_values(features, ids)), self._exact_keys_order)
             )
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return self.keyed(take_columns(out, self._perm))

@@ -47,6 +47,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, register
+from compression.bags import pooled_lookup
 from compression.base import CompressedEmbeddingBagCollection
 from compression.budget import BUDGET_TOLERANCE, Budget, BudgetError
 from compression.config_checks import bounded
@@ -116,7 +117,7 @@ class MatryoshkaCollection(CompressedEmbeddingBagCollection):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         self.check_ids(features)
-        kt = self.ebc(features)
+        kt = pooled_lookup(self.ebc, features)
         values = kt.values()
         keys = list(kt.keys())
         widths = kt.length_per_key()
@@ -124,7 +125,7 @@ class MatryoshkaCollection(CompressedEmbeddingBagCollection):
             full = [self._tables[self._table_of[f]].embedding_dim for f in keys]
             parts = list(torch.split(values, widths, dim=1))
             if self.xebc is not None:  # the first ids of a table read one more block
-                more = self.xebc(self._extra_features(features)).to_dict()
+                more = pooled_lookup(self.xebc, self._extra_features(features)).to_dict()
                 parts = [torch.cat([p, more[f"{f}__x"]], dim=1) if f"{f}__x" in more else p for f, p in zip(keys, parts)]
             values = torch.cat([nn.functional.pad(p, (0, d - p.shape[1])) for p, d in zip(parts, full)], dim=1)
             widths = full

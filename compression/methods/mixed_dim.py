@@ -41,7 +41,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
-from compression.bags import bag_index
+from compression.bags import bag_index, pooled_lookup
 from compression.budget import Budget
 from compression.config_checks import one_of
 from compression.deployed import TableFormat
@@ -172,7 +172,7 @@ class MixedDimEmbeddingBagCollection(IdMappedCollection):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         self.check_ids(features)
-        pooled = in_order(self.ebc(self._split_blocks(features) if self._any_lower else features), self._inner_keys)
+        pooled = in_order(pooled_lookup(self.ebc, self._split_blocks(features) if self._any_lower else features), self._inner_keys)
         # one split, not a slice a block: each slice's backward writes a zero gradient as wide
         # as the whole output and adds it up, a split's backward is one concatenation
         blocks = pooled.split(self._widths, dim=1)

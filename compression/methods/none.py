@@ -10,6 +10,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, CompressionConfig, register
+from compression.bags import pooled_lookup
 from compression.base import CompressedEmbeddingBagCollection
 
 
@@ -35,7 +36,7 @@ class UncompressedEmbeddingBagCollection(CompressedEmbeddingBagCollection):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         self.check_ids(features)
-        return self.ebc(features)
+        return pooled_lookup(self.ebc, features)
 
 
 @register(NoCompression)

@@ -37,6 +37,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
+from compression.bags import pooled_lookup
 from compression.base import _tracing
 from compression.budget import Budget
 from compression.config_checks import bounded, one_of
@@ -169,7 +170,7 @@ class QREmbeddingBagCollection(IdMappedCollection):
         keys = [f"{k}__q" for k in names] + [f"{k}__r" for k in names]
         values = torch.cat([q, r])
         if self.combine != "mult" or _single_hot(features):
-            out = in_order(self.ebc(with_values(features, values, keys, repeat=2)), self._inner_keys)
+            out = in_order(pooled_lookup(self.ebc, with_values(features, values, keys, repeat=2)), self._inner_keys)
             return self.keyed(self._combine(out))
         return self.keyed(self._per_id(features, keys, values))
 
@@ -198,7 +199,7 @@ class QREmbeddingBagCollection(IdMappedCollection):
         inner = KeyedJaggedTensor(
             keys=keys, values=values, lengths=torch.cat([ones, ones]), stride=longest, length_per_key=lpk + lpk
         )
-        per_id = self._combine(in_order(self.ebc(inner), self._inner_keys))  # [longest, D]: row j = j-th id of each key
+        per_id = self._combine(in_order(pooled_lookup(self.ebc, inner), self._inner_keys))  # [longest, D]: row j = j-th id of each key
         sample = torch.arange(batch, device=values.device).repeat(n_keys)
         bag = torch.full((n_keys, longest), batch, dtype=torch.int64, device=values.device)
         bag[slot] = torch.repeat_interleave(sample, lengths.long(), output_size=values.numel() // 2)

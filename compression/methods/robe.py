@@ -59,6 +59,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
+from compression.bags import pooled_lookup
 from compression.base import _tracing
 from compression.config_checks import bounded
 from compression.deployed import TableFormat
@@ -197,7 +198,7 @@ class RobeEmbeddingBagCollection(IdMappedCollection):
             keys=[KEY], values=self.rows(kv), lengths=lengths, stride=b * sum(self._lookups),
             length_per_key=[sum(n * v for n, v in zip(lpk, self._lookups))],
         )  # fmt: skip
-        out = self.ebc(stacked).values()  # [V·B, align]: bag (v, s) is lookup v of sample s
+        out = pooled_lookup(self.ebc, stacked).values()  # [V·B, align]: bag (v, s) is lookup v of sample s
         out = out.view(sum(self._lookups), b, self.align).transpose(0, 1).reshape(b, -1)
         if any(self._mean):
             n = torch.cat([per_key[i].clamp(min=1).unsqueeze(1).expand(b, d) if self._mean[i]

@@ -26,6 +26,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, register
+from compression.bags import pooled_lookup
 from compression.config_checks import bounded
 from compression.hashing import UniversalHash
 from compression.idmap import KeyParams
@@ -62,7 +63,7 @@ class SignedHashedCollection(HashedEmbeddingBagCollection):
         rows, signs = self.rows_and_signs(features)
         signed = KeyedJaggedTensor(keys=features.keys(), values=rows, weights=signs, lengths=features.lengths(),
                                    stride=features.stride(), length_per_key=features.length_per_key())  # fmt: skip
-        return self.ebc(signed)
+        return pooled_lookup(self.ebc, signed)
 
 
 PRIME_31 = 2**31 - 1

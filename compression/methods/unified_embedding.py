@@ -66,6 +66,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, MethodConfigError, register
+from compression.bags import pooled_lookup
 from compression.budget import Budget
 from compression.config_checks import bounded, one_of
 from compression.hashing import UniversalHash
@@ -257,7 +258,7 @@ class UnifiedEmbeddingBagCollection(IdMappedCollection):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         b = features.stride()
-        out = in_order(self.ebc(self.stacked(self.remap(features))), self._table_keys)  # [depth·B, tables·d]
+        out = in_order(pooled_lookup(self.ebc, self.stacked(self.remap(features))), self._table_keys)  # [depth·B, tables·d]
         if self._blocks is None:  # bag (s, b) of table 0 is chunk s of sample b
             return self.keyed(out.view(self._depth, b, -1).transpose(0, 1).reshape(b, -1))
         slot, table = self._index(("blocks", out.device), lambda: torch.tensor(self._blocks, device=out.device).unbind(1))
