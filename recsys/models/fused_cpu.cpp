@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <numeric>
@@ -120,6 +121,22 @@ void backward_rows(const float* __restrict G, const float* __restrict X, const f
   }
 }
 
+// TorchRec's row-wise Adagrad on rows [r0, r1) of one [rows, d] table, as its ops round:
+// S += sum(g^2) / d, then w + (-lr g) / (sqrt(S) + eps)
+void adagrad_rows(float* __restrict W, const float* __restrict G, float* __restrict S, int64_t d, int64_t r0,
+                  int64_t r1, float nlr, float eps) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* __restrict gi = G + i * d;
+    float* __restrict wi = W + i * d;
+    float acc = 0.f;
+    for (int64_t j = 0; j < d; ++j) acc += gi[j] * gi[j];
+    const float s = S[i] + acc / float(d);
+    S[i] = s;
+    const float std = std::sqrt(s) + eps;
+    for (int64_t j = 0; j < d; ++j) wi[j] = wi[j] + nlr * gi[j] / std;
+  }
+}
+
 }  // namespace
 
 // keep[e] = draw(e) >= cut, for e in [0, n)
@@ -224,6 +241,32 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad, const torch::Tens
   return {gx, gw, gb};
 }
 
+// Row-wise Adagrad's step for every table at once (recsys.training.optim): tables of
+// [rows, d] weights, their gradients and [rows, 1] sums, in blocks of rows on torch's threads.
+void rowwise_adagrad(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
+                     const std::vector<torch::Tensor>& sums, double lr, double eps) {
+  TORCH_CHECK(params.size() == grads.size() && params.size() == sums.size(), "one gradient and sum a table");
+  constexpr int64_t kBlock = 1024;
+  std::vector<std::array<int64_t, 3>> blocks;  // table, first row, end
+  for (size_t t = 0; t < params.size(); ++t) {
+    check(params[t], "a table");
+    check(grads[t], "a gradient");
+    check(sums[t], "a sum");
+    TORCH_CHECK(params[t].dim() == 2 && grads[t].sizes() == params[t].sizes() && sums[t].numel() == params[t].size(0),
+                "a table [rows, d], its gradient [rows, d] and sum [rows, 1]");
+    for (int64_t r = 0; r < params[t].size(0); r += kBlock)
+      blocks.push_back({int64_t(t), r, std::min(params[t].size(0), r + kBlock)});
+  }
+  const float nlr = float(-lr), ep = float(eps);
+  at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto& [t, r0, r1] = blocks[b];
+      adagrad_rows(params[t].data_ptr<float>(), grads[t].data_ptr<float>(), sums[t].data_ptr<float>(),
+                   params[t].size(1), r0, r1, nlr, ep);
+    }
+  });
+}
+
 // how many threads at::parallel_for runs n blocks on in this build (one where it was built
 // without OpenMP: the pragma in torch's header is then ignored)
 int64_t workers(int64_t n) {
@@ -237,4 +280,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("keep", &keep);
   m.def("forward", &forward);
   m.def("backward", &backward);
+  m.def("rowwise_adagrad", &rowwise_adagrad);
 }
