@@ -58,14 +58,15 @@ def pool(rows: torch.Tensor, lengths: torch.Tensor, batch: int, pooling: Pooling
 def pooled_lookup(ebc: nn.Module, features: KeyedJaggedTensor) -> KeyedTensor:
     """``ebc(features)``, the same KeyedTensor, with one-hot features looked up by row.
 
-    Where every bag of ``features`` holds exactly one id (Criteo's, Avazu's and most CTR
-    fields), sum, mean and max pooling are that id's row, so each table is read with
-    ``F.embedding``: an index_select forward and, backward, one pass adding the gradient rows
-    into the table's gradient. ``nn.EmbeddingBag`` (what TorchRec's unsharded collection
-    calls once per feature) sorts the ids and builds offsets both ways, about twice the time
-    for 26 tables of 512 ids. Anything else goes to ``ebc`` itself: a sharded, fused or
-    quantized collection (not TorchRec's plain ``EmbeddingBagCollection``), weighted ids,
-    multi-hot or empty bags, a variable batch per feature, and tracing.
+    Where every bag of ``features`` holds one id or none (Criteo's, Avazu's and most CTR
+    fields; a method's split of a field into blocks), sum and mean pooling are that id's
+    row, or zeros, so each table is read with ``F.embedding``: an index_select forward and,
+    backward, one pass adding the gradient rows into the table's gradient (rows of empty
+    bags placed by ``index_copy``). ``nn.EmbeddingBag`` (what TorchRec's unsharded
+    collection calls once per feature) sorts the ids and builds offsets both ways, about
+    twice the time for 26 tables of 512 ids. Anything else goes to ``ebc`` itself: a
+    sharded, fused or quantized collection (not TorchRec's plain ``EmbeddingBagCollection``),
+    weighted ids, bags of several ids, a variable batch per feature, and tracing.
 
     Example::
 
@@ -87,20 +88,22 @@ def _one_hot(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor) -> bool:
         or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
     ):
         return False
-    return features.values().numel() == len(features.keys()) * features.stride() and bool(
-        (features.lengths() == 1).all()
-    )
+    lengths = features.lengths()
+    return lengths.numel() == len(features.keys()) * features.stride() and bool((lengths <= 1).all())
 
 
 def _by_row(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor) -> KeyedTensor:
-    keys = features.keys()
-    ids = features.values().view(len(keys), features.stride())
-    at = {k: i for i, k in enumerate(keys)}
-    pooled = [
-        nn.functional.embedding(ids[at[name]], bag.weight).float()
-        for bag, names in zip(ebc.embedding_bags.values(), ebc._feature_names)
-        for name in names
-    ]
+    keys, batch = features.keys(), features.stride()
+    per_key = features.length_per_key()
+    values = dict(zip(keys, features.values().split(per_key)))
+    present = dict(zip(keys, features.lengths().view(len(keys), batch)))
+    pooled = []
+    for bag, names in zip(ebc.embedding_bags.values(), ebc._feature_names):
+        for name in names:
+            rows = nn.functional.embedding(values[name], bag.weight).float()
+            if rows.shape[0] < batch:  # some bags empty: their rows stay zero, as pooled by TorchRec
+                rows = rows.new_zeros(batch, rows.shape[1]).index_copy(0, present[name].nonzero().squeeze(1), rows)
+            pooled.append(rows)
     return KeyedTensor(
         keys=ebc._embedding_names, values=torch.cat(pooled, dim=1), length_per_key=ebc._lengths_per_embedding
     )

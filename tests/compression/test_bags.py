@@ -33,10 +33,12 @@ def _ebc() -> EmbeddingBagCollection:
     return EmbeddingBagCollection(tables=TABLES)
 
 
-def test_one_hot_features_give_torchrecs_output_and_gradients():
-    """Repeated ids (7 rows drawn 16 times a feature) so gradient rows add up; the shared
-    table's two features and its mean pooling included."""
-    ebc, kjt = _ebc(), _kjt([1] * 64)
+@pytest.mark.parametrize("lengths", [[1] * 64, [1, 0, 1, 1] * 8 + [1] * 16 + [0] * 16], ids=["one id a bag", "some bags empty"])
+def test_bags_of_one_id_or_none_give_torchrecs_output_and_gradients(lengths):
+    """Repeated ids (7 rows drawn over and over) so gradient rows add up; the shared table's
+    two features and its mean pooling included; an empty bag pools to zeros, as TorchRec's,
+    and a feature may have no id at all."""
+    ebc, kjt = _ebc(), _kjt(lengths)
     assert bags._one_hot(ebc, kjt)
     want, got = ebc(kjt), pooled_lookup(ebc, kjt)
     assert got.keys() == want.keys() and got.length_per_key() == want.length_per_key()
@@ -48,13 +50,9 @@ def test_one_hot_features_give_torchrecs_output_and_gradients():
         torch.testing.assert_close(x, e, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("lengths", "why"),
-    [([1] * 15 + [2], "a bag of two ids"), ([1] * 15 + [0], "an empty bag")],
-)
-def test_any_other_bag_goes_to_torchrecs_collection(monkeypatch, lengths, why):
-    ebc, kjt = _ebc(), _kjt(lengths)
-    assert not bags._one_hot(ebc, kjt), why
+def test_a_bag_of_two_ids_goes_to_torchrecs_collection(monkeypatch):
+    ebc, kjt = _ebc(), _kjt([1] * 15 + [2])
+    assert not bags._one_hot(ebc, kjt)
     monkeypatch.setattr(bags, "_by_row", lambda *a: pytest.fail("read by row"))
     assert torch.equal(pooled_lookup(ebc, kjt).values(), ebc(kjt).values())
 
