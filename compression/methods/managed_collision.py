@@ -242,7 +242,7 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
         for table, slots in self.mcc.evict().items():
             if slots is not None and slots.numel():
                 self._reinit(table, slots)
-        return self.mc_tables(remapped)
+        return pooled_lookup(self.mc_tables, remapped)
 
     @torch.no_grad()
     def _reinit(self, table: str, slots: torch.Tensor) -> None:
