@@ -33,7 +33,11 @@ def _ebc() -> EmbeddingBagCollection:
     return EmbeddingBagCollection(tables=TABLES)
 
 
-@pytest.mark.parametrize("lengths", [[1] * 64, [1, 0, 1, 1] * 8 + [1] * 16 + [0] * 16], ids=["one id a bag", "some bags empty"])
+@pytest.mark.parametrize(
+    "lengths",
+    [[1] * 64, [1, 0, 1, 1] * 8 + [1] * 16 + [0] * 16, [1] * 4 * bags.GATHER_FROM],
+    ids=["one id a bag", "some bags empty", "index_add_ backward"],
+)
 def test_bags_of_one_id_or_none_give_torchrecs_output_and_gradients(lengths):
     """Repeated ids (7 rows drawn over and over) so gradient rows add up; the shared table's
     two features and its mean pooling included; an empty bag pools to zeros, as TorchRec's,
@@ -47,7 +51,7 @@ def test_bags_of_one_id_or_none_give_torchrecs_output_and_gradients(lengths):
     expected = torch.autograd.grad(want.values(), list(ebc.parameters()), g)
     grads = torch.autograd.grad(got.values(), list(ebc.parameters()), g)
     for e, x in zip(expected, grads):
-        torch.testing.assert_close(x, e, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x, e, rtol=1e-5, atol=1e-5)  # sums of hundreds of rows, in another order
 
 
 def test_a_bag_of_two_ids_goes_to_torchrecs_collection(monkeypatch):
