@@ -63,11 +63,12 @@ def pooled_lookup(ebc: nn.Module, features: KeyedJaggedTensor) -> KeyedTensor:
     fields; a method's split of a field into blocks), sum and mean pooling are that id's
     row, or zeros, so each table is read with ``F.embedding``: an index_select forward and,
     backward, one pass adding the gradient rows into the table's gradient (``index_add_``
-    from ``GATHER_FROM`` ids a lookup; rows of empty bags placed by ``index_copy``). ``nn.EmbeddingBag`` (what TorchRec's unsharded
-    collection calls once per feature) sorts the ids and builds offsets both ways, about
-    twice the time for 26 tables of 512 ids. Anything else goes to ``ebc`` itself: a
-    sharded, fused or quantized collection (not TorchRec's plain ``EmbeddingBagCollection``),
-    weighted ids, bags of several ids, a variable batch per feature, and tracing.
+    from ``GATHER_FROM`` ids a lookup; rows of empty bags placed by ``index_copy``).
+    ``nn.EmbeddingBag`` (what TorchRec's unsharded collection calls once per feature) sorts
+    the ids and builds offsets both ways, about twice the time for 26 tables of 512 ids.
+    Anything else goes to ``ebc`` itself: a sharded, fused or quantized collection (not
+    TorchRec's plain ``EmbeddingBagCollection``), weighted ids, bags of several ids, a
+    variable batch per feature, and tracing.
 
     Example::
 

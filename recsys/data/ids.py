@@ -69,8 +69,9 @@ class RawIds(_IdMap):
 
 def frame_ids(frame: pl.DataFrame, maps: Mapping[str, _IdMap]) -> pl.DataFrame:
     """``frame`` with each column named in ``maps`` replaced by its ids, the columns
-    mapped on polars' threads at once (the hash look-ups and NumPy's arithmetic release the
-    GIL), for a frame already in memory; a streamed one takes the maps as ``map_batches``.
+    mapped at once on as many threads as polars uses (the hash look-ups and NumPy's
+    arithmetic release the GIL), for a frame already in memory; a streamed one takes the
+    maps as ``map_batches``.
 
     Example::
 

@@ -51,10 +51,11 @@ class ForeachRowWiseAdagrad(RowWiseAdagrad):
     state (``sum``, ``step``) and checkpoint. Where the CPU kernel is built
     (``recsys.models.fused.kernel``) and every table is a contiguous float32 CPU tensor, one
     call updates every row of every table, in blocks of rows on torch's threads: the same
-    arithmetic as TorchRec's ops, to float rounding (a row's squares summed in another
-    order). Elsewhere torch's ``_foreach`` ops, where TorchRec loops over the tables with
-    eight ops each: the same bits. Groups with weight decay, lr decay, ``maximize`` or a
-    sparse gradient take TorchRec's own step."""
+    arithmetic as TorchRec's ops, to float rounding (its square root correctly rounded,
+    torch's vectorized one not always; a row's squares summed in order). Elsewhere torch's
+    ``_foreach`` ops, where TorchRec loops over the tables with eight ops each: the same
+    bits. Groups with weight decay, lr decay, ``maximize`` or a sparse gradient take
+    TorchRec's own step."""
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
