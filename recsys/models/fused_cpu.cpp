@@ -243,17 +243,22 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad, const torch::Tens
 
 // Row-wise Adagrad's step for every table at once (recsys.training.optim): tables of
 // [rows, d] weights, their gradients and [rows, 1] sums, in blocks of rows on torch's threads.
-void rowwise_adagrad(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
+// False, and nothing touched, unless every one is a contiguous float32 CPU tensor of those
+// shapes (the caller then takes torch's ops).
+bool rowwise_adagrad(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
                      const std::vector<torch::Tensor>& sums, double lr, double eps) {
   TORCH_CHECK(params.size() == grads.size() && params.size() == sums.size(), "one gradient and sum a table");
+  auto plain = [](const torch::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous();
+  };
+  for (size_t t = 0; t < params.size(); ++t) {
+    if (!plain(params[t]) || !plain(grads[t]) || !plain(sums[t]) || params[t].dim() != 2 ||
+        grads[t].sizes() != params[t].sizes() || sums[t].numel() != params[t].size(0))
+      return false;
+  }
   constexpr int64_t kBlock = 1024;
   std::vector<std::array<int64_t, 3>> blocks;  // table, first row, end
   for (size_t t = 0; t < params.size(); ++t) {
-    check(params[t], "a table");
-    check(grads[t], "a gradient");
-    check(sums[t], "a sum");
-    TORCH_CHECK(params[t].dim() == 2 && grads[t].sizes() == params[t].sizes() && sums[t].numel() == params[t].size(0),
-                "a table [rows, d], its gradient [rows, d] and sum [rows, 1]");
     for (int64_t r = 0; r < params[t].size(0); r += kBlock)
       blocks.push_back({int64_t(t), r, std::min(params[t].size(0), r + kBlock)});
   }
@@ -265,6 +270,7 @@ void rowwise_adagrad(const std::vector<torch::Tensor>& params, const std::vector
                    params[t].size(1), r0, r1, nlr, ep);
     }
   });
+  return true;
 }
 
 // how many threads at::parallel_for runs n blocks on in this build (one where it was built

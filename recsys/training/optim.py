@@ -40,12 +40,6 @@ from compression.base import CompressedEmbeddingBagCollection
 from recsys.models.fused import kernel
 
 
-def _kernel_takes(param: torch.Tensor, grad: torch.Tensor, state_sum: torch.Tensor) -> bool:
-    return all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (param, grad, state_sum)
-    ) and param.dim() == 2 and grad.shape == param.shape and state_sum.numel() == param.shape[0]
-
-
 class ForeachRowWiseAdagrad(RowWiseAdagrad):
     """TorchRec's ``RowWiseAdagrad``, its update made for every table at once: the same
     state (``sum``, ``step``) and checkpoint. Where the CPU kernel is built
@@ -78,9 +72,8 @@ class ForeachRowWiseAdagrad(RowWiseAdagrad):
             states = [self.state[p] for p in params]
             sums = [s["sum"] for s in states]
             torch._foreach_add_([s["step"] for s in states], 1)
-            k = kernel() if all(_kernel_takes(p, g, s) for p, g, s in zip(params, grads, sums)) else None
-            if k is not None:
-                k.rowwise_adagrad(params, grads, sums, group["lr"], group["eps"])
+            k = kernel()  # False where a table is not a contiguous float32 CPU tensor
+            if k is not None and k.rowwise_adagrad(params, grads, sums, group["lr"], group["eps"]):
                 continue
             torch._foreach_add_(sums, [g.mean(dim=1, keepdim=True) for g in torch._foreach_pow(grads, 2)])
             std = torch._foreach_sqrt(sums)

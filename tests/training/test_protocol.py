@@ -84,6 +84,25 @@ def test_foreach_rowwise_adagrad_is_torchrecs_update(monkeypatch, path):
     assert len(calls) == (12 if path == "kernel" else 0)  # six steps each of the two plain settings
 
 
+def test_a_table_the_kernel_cannot_take_sends_the_group_to_torch_ops():
+    """A non-contiguous gradient: the kernel declines (touching nothing) and the foreach
+    ops make TorchRec's update, bit for bit."""
+    if optim_module.kernel() is None:
+        pytest.skip("no C++ compiler or ninja here: the optimizer runs as torch ops")
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(40, 8)), torch.nn.Parameter(torch.randn(30, 4))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    oa, ob = RowWiseAdagrad(a, lr=0.05), ForeachRowWiseAdagrad(b, lr=0.05)
+    for _ in range(3):
+        grads = [torch.randn(40, 8), torch.randn(4, 30).t()]  # the second not contiguous
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g
+        oa.step()
+        ob.step()
+        for p, q in zip(a, b):
+            assert torch.equal(p, q) and torch.equal(oa.state[p]["sum"], ob.state[q]["sum"])
+
+
 def test_an_unknown_embedding_optimizer_is_named(tiny_dataset):
     model, module = model_and_module(tiny_dataset)
     with pytest.raises(ValueError, match="sparse_optimizer must be one of .* got 'adamw'"):
