@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -111,30 +110,16 @@ def _by_row(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor) -> KeyedTe
     )
 
 
-# From this many ids a lookup, the table's gradient is made by one index_add_: torch's
-# embedding backward scans every id on each thread (two cores: 0.32 against 0.21 ms for 4,096
-# ids of 5,000 x 16, 3.1 against 0.66 ms for ROBE's 53,248 ids of 4 floats; 0.11 against 0.14
-# ms for 512 ids, measured with the backward call included)
+# From this many ids a lookup, rows are read by index_select, whose backward is one
+# index_add_: torch's embedding backward scans every id on each thread (two cores: 0.32
+# against 0.21 ms for 4,096 ids of 5,000 x 16, 3.1 against 0.66 ms for ROBE's 53,248 ids of 4
+# floats; 0.11 against 0.14 ms for 512 ids, measured with the backward call included)
 GATHER_FROM = 2048
 
 
 def _rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``weight[ids]``, with the gradient of ``weight`` as the rows' gradients added up."""
+    """``weight[ids]``, with the gradient of ``weight`` as the rows' gradients added up
+    (``index_select``'s own backward is one ``index_add_`` into zeros)."""
     if ids.numel() < GATHER_FROM:
         return nn.functional.embedding(ids, weight)
-    return _Gather.apply(weight, ids)  # type: ignore[no-any-return]
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(ids)
-        ctx.rows = weight.shape[0]
-        return weight.index_select(0, ids)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        (ids,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, ids, grad), None
+    return weight.index_select(0, ids)

@@ -172,7 +172,8 @@ class MixedDimEmbeddingBagCollection(IdMappedCollection):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         self.check_ids(features)
-        pooled = in_order(pooled_lookup(self.ebc, self._split_blocks(features) if self._any_lower else features), self._inner_keys)
+        inner = self._split_blocks(features) if self._any_lower else features
+        pooled = in_order(pooled_lookup(self.ebc, inner), self._inner_keys)
         # one split, not a slice a block: each slice's backward writes a zero gradient as wide
         # as the whole output and adds it up, a split's backward is one concatenation
         blocks = pooled.split(self._widths, dim=1)
