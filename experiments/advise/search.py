@@ -34,6 +34,7 @@ what those trials cost.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -225,7 +226,7 @@ class Search:
         self.advise = advise
         self.budget = budget
         self.say = say
-        self.current: Point | None = None
+        self.current: tuple[int, Point] | None = None  # the trial this worker took, and its point
         self.stopped: str | None = None
 
     def run(self) -> None:
@@ -276,11 +277,22 @@ class Search:
                 self.study.enqueue_trial(point.params(), user_attrs=point.attrs(), skip_if_exists=False)
 
     def requeue(self) -> None:
-        """Put the interrupted trial's point back in the queue (its trial ends FAIL)."""
-        if self.current is not None:
-            p = self.current
-            self.study.enqueue_trial(p.params(), user_attrs=p.attrs(), skip_if_exists=False)
-            self.say(f"[advise] interrupted: {p.candidate.name} {p.settings()} will be trained again on the next run")
+        """Put the interrupted trial's point back in the queue, its trial ended FAIL, unless
+        Optuna had recorded it finished: a stop anywhere from the objective's first line
+        to Optuna's record (while it writes the trial's params, trains, writes its results)
+        loses no point and trains none twice."""
+        if self.current is None:
+            return
+        number, p = self.current
+        storage = self.study._storage
+        trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number))
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            return
+        if trial.state == TrialState.RUNNING:  # stopped while Optuna recorded it: no next run waits for it
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        self.study.enqueue_trial(p.params(), user_attrs=p.attrs(), skip_if_exists=False)
+        self.say(f"[advise] interrupted: {p.candidate.name} {p.settings()} will be trained again on the next run")
 
     def reserve(self) -> tuple[float, float]:
         """Samples and seconds the finalists will need: ``seeds`` runs of each of the best
@@ -314,6 +326,7 @@ class Search:
         if point is None:  # a trial the plan did not queue (another worker took the last point)
             trial.set_user_attr("skipped", "not in the plan")
             raise optuna.TrialPruned("not in the plan")
+        self.current = (trial.number, point)
         space = dict(point.candidate.space)
         trial.suggest_categorical("candidate", [c for c in self.candidates()])
         for key, _ in point.values:  # (the queued point fixes each value)
@@ -326,7 +339,6 @@ class Search:
             trial.set_user_attr("skipped", why)
             self._progress(trial, point, "skipped: " + why)
             raise optuna.TrialPruned(why)
-        self.current = point
         report = _Report(trial, not self.advise.grid, self.say, f"{point.candidate.name} {point.settings()}")
         start = time.monotonic()
         try:
@@ -341,7 +353,6 @@ class Search:
             trial.set_user_attr("error", str(e).splitlines()[0][:300])
             self._progress(trial, point, f"failed: {e}")
             raise _TrialError(str(e)) from None
-        self.current = None
         m = summary.metrics
         attrs: dict[str, Any] = {k: float(m[k]) for k in RECORDED if k in m}
         attrs.update(wall_s=time.monotonic() - start, run_id=summary.run_id or "")

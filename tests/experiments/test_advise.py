@@ -148,12 +148,12 @@ def test_advise_needs_a_memory_budget(tmp_path, capsys):
     assert "error: advise needs the memory budget to answer for" in capsys.readouterr().err
 
 
-def _wait_for(pred, timeout: float, what: str) -> None:
+def _wait_for(pred, timeout: float, what: str, every: float = 0.5) -> None:
     end = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(every)
 
 
 def _finished(tmp: Path, study: str) -> int:
@@ -180,18 +180,22 @@ def test_a_killed_search_resumes_without_training_a_finished_trial_again(tmp_pat
         proc = subprocess.Popen([sys.executable, "-m", "experiments.advise", *args], cwd=REPO, env=env,
                                 stdout=out_file, stderr=err_file, text=True)  # fmt: skip
         try:
-            _wait_for(lambda: _finished(tmp_path, study) >= 1, 300, "a finished trial")
+            # the kill as soon as the first trial is recorded: the rest of the search takes
+            # seconds, and a kill after its end tests nothing
+            _wait_for(lambda: _finished(tmp_path, study) >= 1, 300, "a finished trial", every=0.05)
+            ended_first = proc.poll()
             os.kill(proc.pid, how)
             proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
     err = (tmp_path / "stderr").read_text()
+    assert ended_first is None, f"the search ended (exit {ended_first}) before the kill:\n{err[-6000:]}"
     before = {t.number: t for t in trials(tmp_path, study)}
     done_before = {t.user_attrs["point"] for t in before.values() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
     assert done_before
     if how == signal.SIGTERM:
-        assert proc.returncode == 130 and "run the same command again to resume" in err
+        assert proc.returncode == 130 and "run the same command again to resume" in err, err[-6000:]
     r = cli(*args)
     assert r.returncode == 0, r.stderr[-8000:]
     after = trials(tmp_path, study)
@@ -202,6 +206,29 @@ def test_a_killed_search_resumes_without_training_a_finished_trial_again(tmp_pat
         if t.user_attrs["point"] in done_before:
             assert t.number in before and before[t.number].state == t.state
     assert (tmp_path / "reports" / study / "advice.md").is_file()
+
+
+def test_a_stop_while_a_trained_trial_is_recorded_loses_no_point(tmp_path):
+    """Ctrl-C after a trial trained, while its results are written (here: as its progress
+    line is said), before Optuna records it: its point goes back in the queue, and the
+    next run trains every point once."""
+    config = where(tmp_path, methods=["hashing", "qr"], epochs=200, seeds=2, finalists=1, defaults_only=True)
+    study = "criteo_sample-dcnv2-10x-defaults"
+
+    def say(line: str) -> None:
+        if line.startswith("[advise] trial 2 "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        advise(job(tmp_path), config, say=say)
+    stopped = [t for t in trials(tmp_path, study) if t.number == 1]
+    assert stopped and stopped[0].state == TrialState.FAIL and "trained_samples" in stopped[0].user_attrs
+    queued = [t for t in trials(tmp_path, study) if t.state == TrialState.WAITING]
+    assert stopped[0].user_attrs["point"] in {t.user_attrs["point"] for t in queued}
+    advise(job(tmp_path), config, say=lambda _: None)
+    finished = [t for t in trials(tmp_path, study) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    points = [t.user_attrs["point"] for t in finished]
+    assert len(points) == len(set(points)) == 3  # none, hashing, qr: each once, none lost
 
 
 def _open_storages(root, rounds, barrier, results):
