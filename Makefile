@@ -53,8 +53,9 @@ else
 endif
 	$(PY) -m pip install -q -e ".[dev,$(DEVICE)]"
 	$(PY) -m pip install -q --no-deps "torchrec==1.8.0" "hydra-optuna-sweeper==1.3.0"
-	@# the MLP's C++ kernel, built now rather than in the first training step (about 20 s)
+	@# the C++ kernels (the MLP's, managed collisions'), built now rather than in the first training step (about 20 s each)
 	$(PY) -c "from recsys.models.fused import kernel; print('C++ kernel:', 'built' if kernel() else 'not built: torch ops')"
+	$(PY) -c "from compression.methods.managed_collision import kernel; print('MC kernel:', 'built' if kernel() else 'not built: TorchRec ops')"
 	rm -f $(VENV)/.setup-*
 	touch $@
 

@@ -18,6 +18,11 @@ optimizer state is not reset (the optimizer lives outside the module).
 TorchRec's ``ManagedCollisionEmbeddingBagCollection.forward`` returns a tuple; this
 module keeps the KJT-in, KeyedTensor-out contract instead.
 
+Unsharded on the CPU, the collection's forward (every table's profile, LFU shortcut and
+remap) is one call each of ``mc_cpu.cpp`` (``mcc_forward``) where TorchRec runs about
+fifteen small torch operations a table: the same slots, counts, history and step counts,
+tested step by step against TorchRec's forward; an eviction itself is still TorchRec's.
+
 Bytes: per slot, the row (4·dim) plus three int64 buffers (sorted raw ids, slot
 mapping, LFU counts); per table TorchRec also holds a 1025-entry int64 segment
 buffer and three scalars, all counted. The id history that MCH collects between
@@ -41,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -52,9 +58,11 @@ from torchrec.modules.mc_modules import (
     ManagedCollisionCollection,
     ManagedCollisionModule,
     MCHManagedCollisionModule,
+    _mcc_lazy_init_inplace,
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from compression import native
 from compression.api import BuildContext, register, require_fbgemm_cuda
 from compression.bags import pooled_lookup
 from compression.budget import Budget
@@ -131,6 +139,80 @@ class SteadyMCH(MCHManagedCollisionModule):
                 self._current_history_buffer_offset = 0
                 return
         super()._coalesce_history()
+
+
+def kernel() -> Any:
+    """``mc_cpu.cpp``: TorchRec's MCH profile and remap of every table in one call each (None
+    where it cannot be built; TorchRec's modules then run table by table)."""
+    src = Path(__file__).parent.parent / "mc_cpu.cpp"
+    return native.load(src, "managed collisions remap table by table through TorchRec's modules")
+
+
+def _steady_modules(mcc: ManagedCollisionCollection) -> list[SteadyMCH] | None:
+    """The MCC's modules in its tables' order, where every one is a plain ``SteadyMCH``
+    (LFU without a threshold filter, no input hash, one shard): what the kernel computes."""
+    modules = dict(mcc._managed_collision_modules.items())
+    if list(modules) != list(mcc._table_to_features):
+        return None
+    for m in modules.values():
+        if not (type(m) is SteadyMCH and type(m._eviction_policy) is LFU_EvictionPolicy):
+            return None
+        if m._eviction_policy._threshold_filtering_func is not None or m._input_hash_func is not None:
+            return None
+        if m._output_global_offset != 0 or m._history_metadata:
+            return None
+    return list(modules.values())  # type: ignore[arg-type]
+
+
+def mcc_forward(mcc: ManagedCollisionCollection, features: KeyedJaggedTensor, use_kernel: bool = True) -> KeyedJaggedTensor:
+    """TorchRec's ``ManagedCollisionCollection.forward`` (each table's profile, eviction and
+    remap), computed by the kernel for every table at once where the modules are plain
+    ``SteadyMCH`` and the batch is one TorchRec's forward would take as is (no weights, one
+    stride, history buffers made by a first forward); else TorchRec's own forward. The
+    same ids, counts, history and steps either way (``test_mc_kernel``)."""
+    k = kernel() if use_kernel else None
+    modules = _steady_modules(mcc) if k is not None else None
+    if k is None or modules is None or features.weights_or_none() is not None or features.variable_stride_per_key():
+        return mcc(features)
+    if mcc.training and any(m._input_history_buffer_size == -1 for m in modules):
+        return mcc(features)  # (TorchRec sizes the history buffers from its first batch)
+    feats = _mcc_lazy_init_inplace(features, mcc._feature_names, mcc._features_order, mcc._created_feature_order)
+    values = feats.values()
+    lpk = feats.length_per_key()
+    bounds, f = [0], 0
+    for n in mcc._table_feature_splits:
+        bounds.append(bounds[-1] + sum(lpk[f : f + n]))
+        f += n
+    sorted_ids, slots = [m._mch_sorted_raw_ids for m in modules], [m._mch_remapped_ids_mapping for m in modules]
+    if mcc.training:
+        steps = [(m._current_iter if m._current_iter != -1 else int(m._current_iter_tensor.item())) for m in modules]
+        at = [m._current_history_buffer_offset for m in modules]
+        take = [min(bounds[t + 1] - bounds[t], m._input_history_buffer_size - at[t]) for t, m in enumerate(modules)]
+        check = [
+            steps[t] + 1 - (m._last_eviction_iter if m._current_iter != -1 else steps[t]) == m._eviction_interval
+            for t, m in enumerate(modules)
+        ]
+        done = k.mch_profile(values, bounds, take, at, check, [m._history_accumulator for m in modules],
+                             sorted_ids, [m._mch_counts for m in modules], slots, [m._current_iter_tensor for m in modules])  # fmt: skip
+        if not done:
+            return mcc(features)  # (a buffer the kernel does not take: nothing was touched)
+        for t, m in enumerate(modules):
+            if m._current_iter == -1:
+                m._last_eviction_iter = steps[t]
+            m._current_iter = steps[t] + 1
+            m._current_history_buffer_offset = at[t] + take[t]
+            if check[t]:
+                if done[t]:
+                    m._current_history_buffer_offset = 0
+                else:
+                    MCHManagedCollisionModule._coalesce_history(m)  # TorchRec evicts
+                m._last_eviction_iter = m._current_iter
+    out = k.mch_remap(values, bounds, sorted_ids, slots, [m._zch_size - 1 for m in modules])
+    if out is None:  # (in eval; in training mch_profile checked the same tensors)
+        return mcc(features)
+    return KeyedJaggedTensor(
+        keys=feats.keys(), values=out, lengths=feats.lengths(), stride=feats.stride(), length_per_key=lpk
+    )
 
 
 def _mch(
@@ -238,7 +320,7 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
             self.mcc._features_order.clear()
             self.mcc._created_feature_order[0] = False
             self._mc_keys = list(keys)
-        remapped = self.mcc(ids)
+        remapped = mcc_forward(self.mcc, ids)
         for table, slots in self.mcc.evict().items():
             if slots is not None and slots.numel():
                 self._reinit(table, slots)

@@ -31,10 +31,7 @@ float64 and batch norm without affine parameters take the modules one by one or 
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -43,8 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
-
+from compression import native
 
 FULL_CUT = 2**32
 
@@ -96,45 +92,13 @@ _KERNEL: dict[str, Any] = {}
 
 
 def kernel() -> Any:
-    """The C++ kernel (``fused_cpu.cpp``), built on first use into torch's extension cache
-    (``TORCH_EXTENSIONS_DIR``), for this machine's CPU; None where it cannot be built (no
-    C++ compiler or ninja: one warning, and torch ops do the same work) or where
+    """The C++ kernel (``fused_cpu.cpp``, built on first use by ``compression.native``), or
+    None where it cannot be built (torch ops then do the same work) or where
     ``EMBCOMP_CPU_KERNELS=0``."""
     if "k" not in _KERNEL:
-        _KERNEL["k"] = _build()
+        src = Path(__file__).with_name("fused_cpu.cpp")
+        _KERNEL["k"] = native.load(src, "the MLP block's batch norm, ReLU and dropout run as torch ops")
     return _KERNEL["k"]
-
-
-def _build() -> Any:
-    if os.environ.get("EMBCOMP_CPU_KERNELS", "1") == "0":
-        return None
-    src = Path(__file__).with_name("fused_cpu.cpp")
-    # built where it runs (the name keys the CPU's features); OpenMP, or at::parallel_for
-    # (inline in torch's headers) runs the blocks on one thread
-    flags = ["-O3", "-march=native", "-fopenmp"]
-    cpu = Path("/proc/cpuinfo")
-    features = [ln for ln in cpu.read_text().splitlines() if ln.startswith("flags")][:1] if cpu.exists() else []
-    # the path too: ninja rebuilds a build directory whose source path changed, so two
-    # checkouts sharing the cache would take turns rebuilding one
-    parts = [str(src.resolve()), src.read_text(), *flags, torch.__version__, *features]
-    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
-    name = f"embcomp_fused_cpu_{key}"
-    try:
-        from torch.utils import cpp_extension
-
-        try:  # (torch's own, private: only to say why the first step waits)
-            built = Path(cpp_extension._get_build_directory(name, verbose=False), "build.ninja").exists()
-        except Exception:  # noqa: BLE001
-            built = False
-        if not built:
-            log.info("building %s for this machine (once, about 20 s)", src.name)
-        return cpp_extension.load(name, [str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # noqa: BLE001 (a missing compiler shows in many ways)
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        said = [ln for ln in lines if "error:" in ln.lower() or "not found" in ln.lower()]  # the compiler's own line
-        why = (said[:1] or lines[-1:] or [type(e).__name__])[0][:300]
-        log.warning("%s did not build (%s); the MLP block's batch norm, ReLU and dropout run as torch ops", src.name, why)
-        return None
 
 
 class _BatchNormReluDropout(torch.autograd.Function):
