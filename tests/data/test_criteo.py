@@ -216,3 +216,85 @@ def test_a_file_parsed_in_memory_and_one_spilled_to_intermediates_give_the_same_
         assert len(calls) == 3  # three splits in memory; the spilled run adds none
     assert sum(calls) == 10_000
     assert outputs_equal(*out.values())
+
+
+def _edge_lines(n: int, seed: int = 0) -> list[str]:
+    """Clean lines with what the C++ parse must read as polars does: negative and empty
+    integers, 18-digit ones, ids of either case with leading zeros, 15 hex digits, empty."""
+    rng = np.random.default_rng(seed)
+    pool_i = ["", "0", "-0", "-3", "7", "0012", "999999999999999999", "-999999999999999999", "123456"]
+    pool_c = ["", "68fd1e64", "68FD1E64", "0000000a", "fffffffffffffff", "1", "b2cb9c98", "deadBEEF"]
+    return [
+        "\t".join([str(rng.integers(2)), *(pool_i[rng.integers(len(pool_i))] for _ in DENSE),
+                   *(pool_c[rng.integers(len(pool_c))] for _ in SPARSE)])  # fmt: skip
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize(("ids", "split_by", "max_rows", "end"), [
+    ("vocab", "hash", None, "\n"), ("raw", "order", 700, ""), ("vocab", "order", None, ""),
+])  # fmt: skip
+def test_the_cpu_parse_of_a_clean_file_gives_polars_files(tmp_path, monkeypatch, ids, split_by, max_rows, end):
+    """A clean file (every line as the real data's) is parsed by ``criteo_cpu.cpp``; the same
+    file through polars' parse alone gives the same splits, ids and counts: the sample with
+    edge values appended, the last line with its newline or without."""
+    path = tmp_path / "edge.txt"
+    path.write_text(CRITEO_SAMPLE.read_text() + "\n".join(_edge_lines(1500)) + end)
+    assert criteo._clean_typed(path, max_rows) is not None, "the kernel did not take a clean file"
+    out = {k: tmp_path / k for k in ("cpu", "polars")}
+    for k, d in out.items():
+        if k == "polars":
+            monkeypatch.setattr(criteo, "_clean_typed", lambda *a: None)
+        d.mkdir()
+        criteo.preprocess_criteo(path, d, ids=ids, split_by=split_by, max_rows=max_rows, min_count=1)
+    assert outputs_equal(out["cpu"], out["polars"])
+
+
+@pytest.mark.parametrize("line_end, field", [("\r\n", None), ("\n", "+5"), ("\n", "1234567890123456789"), ("\n", " 5")])
+def test_a_file_the_cpu_parse_does_not_take_goes_to_polars(tmp_path, line_end, field):
+    """Windows line ends, a plus sign, 19 digits, a space: not the kernel's (polars reads the
+    first three, and names the line of the last)."""
+    lines = _edge_lines(50)
+    if field is not None:
+        parts = lines[30].split("\t")
+        parts[3] = field
+        lines[30] = "\t".join(parts)
+    path = tmp_path / "odd.txt"
+    path.write_text(line_end.join(lines) + line_end)
+    assert criteo._clean_typed(path, None) is None
+    if field == " 5":
+        with pytest.raises(criteo.DataError, match=r"odd.txt:31: column I3: ' 5' is not an integer"):
+            criteo.preprocess_criteo(path, tmp_path)
+    else:
+        criteo.preprocess_criteo(path, tmp_path)
+        assert pl.read_parquet(tmp_path / "train.parquet").height > 30
+
+
+def test_without_a_compiler_polars_parses_alone(tmp_path):
+    """A machine with no C++ compiler: one warning naming why, and the same files from
+    polars' parse (a real build attempt, in a process of its own)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "from recsys.data import criteo\n"
+        "logging.basicConfig()\n"
+        "assert criteo.tsv_parser() is None\n"
+        "out = Path(sys.argv[1]); out.mkdir()\n"
+        "criteo.preprocess_criteo(Path(sys.argv[2]), out)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "CXX": str(tmp_path / "no-such-c++")}
+    got = subprocess.run([sys.executable, "-c", code, str(tmp_path / "polars"), str(CRITEO_SAMPLE)], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.strip() == "False"  # the data pipeline loads no torch
+    warned = [ln for ln in got.stderr.splitlines() if "criteo_cpu.cpp did not build" in ln]
+    assert len(warned) == 1 and "no-such-c++" in warned[0], got.stderr[-2000:]
+    (tmp_path / "cpu").mkdir()
+    assert criteo._clean_typed(CRITEO_SAMPLE, None) is not None
+    criteo.preprocess_criteo(CRITEO_SAMPLE, tmp_path / "cpu")
+    assert outputs_equal(tmp_path / "cpu", tmp_path / "polars")
