@@ -60,7 +60,7 @@ from experiments.advise.pruner import PerCandidateHalving
 from experiments.advise.study_storage import GRACE_BEATS
 from experiments.advise.study_storage import open_study as open_study  # (imported from here)
 from experiments.advise.study_storage import storage as storage
-from experiments.interrupts import interrupted
+from experiments.interrupts import interrupted, stop_requested
 from experiments.job_summary import JobSummary
 from recsys.training.callbacks import Callback, TrainingStopped
 
@@ -231,6 +231,8 @@ class Search:
 
     def run(self) -> None:
         while True:
+            if stop_requested():  # a SIGTERM whose KeyboardInterrupt a library swallowed
+                raise KeyboardInterrupt("terminated")
             with warnings.catch_warnings():  # (Optuna marks the heartbeat API experimental)
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 fail_stale_trials(self.study)

@@ -7,7 +7,8 @@ import pytest
 from omegaconf.errors import ConfigKeyError
 
 import experiments.advise.__main__ as advise_main
-from experiments.interrupts import interrupted, terminated
+from experiments import interrupts
+from experiments.interrupts import interrupted, stop_requested, terminated
 
 
 def _raised(f) -> BaseException:
@@ -38,8 +39,14 @@ def _wrapped(inner):
     return f
 
 
+@pytest.fixture(autouse=True)
+def _no_signal_kept(monkeypatch):
+    """A test that calls ``terminated`` keeps its signal to itself, not for the worker's
+    later tests."""
+    monkeypatch.setattr(interrupts, "_RECEIVED", [])
+
+
 def test_a_stop_inside_a_clean_up_is_still_a_stop():
-    assert interrupted(_raised(lambda: terminated(15, None)))
     assert interrupted(_raised(_wrapped(_clean_up_fails_during(KeyboardInterrupt()))))
     assert not interrupted(_raised(_wrapped(_clean_up_fails_during(ValueError("a real failure")))))
     assert not interrupted(_raised(lambda: 1 / 0))
@@ -47,6 +54,15 @@ def test_a_stop_inside_a_clean_up_is_still_a_stop():
     looped.__context__ = ValueError("b")
     looped.__context__.__context__ = looped
     assert not interrupted(looped)
+
+
+def test_after_a_sigterm_any_error_is_the_stop():
+    """SIGTERM's KeyboardInterrupt swallowed where it landed (a finalizer) or replaced by a
+    library's error raised later with no chain to it: the error still reads as the stop."""
+    failure = _raised(lambda: 1 / 0)
+    assert not interrupted(failure) and not stop_requested()
+    assert interrupted(_raised(lambda: terminated(15, None)))
+    assert stop_requested() and interrupted(failure)
 
 
 @pytest.mark.parametrize("stop, code", [(KeyboardInterrupt(), 130), (ValueError("no"), None)])
