@@ -49,6 +49,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import fail_stale_trials
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from compression import BudgetError, IdOutOfRangeError, MethodConfigError
@@ -334,6 +335,12 @@ class Search:
         for key, _ in point.values:  # (the queued point fixes each value)
             trial.suggest_categorical(f"{point.candidate.name}.{key.split('.', 1)[1]}", list(space[key]))
         trial.set_user_attr("worker", WORKER)
+        # a beat of our own before "started": Optuna's heartbeat thread may not have written
+        # its first yet, and a worker killed then would leave a trial that neither the stale
+        # check (no heartbeat) nor reclaim_unstarted ("started") takes back: the study waits forever
+        storage = self.study._storage
+        if is_heartbeat_enabled(storage) and isinstance(storage, BaseHeartbeat):
+            storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr("started", trial.number)  # (a retried trial carries its first one's attrs)
         if point.candidate.reference:
             trial.set_user_attr("reference", True)
