@@ -217,8 +217,8 @@ def _clean_typed(path: Path, max_rows: int | None) -> pl.LazyFrame | None:
     """The file's first ``max_rows`` lines as ``_typed`` would type them, parsed on the CPU's
     threads by ``criteo_cpu.cpp`` where every line is clean: 40 fields, the label 0 or 1,
     each integer an optional ``-`` and at most 18 digits, each id at most 15 hexadecimal
-    digits, ``\n`` line ends. None for any other file (polars' pass then finds and names a
-    bad line, and reads what is unusual but right: ``+5``, ``\r\n``, longer numbers) or
+    digits, ``\\n`` line ends. None for any other file (polars' pass then finds and names a
+    bad line, and reads what is unusual but right: ``+5``, ``\\r\\n``, longer numbers) or
     where the kernel is not built."""
     lib = tsv_parser()
     if lib is None:
