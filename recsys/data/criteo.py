@@ -14,21 +14,26 @@ or "1.5" into 0 would hide a broken export behind a plausible-looking dataset.
 Checks run inside the single parsing pass, so on a big file the error comes at the
 end of that pass (a few minutes for a 200M-row day), not at the bad line.
 
-The pipeline is polars lazy and streaming (bounded memory for a 200M-row day):
+A clean file (every line as the real data's: 40 fields, the label 0 or 1, integers of an
+optional ``-`` and at most 18 digits, ids of at most 15 hexadecimal digits, ``\n`` line ends)
+takes ``criteo_cpu.cpp``'s pipeline (``_cpu_pipeline``; a plain C library, no torch), a piece
+of ``PIECE_BYTES`` at a time, so memory is bounded by a piece and the vocabularies:
+
+1. parse each piece on the CPU's threads, count its train rows' ids in one hash table a field,
+2. vocabularies from the tables,
+3. parse each piece again (a file of at most ``IN_MEMORY_MAX_BYTES`` keeps step 1's columns),
+   map its ids in place, append its rows to the split files.
+
+Any other file, or a machine without a compiler, takes polars' pipeline, whose parse alone
+finds and names a bad line (lazy and streaming: bounded memory too):
 
 1. scan lines -> validate and parse -> one intermediate Parquet per split,
 2. per-field streaming ``group_by`` on the train intermediate -> vocabularies,
 3. map values to ids per split -> ``{train,val,test}.parquet``.
 
-Memory is bounded by the vocabularies (hash tables of the distinct train values),
-not by the number of rows. A file of at most ``IN_MEMORY_MAX_BYTES`` keeps step 1's
-output in memory instead (about 0.6x the file's size as columns), and step 3 maps
-each split's columns on polars' threads at once: the same output, written without the
-intermediate's round trip through the disk. There, where every line is clean (as the
-real data's lines are), step 1's split and parse of the lines is ``criteo_cpu.cpp``'s
-(``_clean_typed``: a plain C library, no torch; about 1.2x the file's size as int64
-columns while it parses); any other file, or a machine without a compiler, takes polars'
-parse, which alone finds and names a bad line.
+There a file of at most ``IN_MEMORY_MAX_BYTES`` keeps step 1's output in memory instead
+(about 0.6x the file's size as columns), and step 3 maps each split's columns on polars'
+threads at once. Both pipelines write the same files, in row groups of ``ROW_GROUP_ROWS``.
 
 Example::
 
@@ -38,7 +43,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -57,11 +64,12 @@ from recsys.data.common import (
     scan_lines,
     sha256_file,
     split_code_expr,
+    split_codes,
     vocab_from_counts,
     write_counts,
 )
 from recsys.data.files import require_file, text_read_error
-from recsys.data.ids import IdLookup, RawIds, frame_ids
+from recsys.data.ids import IdLookup, RawIds, frame_ids, raw_ids
 from recsys.data.schema import (
     COUNTS_FILE,
     SPLITS,
@@ -79,9 +87,14 @@ COLUMNS = ["label", *DENSE, *SPARSE]
 TAB = "\t"
 # Sources up to this size also get a sha256 in schema.source (hashing 11 GB is slow).
 SHA256_MAX_BYTES = 256 << 20
-# Sources up to this size are parsed into memory, not into intermediate files (the module's
-# docstring): at most about 0.6 GiB of columns beside the vocabularies.
+# Sources up to this size are parsed once and kept in memory (the module's docstring): at
+# most about 1.2 GiB of int64 columns (C++ pipeline) or 0.6 GiB (polars'), beside the
+# vocabularies. A larger one is parsed twice (C++) or through intermediate files (polars).
 IN_MEMORY_MAX_BYTES = 1 << 30
+# A clean file is parsed a piece of about this many bytes at a time (``_cpu_pipeline``):
+# about 1.2x of it as int64 columns, about as much again while its rows are written, beside
+# less than a row group held for each split's file (about 0.2 GiB each at most).
+PIECE_BYTES = 64 << 20
 
 
 @dataclass
@@ -177,25 +190,17 @@ def _checks() -> list[tuple[str, pl.Expr]]:
 
 
 def _parsed(lines: pl.LazyFrame, seed: int, split: list[float], total: int | None) -> pl.LazyFrame:
-    """Lines -> typed columns, split code (``total`` rows: in file order, else by row hash)
-    and a per-row ``_bad`` flag (still lazy)."""
+    """Lines -> the output's columns, split code (``total`` rows: in file order, else by row
+    hash) and a per-row ``_bad`` flag (still lazy)."""
     bad = pl.any_horizontal([e for _, e in _checks()])
-    return _output(_typed(lines), pl.col("label") == "1", bad, seed, split, total)
-
-
-def _output(
-    typed: pl.LazyFrame, label_one: pl.Expr, bad: pl.Expr, seed: int, split: list[float], total: int | None
-) -> pl.LazyFrame:
-    """A typed frame (``row``, ``_I*`` and ``_C*`` integers, null where empty) -> the
-    output's columns, the split code and ``_bad``."""
     dense = [
         pl.col(f"_{c}").fill_null(0).clip(lower_bound=0).cast(pl.Float64).log1p().cast(pl.Float32).alias(c)
         for c in DENSE
     ]
-    return typed.select(
+    return _typed(lines).select(
         pl.col("row").cast(pl.Int64),
         split_code_expr("row", seed, split, total),
-        label_one.cast(pl.Float32).alias("label"),
+        (pl.col("label") == "1").cast(pl.Float32).alias("label"),
         *dense,
         *(pl.col(f"_{c}").alias(c) for c in SPARSE),
         bad.alias("_bad"),
@@ -205,38 +210,210 @@ def _output(
 def tsv_parser() -> ctypes.CDLL | None:
     """``criteo_cpu.cpp``, its functions' C types set (None where it is not built)."""
     lib = native.load_library(Path(__file__).with_name("criteo_cpu.cpp"), "Criteo TSV lines are parsed by polars alone")
-    if lib is not None:
-        lib.criteo_lines.restype = ctypes.c_int64
-        lib.criteo_lines.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int]
-        lib.criteo_parse.restype = ctypes.c_int
-        lib.criteo_parse.argtypes = [ctypes.c_char_p, ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_int]
+    if lib is not None and lib.criteo_open.restype is not ctypes.c_void_p:
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        for fn, res, args in [
+            ("criteo_open", ptr, [ctypes.c_char_p]),
+            ("criteo_close", None, [ptr]),
+            ("criteo_size", i64, [ptr]),
+            ("criteo_line_start", i64, [ptr, i64]),
+            ("criteo_lines", i64, [ptr, i64, i64, c_int]),
+            ("criteo_parse", c_int, [ptr, i64, i64, i64, ptr, ptr, ptr, c_int]),
+            ("criteo_tables", ptr, [c_int]),
+            ("criteo_tables_free", None, [ptr]),
+            ("criteo_count", None, [ptr, ptr, i64, ptr, c_int]),
+            ("criteo_table_size", i64, [ptr, c_int]),
+            ("criteo_table_items", None, [ptr, c_int, ptr, ptr]),
+            ("criteo_table_set", None, [ptr, c_int, ptr, ptr, i64]),
+            ("criteo_map", None, [ptr, ptr, i64, c_int]),
+        ]:
+            getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
     return lib
 
 
-def _clean_typed(path: Path, max_rows: int | None) -> pl.LazyFrame | None:
-    """The file's first ``max_rows`` lines as ``_typed`` would type them, parsed on the CPU's
-    threads by ``criteo_cpu.cpp`` where every line is clean: 40 fields, the label 0 or 1,
-    each integer an optional ``-`` and at most 18 digits, each id at most 15 hexadecimal
-    digits, ``\\n`` line ends. None for any other file (polars' pass then finds and names a
-    bad line, and reads what is unusual but right: ``+5``, ``\\r\\n``, longer numbers) or
-    where the kernel is not built."""
+@dataclass
+class _Piece:
+    """A byte range of whole lines of the file, its first row and how many rows it holds."""
+
+    start: int
+    end: int
+    first: int
+    rows: int
+
+
+@dataclass
+class _Parsed:
+    """A piece's rows as ``criteo_cpu.cpp`` types them: label 0/1, integers (empty 0) and
+    ids (empty -1) by column, and each row's split code."""
+
+    label: np.ndarray  # (rows,) uint8
+    dense: np.ndarray  # (13, rows) int64
+    sparse: np.ndarray  # (26, rows) int64
+    code: np.ndarray  # (rows,) int8
+
+
+class _CleanTsv:
+    """A Criteo TSV file read a piece at a time by ``criteo_cpu.cpp`` (open while in a
+    ``with`` block), and one hash table per sparse field."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.lib, self.path, self.threads = lib, path, pl.thread_pool_size()
+        self.file = self.tables = None
+
+    def __enter__(self) -> _CleanTsv:
+        self.file = self.lib.criteo_open(str(self.path).encode())
+        self.tables = self.lib.criteo_tables(len(SPARSE))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file:
+            self.lib.criteo_close(self.file)
+        self.lib.criteo_tables_free(self.tables)
+
+    def pieces(self, max_rows: int | None) -> Iterator[_Piece]:
+        """The file (its first ``max_rows`` lines) in pieces of about ``PIECE_BYTES``, each
+        counted as it is reached (its text then read again from the page cache)."""
+        size, start, first = self.lib.criteo_size(self.file), 0, 0
+        while start < size and (max_rows is None or first < max_rows):
+            end = self.lib.criteo_line_start(self.file, start + PIECE_BYTES)
+            rows = self.lib.criteo_lines(self.file, start, end, self.threads)
+            rows = rows if max_rows is None else min(rows, max_rows - first)
+            yield _Piece(start, end, first, rows)
+            start, first = end, first + rows
+
+    def parse(self, piece: _Piece, seed: int, split: list[float], total: int | None) -> _Parsed | None:
+        """The piece's rows and split codes, None where a line is not clean."""
+        n = piece.rows
+        label, dense, sparse = (np.empty(n, np.uint8), np.empty((len(DENSE), n), np.int64),
+                                np.empty((len(SPARSE), n), np.int64))  # fmt: skip
+        if not self.lib.criteo_parse(self.file, piece.start, piece.end, n, label.ctypes.data, dense.ctypes.data,
+                                     sparse.ctypes.data, self.threads):  # fmt: skip
+            return None
+        code = split_codes(np.arange(piece.first, piece.first + n, dtype=np.int64), seed, split, total)
+        return _Parsed(label, dense, sparse, np.ascontiguousarray(code, dtype=np.int8))
+
+    def count(self, parsed: _Parsed) -> None:
+        """Counts the train rows' ids in the field's tables."""
+        self.lib.criteo_count(self.tables, parsed.sparse.ctypes.data, len(parsed.code), parsed.code.ctypes.data,
+                              self.threads)  # fmt: skip
+
+    def counts(self, field: int) -> pl.DataFrame:
+        """The field's table as columns ``value``, ``count``."""
+        n = self.lib.criteo_table_size(self.tables, field)
+        values, counts = np.empty(n, np.int64), np.empty(n, np.int64)
+        self.lib.criteo_table_items(self.tables, field, values.ctypes.data, counts.ctypes.data)
+        return pl.DataFrame({"value": values, "count": counts})
+
+    def use_vocab(self, field: int, vocab: pl.DataFrame) -> None:
+        """The field's table made its vocabulary: value -> id."""
+        values = np.ascontiguousarray(vocab["value"].to_numpy(), dtype=np.int64)
+        ids = np.ascontiguousarray(vocab["id"].to_numpy(), dtype=np.int64)
+        self.lib.criteo_table_set(self.tables, field, values.ctypes.data, ids.ctypes.data, len(values))
+
+    def map_ids(self, parsed: _Parsed) -> None:
+        """Each id of the piece replaced by its vocabulary id (0: empty or not in it), in place."""
+        self.lib.criteo_map(self.tables, parsed.sparse.ctypes.data, len(parsed.code), self.threads)
+
+
+class _RowGroupWriter:
+    """A split's Parquet file written a piece's rows at a time, in row groups of
+    ``ROW_GROUP_ROWS`` rows (the last one the rest) as polars' ``write_parquet`` writes them:
+    the loader shuffles a large split a row group at a time. Holds fewer than a row group's
+    rows between writes."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.concat, self.rows, self.pending = pa.concat_tables, 0, 0
+        self.held: list[Any] = []  # pyarrow Tables
+        schema = pa.schema([("label", pa.float32()), *((c, pa.float32()) for c in DENSE),
+                            *((c, pa.int64()) for c in SPARSE)])  # fmt: skip
+        self.writer = pq.ParquetWriter(path, schema, compression=SPLIT_COMPRESSION)
+
+    def __enter__(self) -> _RowGroupWriter:
+        return self
+
+    def write(self, frame: pl.DataFrame) -> None:
+        """Appends the frame's rows; writes every whole row group held."""
+        self.held.append(frame.to_arrow())
+        self.rows, self.pending = self.rows + frame.height, self.pending + frame.height
+        if self.pending >= ROW_GROUP_ROWS:
+            self._flush(self.pending // ROW_GROUP_ROWS * ROW_GROUP_ROWS)
+
+    def _flush(self, n: int) -> None:
+        held = self.concat(self.held)
+        self.writer.write_table(held.slice(0, n), row_group_size=ROW_GROUP_ROWS)
+        self.held, self.pending = [held.slice(n)], self.pending - n
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None and self.pending:  # the rest: a last, smaller row group
+            self._flush(self.pending)
+        self.writer.close()
+
+
+def _split_frames(parsed: _Parsed) -> list[pl.DataFrame]:
+    """A piece whose ids are mapped -> its output rows, one frame per split."""
+    dense = [pl.col(c).clip(lower_bound=0).cast(pl.Float64).log1p().cast(pl.Float32) for c in DENSE]
+    frame = pl.DataFrame(
+        {"label": parsed.label.astype(np.float32), **dict(zip(DENSE, parsed.dense)),
+         **dict(zip(SPARSE, parsed.sparse)), "_split": parsed.code}  # fmt: skip
+    ).with_columns(dense)
+    return [frame.filter(pl.col("_split") == k).drop("_split") for k in range(len(SPLITS))]
+
+
+def _cpu_pipeline(
+    path: Path, out_dir: Path, *, seed: int, split: list[float], min_count: int, max_rows: int | None,
+    split_by: str, ids: str,
+) -> tuple[dict[str, pl.DataFrame], int, dict[str, int]] | None:
+    """``preprocess_criteo``'s passes on a clean file, with ``criteo_cpu.cpp``: (vocabularies,
+    train rows, rows per split), the split files written; None where a line is not clean or
+    the kernel is not built (nothing written then).
+
+    Pass 1 parses each piece and counts its train ids; pass 2 parses it again (a file of at
+    most ``IN_MEMORY_MAX_BYTES`` keeps pass 1's columns instead), maps its ids and appends its
+    rows to the split files."""
     lib = tsv_parser()
     if lib is None:
         return None
-    name, threads = str(path).encode(), pl.thread_pool_size()
-    n = lib.criteo_lines(name, max_rows or 0, threads)
-    if n < 0:
-        return None
-    label = np.empty(n, dtype=np.uint8)
-    dense = np.empty((len(DENSE), n), dtype=np.int64)
-    sparse = np.empty((len(SPARSE), n), dtype=np.int64)
-    if not lib.criteo_parse(name, n, label.ctypes.data, dense.ctypes.data, sparse.ctypes.data, threads):
-        return None
-    columns = {"row": pl.Series("row", np.arange(len(label), dtype=np.uint32)), "_label1": label == 1}
-    columns.update({f"_{c}": dense[j] for j, c in enumerate(DENSE)})
-    columns.update({f"_{c}": sparse[j] for j, c in enumerate(SPARSE)})
-    empty = [pl.when(pl.col(f"_{c}") >= 0).then(pl.col(f"_{c}")).alias(f"_{c}") for c in SPARSE]  # -1: empty
-    return pl.DataFrame(columns).lazy().with_columns(empty)
+    with _CleanTsv(lib, path) as tsv:
+        if not tsv.file:
+            return None
+        # split_by order needs the number of lines first: one more read of the file
+        planned = list(tsv.pieces(max_rows)) if split_by == "order" else None
+        total = sum(p.rows for p in planned) if planned is not None else None
+        keep = path.stat().st_size <= IN_MEMORY_MAX_BYTES
+        pieces: list[_Piece] = []
+        kept: list[_Parsed] = []
+        n_train = 0
+        for piece in planned if planned is not None else tsv.pieces(max_rows):
+            pieces.append(piece)
+            parsed = tsv.parse(piece, seed, split, total)
+            if parsed is None:
+                return None
+            tsv.count(parsed)
+            n_train += int(np.count_nonzero(parsed.code == 0))
+            if keep:
+                kept.append(parsed)
+        vocabs = {c: vocab_from_counts(tsv.counts(j), min_count) for j, c in enumerate(SPARSE)}
+        if ids != "raw":
+            for j, c in enumerate(SPARSE):
+                tsv.use_vocab(j, vocabs[c])
+        with contextlib.ExitStack() as stack:
+            writers = {s: stack.enter_context(_RowGroupWriter(out_dir / f"{s}.parquet")) for s in SPLITS}
+            for piece in pieces:
+                parsed = kept.pop(0) if keep else tsv.parse(piece, seed, split, total)
+                if parsed is None:
+                    raise DataError(f"{path}: the file changed while it was read")
+                if ids == "raw":
+                    empty = parsed.sparse < 0
+                    parsed.sparse[:] = raw_ids(parsed.sparse)
+                    parsed.sparse[empty] = 0
+                else:
+                    tsv.map_ids(parsed)
+                for s, frame in zip(SPLITS, _split_frames(parsed)):
+                    writers[s].write(frame)
+    return vocabs, n_train, {s: w.rows for s, w in writers.items()}
 
 
 def _diagnose(path: Path, lines: pl.LazyFrame, row: int) -> DataError:
@@ -264,32 +441,12 @@ def _diagnose(path: Path, lines: pl.LazyFrame, row: int) -> DataError:
     raise AssertionError(f"{where}: flagged bad but no check fails")  # pragma: no cover
 
 
-def preprocess_criteo(
-    path: Path,
-    out_dir: Path,
-    *,
-    name: str = "criteo",
-    seed: int = 0,
-    split: list[float] | None = None,
-    min_count: int = 1,
-    max_rows: int | None = None,
-    split_by: str = "hash",
-    ids: str = "vocab",
-) -> DatasetSchema:
-    """Write the processed dataset for ``path`` into the existing directory ``out_dir``.
-
-    Writes the split Parquet files and counts and returns the schema (the caller writes
-    ``schema.json``; ``CriteoConfig.prepare`` does this atomically through the cache).
-
-    Example::
-
-        schema = preprocess_criteo(Path("train.txt"), Path("/tmp/out"), seed=0)
-    """
-    path = Path(path)
-    split = list(split) if split is not None else [0.8, 0.1, 0.1]
-    require_file(path, "a Criteo TSV file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file, no rows")
+def _polars_pipeline(
+    path: Path, out_dir: Path, *, seed: int, split: list[float], min_count: int, max_rows: int | None,
+    split_by: str, ids: str,
+) -> tuple[dict[str, pl.DataFrame], int, dict[str, int]]:
+    """``preprocess_criteo``'s passes with polars' parse, for any file: (vocabularies, train
+    rows, rows per split), the split files written; the first bad line raised."""
     lines = scan_lines(path, n_rows=max_rows)
     in_memory = path.stat().st_size <= IN_MEMORY_MAX_BYTES
     tmp = {s: out_dir / f"_parsed-{s}.parquet" for s in SPLITS}
@@ -298,13 +455,8 @@ def preprocess_criteo(
     # one intermediate file each (lz4: written and read once, so cheap compression beats
     # small files). split_by order: the first split[0] of the lines train, the next
     # validate, the rest test
-    clean = _clean_typed(path, max_rows) if in_memory else None
-    if clean is not None:
-        total = clean.select(pl.len()).collect().item() if split_by == "order" else None
-        parsed = _output(clean, pl.col("_label1"), pl.lit(False), seed, split, total)
-    else:
-        total = lines.select(pl.len()).collect(engine="streaming").item() if split_by == "order" else None
-        parsed = _parsed(lines, seed, split, total)
+    total = lines.select(pl.len()).collect(engine="streaming").item() if split_by == "order" else None
+    parsed = _parsed(lines, seed, split, total)
     per_split = [parsed.filter(pl.col("_split") == code).drop("_split") for code in range(len(SPLITS))]
     try:
         if in_memory:
@@ -324,7 +476,7 @@ def preprocess_criteo(
     if first_bad is not None:
         raise _diagnose(path, lines, first_bad)
     if n_rows == 0:
-        raise DataError(f"{path}: empty file, no rows")
+        return {}, 0, {}
 
     # Pass 2: vocabularies from the train split, counted by streaming group_by.
     train = frames["train"]
@@ -353,6 +505,42 @@ def preprocess_criteo(
             ).sink_parquet(target, row_group_size=ROW_GROUP_ROWS, compression=SPLIT_COMPRESSION, engine="streaming")
             tmp[s].unlink()
         rows[s] = pl.scan_parquet(target).select(pl.len()).collect().item()
+
+    return vocabs, n_train, rows
+
+
+def preprocess_criteo(
+    path: Path,
+    out_dir: Path,
+    *,
+    name: str = "criteo",
+    seed: int = 0,
+    split: list[float] | None = None,
+    min_count: int = 1,
+    max_rows: int | None = None,
+    split_by: str = "hash",
+    ids: str = "vocab",
+) -> DatasetSchema:
+    """Write the processed dataset for ``path`` into the existing directory ``out_dir``.
+
+    Writes the split Parquet files and counts and returns the schema (the caller writes
+    ``schema.json``; ``CriteoConfig.prepare`` does this atomically through the cache).
+
+    Example::
+
+        schema = preprocess_criteo(Path("train.txt"), Path("/tmp/out"), seed=0)
+    """
+    path = Path(path)
+    split = list(split) if split is not None else [0.8, 0.1, 0.1]
+    require_file(path, "a Criteo TSV file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file, no rows")
+    args: dict[str, Any] = dict(seed=seed, split=split, min_count=min_count, max_rows=max_rows, split_by=split_by,
+                                ids=ids)  # fmt: skip
+    done = _cpu_pipeline(path, out_dir, **args)
+    vocabs, n_train, rows = done if done is not None else _polars_pipeline(path, out_dir, **args)
+    if sum(rows.values()) == 0:
+        raise DataError(f"{path}: empty file, no rows")
 
     counts = {}
     for c in SPARSE:

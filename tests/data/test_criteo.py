@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from recsys.data import criteo
@@ -199,11 +200,21 @@ def test_raw_ids_are_each_values_stable_hash(tmp_path, criteo_sample, sample_row
         LibFMConfig(ids="raw")
 
 
+def _cpu_taken(monkeypatch) -> list[bool]:
+    """Whether ``criteo_cpu.cpp``'s pipeline took each file ``preprocess_criteo`` was given."""
+    taken: list[bool] = []
+    cpu = criteo._cpu_pipeline
+    monkeypatch.setattr(criteo, "_cpu_pipeline", lambda *a, **k: taken.append((r := cpu(*a, **k)) is not None) or r)
+    return taken
+
+
 @pytest.mark.parametrize(("ids", "split_by"), [("vocab", "hash"), ("raw", "order")])
 def test_a_file_parsed_in_memory_and_one_spilled_to_intermediates_give_the_same_files(tmp_path, monkeypatch, ids, split_by):
-    """A file of at most ``IN_MEMORY_MAX_BYTES`` keeps the parse in memory and maps its ids with
-    ``frame_ids``; a larger one (here: a limit of 0) goes through intermediate files and
-    streamed look-ups. Same splits, ids and counts either way."""
+    """Polars' pipeline (any file the C++ one does not take): a file of at most
+    ``IN_MEMORY_MAX_BYTES`` keeps the parse in memory and maps its ids with ``frame_ids``; a
+    larger one (here: a limit of 0) goes through intermediate files and streamed look-ups.
+    Same splits, ids and counts either way."""
+    monkeypatch.setattr(criteo, "_cpu_pipeline", lambda *a, **k: None)
     calls = []
     monkeypatch.setattr(criteo, "frame_ids", lambda frame, maps: calls.append(frame.height) or frame_ids(frame, maps))
     out = {}
@@ -231,29 +242,43 @@ def _edge_lines(n: int, seed: int = 0) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize(("ids", "split_by", "max_rows", "end"), [
-    ("vocab", "hash", None, "\n"), ("raw", "order", 700, ""), ("vocab", "order", None, ""),
+@pytest.mark.parametrize(("ids", "split_by", "max_rows", "end", "piece"), [
+    ("vocab", "hash", None, "\n", None), ("raw", "order", 700, "", None), ("vocab", "order", None, "", None),
+    ("vocab", "hash", None, "", 100_000), ("raw", "order", 5_300, "\n", 100_000), ("vocab", "order", None, "\n", 300),
 ])  # fmt: skip
-def test_the_cpu_parse_of_a_clean_file_gives_polars_files(tmp_path, monkeypatch, ids, split_by, max_rows, end):
-    """A clean file (every line as the real data's) is parsed by ``criteo_cpu.cpp``; the same
-    file through polars' parse alone gives the same splits, ids and counts: the sample with
-    edge values appended, the last line with its newline or without."""
+def test_the_cpu_pipeline_of_a_clean_file_gives_polars_files(tmp_path, monkeypatch, ids, split_by, max_rows, end, piece):
+    """A clean file (every line as the real data's) goes through ``criteo_cpu.cpp``'s pipeline,
+    in memory or (``piece`` bytes) as a file over ``IN_MEMORY_MAX_BYTES``, parsed a piece at a
+    time, twice; polars' pipeline gives the same splits, ids and counts: the sample with edge
+    values appended, the last line with its newline or without, ``max_rows`` within a piece,
+    pieces of 1 to 40 lines, row groups of 1,000 rows written as polars writes them."""
     path = tmp_path / "edge.txt"
     path.write_text(CRITEO_SAMPLE.read_text() + "\n".join(_edge_lines(1500)) + end)
-    assert criteo._clean_typed(path, max_rows) is not None, "the kernel did not take a clean file"
+    taken = _cpu_taken(monkeypatch)
+    monkeypatch.setattr(criteo, "ROW_GROUP_ROWS", 1_000)
+    if piece is not None:
+        monkeypatch.setattr(criteo, "IN_MEMORY_MAX_BYTES", 0)
+        monkeypatch.setattr(criteo, "PIECE_BYTES", piece)
     out = {k: tmp_path / k for k in ("cpu", "polars")}
     for k, d in out.items():
         if k == "polars":
-            monkeypatch.setattr(criteo, "_clean_typed", lambda *a: None)
+            monkeypatch.setattr(criteo, "_cpu_pipeline", lambda *a, **k: None)
         d.mkdir()
         criteo.preprocess_criteo(path, d, ids=ids, split_by=split_by, max_rows=max_rows, min_count=1)
+    assert taken == [True], "the C++ pipeline did not take a clean file"
     assert outputs_equal(out["cpu"], out["polars"])
+    for s in SPLITS:
+        groups = [pq.ParquetFile(d / f"{s}.parquet").metadata for d in out.values()]
+        assert [[m.row_group(i).num_rows for i in range(m.num_row_groups)] for m in groups] == [
+            [1_000] * (groups[1].num_rows // 1_000) + [groups[1].num_rows % 1_000]
+        ] * 2
 
 
 @pytest.mark.parametrize("line_end, field", [("\r\n", None), ("\n", "+5"), ("\n", "1234567890123456789"), ("\n", " 5")])
-def test_a_file_the_cpu_parse_does_not_take_goes_to_polars(tmp_path, line_end, field):
-    """Windows line ends, a plus sign, 19 digits, a space: not the kernel's (polars reads the
-    first three, and names the line of the last)."""
+def test_a_file_the_cpu_pipeline_does_not_take_goes_to_polars(tmp_path, monkeypatch, line_end, field):
+    """Windows line ends, a plus sign, 19 digits, a space, on the 31st of 50 lines read in
+    pieces of about 10: not the kernel's (polars reads the first three, and names the line of
+    the last), and nothing written by the kernel's pipeline is left."""
     lines = _edge_lines(50)
     if field is not None:
         parts = lines[30].split("\t")
@@ -261,16 +286,44 @@ def test_a_file_the_cpu_parse_does_not_take_goes_to_polars(tmp_path, line_end, f
         lines[30] = "\t".join(parts)
     path = tmp_path / "odd.txt"
     path.write_text(line_end.join(lines) + line_end)
-    assert criteo._clean_typed(path, None) is None
+    taken = _cpu_taken(monkeypatch)
+    monkeypatch.setattr(criteo, "PIECE_BYTES", 1_000)
+    out = tmp_path / "out"
+    out.mkdir()
     if field == " 5":
         with pytest.raises(criteo.DataError, match=r"odd.txt:31: column I3: ' 5' is not an integer"):
-            criteo.preprocess_criteo(path, tmp_path)
+            criteo.preprocess_criteo(path, out)
+        assert not list(out.glob("*.parquet"))
     else:
+        criteo.preprocess_criteo(path, out)
+        assert pl.read_parquet(out / "train.parquet").height > 30
+    assert taken == [False]
+
+
+def test_a_file_changed_between_the_cpu_pipelines_two_reads_is_refused(tmp_path, monkeypatch):
+    """A file over ``IN_MEMORY_MAX_BYTES`` is parsed twice; a line made bad after the first read
+    (the same size) is found by the second: one error naming the file."""
+    lines = _edge_lines(300)
+    path = tmp_path / "moving.txt"
+    path.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(criteo, "IN_MEMORY_MAX_BYTES", 0)
+    monkeypatch.setattr(criteo, "PIECE_BYTES", 10_000)
+    use_vocab = criteo._CleanTsv.use_vocab
+    at = len("\n".join(lines[:200])) + 1  # line 201's label
+
+    def change_then_use(self, field, vocab):  # between the two reads: after every piece was counted
+        if field == 0:
+            with path.open("r+b") as f:
+                f.seek(at)
+                f.write(b"7")
+        use_vocab(self, field, vocab)
+
+    monkeypatch.setattr(criteo._CleanTsv, "use_vocab", change_then_use)
+    with pytest.raises(criteo.DataError, match=r"moving\.txt: the file changed while it was read"):
         criteo.preprocess_criteo(path, tmp_path)
-        assert pl.read_parquet(tmp_path / "train.parquet").height > 30
 
 
-def test_without_a_compiler_polars_parses_alone(tmp_path):
+def test_without_a_compiler_polars_parses_alone(tmp_path, monkeypatch):
     """A machine with no C++ compiler: one warning naming why, and the same files from
     polars' parse (a real build attempt, in a process of its own)."""
     import os
@@ -287,6 +340,7 @@ def test_without_a_compiler_polars_parses_alone(tmp_path):
         "criteo.preprocess_criteo(Path(sys.argv[2]), out)\n"
         "print('torch' in sys.modules)\n"
     )
+    taken = _cpu_taken(monkeypatch)
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "CXX": str(tmp_path / "no-such-c++")}
     got = subprocess.run([sys.executable, "-c", code, str(tmp_path / "polars"), str(CRITEO_SAMPLE)], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -295,6 +349,6 @@ def test_without_a_compiler_polars_parses_alone(tmp_path):
     warned = [ln for ln in got.stderr.splitlines() if "criteo_cpu.cpp did not build" in ln]
     assert len(warned) == 1 and "no-such-c++" in warned[0], got.stderr[-2000:]
     (tmp_path / "cpu").mkdir()
-    assert criteo._clean_typed(CRITEO_SAMPLE, None) is not None
     criteo.preprocess_criteo(CRITEO_SAMPLE, tmp_path / "cpu")
+    assert taken == [True]
     assert outputs_equal(tmp_path / "cpu", tmp_path / "polars")
