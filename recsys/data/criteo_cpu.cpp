@@ -206,8 +206,11 @@ int64_t criteo_size(void* f) { return static_cast<File*>(f)->size; }
 int64_t criteo_line_start(void* f, int64_t at) { return static_cast<File*>(f)->line_start(at); }
 
 // The number of lines of [from, to) (both line starts or the file's end).
-int64_t criteo_lines(void* f, int64_t from, int64_t to, int threads) {
-  return Lines(*static_cast<File*>(f), from, to, threads).count();
+int64_t criteo_lines(void* file, int64_t from, int64_t to, int threads) {
+  const File& f = *static_cast<File*>(file);
+  const int64_t n = Lines(f, from, to, threads).count();
+  f.release(from, to);
+  return n;
 }
 
 // The first n lines of [from, to) into label (n), dense (13, n) and sparse (26, n): 1 where

@@ -244,14 +244,14 @@ def _edge_lines(n: int, seed: int = 0) -> list[str]:
 
 @pytest.mark.parametrize(("ids", "split_by", "max_rows", "end", "piece"), [
     ("vocab", "hash", None, "\n", None), ("raw", "order", 700, "", None), ("vocab", "order", None, "", None),
-    ("vocab", "hash", None, "", 100_000), ("raw", "order", 5_300, "\n", 100_000), ("vocab", "order", None, "\n", 300),
+    ("vocab", "hash", None, "", 100_000), ("raw", "order", 5_300, "\n", 100_000), ("vocab", "order", 400, "\n", 300),
 ])  # fmt: skip
 def test_the_cpu_pipeline_of_a_clean_file_gives_polars_files(tmp_path, monkeypatch, ids, split_by, max_rows, end, piece):
     """A clean file (every line as the real data's) goes through ``criteo_cpu.cpp``'s pipeline,
     in memory or (``piece`` bytes) as a file over ``IN_MEMORY_MAX_BYTES``, parsed a piece at a
     time, twice; polars' pipeline gives the same splits, ids and counts: the sample with edge
     values appended, the last line with its newline or without, ``max_rows`` within a piece,
-    pieces of 1 to 40 lines, row groups of 1,000 rows written as polars writes them."""
+    pieces of one or two lines and of about 400, row groups of 1,000 rows written as polars writes them."""
     path = tmp_path / "edge.txt"
     path.write_text(CRITEO_SAMPLE.read_text() + "\n".join(_edge_lines(1500)) + end)
     taken = _cpu_taken(monkeypatch)
