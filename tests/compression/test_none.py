@@ -35,6 +35,22 @@ def test_an_id_outside_its_table_names_the_feature(a, b, bad):
         m(kjt(a, b))
 
 
+def test_each_id_is_checked_against_its_own_features_table_in_any_key_order():
+    """Every id is compared with its own table's rows at once: 3 is in ``a``'s 10 rows, not
+    in ``b``'s 3; the last row of each passes; the keys in the other order too."""
+    m = compress(TABLES, NoCompression())
+    m(kjt([9, 3], [2, 0]))
+    with pytest.raises(IdOutOfRangeError, match="feature 'b': id 3 "):
+        m(kjt([9, 2], [0, 3]))
+    swapped = KeyedJaggedTensor.from_lengths_sync(
+        keys=["b", "a"], values=torch.tensor([2, 0, 9, 3]), lengths=torch.ones(4, dtype=torch.int32)
+    )
+    m(swapped)
+    with pytest.raises(IdOutOfRangeError, match="feature 'b': id 9 "):
+        m(KeyedJaggedTensor.from_lengths_sync(keys=["b", "a"], values=torch.tensor([2, 9, 0, 1]),
+                                               lengths=torch.ones(4, dtype=torch.int32)))  # fmt: skip
+
+
 def test_duplicate_features_or_tables_are_refused():
     with pytest.raises(ValueError, match="unique"):
         compress([TABLES[0], TABLES[0]], NoCompression())
