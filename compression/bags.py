@@ -16,12 +16,16 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from compression import native
 
 
 def unpooled(table: EmbeddingBagConfig, keep_init: bool = False) -> EmbeddingConfig:
@@ -93,7 +97,55 @@ def _one_hot(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor) -> bool:
     return lengths.numel() == len(features.keys()) * features.stride() and bool((lengths <= 1).all())
 
 
+def kernel() -> Any:
+    """``bags_cpu.cpp`` (None where it cannot be built, or kernels are off)."""
+    return native.load(Path(__file__).with_name("bags_cpu.cpp"), "one-hot lookups run feature by feature as torch ops")
+
+
+class _OneHot(torch.autograd.Function):
+    """Every feature's one id a sample looked up in its table, into the pooled output's
+    layout, in one call each way (``bags_cpu.cpp``)."""
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor, batch: int, pos: list[int], table: list[int],  # type: ignore[override]
+                *weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(values)
+        ctx.meta = (batch, pos, table, weights)
+        return kernel().onehot_gather(values, batch, pos, table, list(weights))  # type: ignore[no-any-return]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        (values,) = ctx.saved_tensors
+        batch, pos, table, weights = ctx.meta
+        need = list(ctx.needs_input_grad[4:])
+        grads = kernel().onehot_scatter(grad.contiguous(), values, batch, pos, table, list(weights), need)
+        return (None, None, None, None, *grads)
+
+
+def _by_kernel(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor) -> Optional[torch.Tensor]:
+    """The pooled output of features whose every bag holds one id, by ``_OneHot``; None where
+    the kernel or the tensors do not fit it (then the lookups run as torch ops)."""
+    keys, batch = features.keys(), features.stride()
+    values = features.values()
+    weights = [bag.weight for bag in ebc.embedding_bags.values()]
+    if (
+        values.numel() != len(keys) * batch
+        or values.dtype != torch.int64
+        or values.device.type != "cpu"
+        or any(w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() for w in weights)
+        or kernel() is None
+    ):
+        return None
+    where = {k: i for i, k in enumerate(keys)}
+    pos = [where[name] for names in ebc._feature_names for name in names]
+    table = [t for t, names in enumerate(ebc._feature_names) for _ in names]
+    return _OneHot.apply(values.contiguous(), batch, pos, table, *weights)  # type: ignore[no-any-return]
+
+
 def _by_row(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor) -> KeyedTensor:
+    pooled_all = _by_kernel(ebc, features)
+    if pooled_all is not None:
+        return KeyedTensor(keys=ebc._embedding_names, values=pooled_all, length_per_key=ebc._lengths_per_embedding)
     keys, batch = features.keys(), features.stride()
     per_key = features.length_per_key()
     values = dict(zip(keys, features.values().split(per_key)))
