@@ -60,92 +60,126 @@ def pool(rows: torch.Tensor, lengths: torch.Tensor, batch: int, pooling: Pooling
 
 
 def pooled_lookup(ebc: nn.Module, features: KeyedJaggedTensor) -> KeyedTensor:
-    """``ebc(features)``, the same KeyedTensor, with one-hot features looked up by row.
+    """``ebc(features)``, the same KeyedTensor, for TorchRec's plain collection read whole.
 
-    Where every bag of ``features`` holds one id or none (Criteo's, Avazu's and most CTR
-    fields; a method's split of a field into blocks), sum and mean pooling are that id's
-    row, or zeros, so each table is read with ``F.embedding``: an index_select forward and,
-    backward, one pass adding the gradient rows into the table's gradient (``index_add_``
-    from ``GATHER_FROM`` ids a lookup; rows of empty bags placed by ``index_copy``).
-    ``nn.EmbeddingBag`` (what TorchRec's unsharded collection calls once per feature) sorts
-    the ids and builds offsets both ways, about twice the time for 26 tables of 512 ids.
+    Where ``bags_cpu.cpp`` is built and every table pools by sum or mean (by sum where the
+    ids are weighted, the weights needing no gradient), every feature's bags are pooled into
+    the output in one call, and backward every table's gradient is written in one call
+    (``_Pooled``); TorchRec's unsharded collection runs an ``nn.EmbeddingBag`` a feature, which
+    sorts the ids and builds offsets both ways.
+
+    Otherwise, where every bag holds one id or none (Criteo's, Avazu's and most CTR fields; a
+    method's split of a field into blocks), sum and mean pooling are that id's row, or zeros,
+    so each table is read with ``F.embedding``: an index_select forward and, backward, one pass
+    adding the gradient rows into the table's gradient (``index_add_`` from ``GATHER_FROM``
+    ids a lookup; rows of empty bags placed by ``index_copy``).
+
     Anything else goes to ``ebc`` itself: a sharded, fused or quantized collection (not
-    TorchRec's plain ``EmbeddingBagCollection``), weighted ids, bags of several ids, a
-    variable batch per feature, and tracing.
+    TorchRec's plain ``EmbeddingBagCollection``), max pooling, weights that learn, bags of
+    several ids without the kernel, a variable batch per feature, and tracing.
 
     Example::
 
         kt = pooled_lookup(self.ebc, features)     # instead of self.ebc(features)
     """
-    if type(ebc) is EmbeddingBagCollection and _one_hot(ebc, features):
+    if type(ebc) is not EmbeddingBagCollection or not _plain(features):
+        return ebc(features)
+    pooled = _by_kernel(ebc, features)
+    if pooled is not None:
+        return KeyedTensor(keys=ebc._embedding_names, values=pooled, length_per_key=ebc._lengths_per_embedding)
+    if _one_hot(ebc, features):
         return _by_row(ebc, features)
     return ebc(features)
 
 
-def _one_hot(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor) -> bool:
-    """Whether ``pooled_lookup`` can read ``features`` row by row (its docstring)."""
-    if (
-        ebc.is_weighted()
-        or features.variable_stride_per_key()
+def _plain(features: KeyedJaggedTensor) -> bool:
+    """Whether ``features`` may be read by anything but the collection itself: one batch size
+    for every key, and not while scripting, compiling or tracing."""
+    return not (
+        features.variable_stride_per_key()
         or features.inverse_indices_or_none() is not None
         or torch.jit.is_scripting()
         or torch.compiler.is_compiling()
         or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-    ):
+    )
+
+
+def _one_hot(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor) -> bool:
+    """Whether ``pooled_lookup`` can read ``features`` row by row (its docstring)."""
+    if ebc.is_weighted() or not _plain(features):
         return False
     lengths = features.lengths()
     return lengths.numel() == len(features.keys()) * features.stride() and bool((lengths <= 1).all())
 
 
+_KERNEL: list[Any] = []  # the kernel once loaded (native.load resolves its path at every call)
+
+
 def kernel() -> Any:
     """``bags_cpu.cpp`` (None where it cannot be built, or kernels are off)."""
-    return native.load(Path(__file__).with_name("bags_cpu.cpp"), "one-hot lookups run feature by feature as torch ops")
+    if not _KERNEL:
+        _KERNEL.append(native.load(Path(__file__).with_name("bags_cpu.cpp"), "pooled lookups run table by table as torch ops"))
+    return _KERNEL[0]
 
 
-class _OneHot(torch.autograd.Function):
-    """Every feature's one id a sample looked up in its table, into the pooled output's
-    layout, in one call each way (``bags_cpu.cpp``)."""
+class _Pooled(torch.autograd.Function):
+    """Every feature's bags pooled from its table into the output's layout, in one call each
+    way (``bags_cpu.cpp``)."""
 
     @staticmethod
-    def forward(ctx: Any, values: torch.Tensor, batch: int, pos: list[int], table: list[int],  # type: ignore[override]
-                *weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        ctx.save_for_backward(values)
-        ctx.meta = (batch, pos, table, weights)
-        return kernel().onehot_gather(values, batch, pos, table, list(weights))  # type: ignore[no-any-return]
+    def forward(ctx: Any, values: torch.Tensor, offsets: torch.Tensor, scale: Optional[torch.Tensor],  # type: ignore[override]
+                layout: tuple[int, list[int], list[int], list[bool]], *weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(values, offsets, scale)
+        ctx.layout, ctx.weights = layout, weights
+        return kernel().bags_forward(values, offsets, scale, *layout, list(weights))  # type: ignore[no-any-return]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-        (values,) = ctx.saved_tensors
-        batch, pos, table, weights = ctx.meta
+        values, offsets, scale = ctx.saved_tensors
         need = list(ctx.needs_input_grad[4:])
-        grads = kernel().onehot_scatter(grad.contiguous(), values, batch, pos, table, list(weights), need)
+        grads = kernel().bags_backward(grad.contiguous(), values, offsets, scale, *ctx.layout, list(ctx.weights), need)
         return (None, None, None, None, *grads)
 
 
+def _layout(ebc: EmbeddingBagCollection, keys: list[str]) -> Optional[tuple[list[int], list[int], list[bool], list[Any]]]:
+    """For features keyed ``keys``: each of the collection's features' key position, table and
+    whether it pools by mean, and its bags; None where a table pools otherwise, or (weighted)
+    by anything but sum. Kept on the collection, a set of keys each."""
+    cache = ebc.__dict__.setdefault("_pooled_layouts", {})
+    key = tuple(keys)
+    if key not in cache:
+        bags = list(ebc.embedding_bags.values())
+        pooling = [bag.mode for bag in bags]
+        where = {k: i for i, k in enumerate(keys)}
+        table = [t for t, names in enumerate(ebc._feature_names) for _ in names]
+        fits = all(m in ("sum", "mean") for m in pooling) and (not ebc.is_weighted() or set(pooling) <= {"sum"})
+        cache[key] = ((
+            [where[name] for names in ebc._feature_names for name in names], table, [pooling[t] == "mean" for t in table], bags,
+        ) if fits and all(name in where for names in ebc._feature_names for name in names) else None)  # fmt: skip
+    return cache[key]  # type: ignore[no-any-return]
+
+
 def _by_kernel(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor) -> Optional[torch.Tensor]:
-    """The pooled output of features whose every bag holds one id, by ``_OneHot``; None where
-    the kernel or the tensors do not fit it (then the lookups run as torch ops)."""
+    """The pooled output by ``_Pooled``; None where the kernel or the tensors do not fit it
+    (``pooled_lookup``'s docstring)."""
+    k = kernel()
     keys, batch = features.keys(), features.stride()
-    values = features.values()
-    weights = [bag.weight for bag in ebc.embedding_bags.values()]
-    if (
-        values.numel() != len(keys) * batch
-        or values.dtype != torch.int64
-        or values.device.type != "cpu"
-        or any(w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() for w in weights)
-        or kernel() is None
-    ):
+    values, lengths = features.values(), features.lengths()
+    layout = _layout(ebc, keys) if k is not None else None
+    if layout is None or lengths.numel() != len(keys) * batch or values.dtype != torch.int64 or values.device.type != "cpu":
         return None
-    where = {k: i for i, k in enumerate(keys)}
-    pos = [where[name] for names in ebc._feature_names for name in names]
-    table = [t for t, names in enumerate(ebc._feature_names) for _ in names]
-    return _OneHot.apply(values.contiguous(), batch, pos, table, *weights)  # type: ignore[no-any-return]
+    pos, table, mean, bags = layout
+    weights = [bag.weight for bag in bags]
+    scale = features.weights_or_none() if ebc.is_weighted() else None
+    if not k.plain_tables(weights) or (ebc.is_weighted() and (scale is None or scale.requires_grad
+                                                              or scale.dtype != torch.float32)):  # fmt: skip
+        return None
+    offsets = features.offsets().to(torch.int64).contiguous()
+    scale = scale.contiguous() if scale is not None else None
+    return _Pooled.apply(values.contiguous(), offsets, scale, (batch, pos, table, mean), *weights)  # type: ignore[no-any-return]
 
 
 def _by_row(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor) -> KeyedTensor:
-    pooled_all = _by_kernel(ebc, features)
-    if pooled_all is not None:
-        return KeyedTensor(keys=ebc._embedding_names, values=pooled_all, length_per_key=ebc._lengths_per_embedding)
     keys, batch = features.keys(), features.stride()
     per_key = features.length_per_key()
     values = dict(zip(keys, features.values().split(per_key)))

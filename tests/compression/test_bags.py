@@ -1,5 +1,6 @@
-"""``pooled_lookup``: TorchRec's collection read row by row where every bag holds one id,
-the same KeyedTensor and gradients as ``ebc(features)``; everything else left to ``ebc``."""
+"""``pooled_lookup``: TorchRec's plain collection read whole by ``bags_cpu.cpp``, or row by row
+where every bag holds one id or none, the same KeyedTensor and gradients as ``ebc(features)``;
+everything else left to ``ebc``."""
 
 from __future__ import annotations
 
@@ -54,13 +55,13 @@ def _kernel_used(monkeypatch, on: bool) -> list[bool]:
 def test_bags_of_one_id_or_none_give_torchrecs_output_and_gradients(monkeypatch, lengths, on):
     """Repeated ids (7 rows drawn over and over) so gradient rows add up; the shared table's
     two features and its mean pooling included; an empty bag pools to zeros, as TorchRec's,
-    and a feature may have no id at all. Every bag full: ``bags_cpu.cpp``'s one call each
-    way where it is built, else the torch ops."""
+    and a feature may have no id at all: ``bags_cpu.cpp``'s one call each way where it is
+    built, else the torch ops."""
     used = _kernel_used(monkeypatch, on)
     ebc, kjt = _ebc(), _kjt(lengths)
     assert bags._one_hot(ebc, kjt)
     want, got = ebc(kjt), pooled_lookup(ebc, kjt)
-    assert used == [on and 0 not in lengths]
+    assert used == [on]
     assert got.keys() == want.keys() and got.length_per_key() == want.length_per_key()
     assert torch.equal(got.values(), want.values())
     g = torch.randn_like(want.values())
@@ -85,19 +86,55 @@ def test_the_kernel_leaves_a_frozen_table_without_a_gradient(monkeypatch):
         torch.testing.assert_close(g, p.grad)
 
 
-def test_a_bag_of_two_ids_goes_to_torchrecs_collection(monkeypatch):
+def _same_as_torchrec(ebc, kjt, got, want) -> None:
+    """Outputs and every table's gradient (those that need one) as TorchRec's, to float rounding."""
+    assert got.keys() == want.keys() and got.length_per_key() == want.length_per_key()
+    torch.testing.assert_close(got.values(), want.values(), rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(want.values())
+    params = [p for p in ebc.parameters() if p.requires_grad]
+    for e, x in zip(torch.autograd.grad(want.values(), params, g), torch.autograd.grad(got.values(), params, g)):
+        torch.testing.assert_close(x, e, rtol=1e-5, atol=1e-5)
+
+
+def test_bags_of_several_ids_pooled_by_sum_and_mean_give_torchrecs_output_and_gradients(monkeypatch):
+    """Bags of 0 to 3 ids, repeated ids, the shared table's mean pooling: the kernel's."""
+    used = _kernel_used(monkeypatch, True)
+    g = torch.Generator().manual_seed(1)
+    ebc, kjt = _ebc(), _kjt(torch.randint(0, 4, (4 * 32,), generator=g).tolist())
+    _same_as_torchrec(ebc, kjt, pooled_lookup(ebc, kjt), ebc(kjt))
+    assert used == [True]
+
+
+def test_without_the_kernel_a_bag_of_two_ids_goes_to_torchrecs_collection(monkeypatch):
+    used = _kernel_used(monkeypatch, False)
     ebc, kjt = _ebc(), _kjt([1] * 15 + [2])
     assert not bags._one_hot(ebc, kjt)
     monkeypatch.setattr(bags, "_by_row", lambda *a: pytest.fail("read by row"))
     assert torch.equal(pooled_lookup(ebc, kjt).values(), ebc(kjt).values())
+    assert used == [False]
 
 
-def test_weighted_ids_and_other_collections_go_to_the_collection(monkeypatch):
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed weights", "weights that learn"])
+def test_weighted_ids_pooled_by_sum(monkeypatch, learned):
+    """Per-sample weights (sum pooling): the kernel's where they need no gradient, else
+    TorchRec's collection, whose gradient reaches them."""
+    used = _kernel_used(monkeypatch, True)
     monkeypatch.setattr(bags, "_by_row", lambda *a: pytest.fail("read by row"))
-    weighted = EmbeddingBagCollection(tables=[TABLES[0], TABLES[2]], is_weighted=True)  # sum pooling only
-    kjt = _kjt([1] * 16)
-    kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=torch.rand(16))
-    assert torch.equal(pooled_lookup(weighted, kjt).values(), weighted(kjt).values())
+    torch.manual_seed(0)
+    weighted = EmbeddingBagCollection(tables=[TABLES[0], TABLES[2]], is_weighted=True)
+    kjt = _kjt([1, 2, 0, 3] * 4)
+    w = torch.rand(kjt.values().numel(), requires_grad=learned)
+    kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=w)
+    _same_as_torchrec(weighted, kjt, pooled_lookup(weighted, kjt), weighted(kjt))
+    assert used == [not learned]
+    if learned:
+        pooled_lookup(weighted, kjt).values().sum().backward()
+        assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_other_collections_go_to_the_collection(monkeypatch):
+    monkeypatch.setattr(bags, "_by_row", lambda *a: pytest.fail("read by row"))
+    monkeypatch.setattr(bags, "_by_kernel", lambda *a: pytest.fail("read by the kernel"))
 
     class Subclass(EmbeddingBagCollection):  # a sharded, fused or quantized module is another type
         pass
