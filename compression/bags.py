@@ -75,7 +75,7 @@ def pooled_lookup(ebc: nn.Module, features: KeyedJaggedTensor) -> KeyedTensor:
     ids a lookup; rows of empty bags placed by ``index_copy``).
 
     Anything else goes to ``ebc`` itself: a sharded, fused or quantized collection (not
-    TorchRec's plain ``EmbeddingBagCollection``), max pooling, weights that learn, bags of
+    TorchRec's plain ``EmbeddingBagCollection``), another pooling, weights that learn, bags of
     several ids without the kernel, a variable batch per feature, and tracing.
 
     Example::
@@ -112,14 +112,12 @@ def _one_hot(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor) -> bool:
     return lengths.numel() == len(features.keys()) * features.stride() and bool((lengths <= 1).all())
 
 
-_KERNEL: list[Any] = []  # the kernel once loaded (native.load resolves its path at every call)
+_SOURCE = Path(__file__).with_name("bags_cpu.cpp")
 
 
 def kernel() -> Any:
     """``bags_cpu.cpp`` (None where it cannot be built, or kernels are off)."""
-    if not _KERNEL:
-        _KERNEL.append(native.load(Path(__file__).with_name("bags_cpu.cpp"), "pooled lookups run table by table as torch ops"))
-    return _KERNEL[0]
+    return native.load(_SOURCE, "pooled lookups run table by table as torch ops")
 
 
 class _Pooled(torch.autograd.Function):

@@ -36,9 +36,11 @@ _LOADED: dict[Path, Any] = {}
 def load(src: Path, without: str) -> Any:
     """The extension built from ``src``, or None where it cannot be built (``without`` says
     what then runs instead, in the one warning) or kernels are off."""
-    src = src.resolve()
-    if src not in _LOADED:
-        _LOADED[src] = _build(src, without)
+    if src not in _LOADED:  # (keyed by the path as given too: resolving it is a system call a step)
+        key = src.resolve()
+        if key not in _LOADED:
+            _LOADED[key] = _build(key, without)
+        _LOADED[src] = _LOADED[key]
     return _LOADED[src]
 
 
@@ -68,10 +70,12 @@ def load_library(src: Path, without: str) -> ctypes.CDLL | None:
     """The plain C library built from ``src`` (``g++``, or ``$CXX``), or None where it
     cannot be built (``without`` says what then runs instead, in the one warning) or
     kernels are off."""
-    key = src.resolve()
-    if key not in _LOADED:
-        _LOADED[key] = _build_library(key, without)
-    return _LOADED[key]  # type: ignore[no-any-return]
+    if src not in _LOADED:
+        key = src.resolve()
+        if key not in _LOADED:
+            _LOADED[key] = _build_library(key, without)
+        _LOADED[src] = _LOADED[key]
+    return _LOADED[src]  # type: ignore[no-any-return]
 
 
 def _build_library(src: Path, without: str) -> ctypes.CDLL | None:
