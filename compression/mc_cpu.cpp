@@ -1,7 +1,10 @@
-// Managed collisions on the CPU: TorchRec's MCH profile and remap (its LFU policy, with
-// SteadyMCH's shortcut) for every table of a collection in one call each, where TorchRec runs
-// about fifteen small torch operations a table. Built on first use by compression/native.py;
-// compression/methods/managed_collision.py says when it is used and checks it against TorchRec.
+// Managed collisions on the CPU, every table of a collection in one call each where TorchRec
+// runs about fifteen small torch operations a table:
+// - MCH: TorchRec's profile and remap (its LFU policy, with SteadyMCH's shortcut);
+//   compression/methods/managed_collision.py says when it is used;
+// - MPZCH: TorchRec's multi-probe remap of one bucket without eviction, inserts included;
+//   compression/methods/mpzch.py says when it is used.
+// Built on first use by compression/native.py; the tests check both against TorchRec's modules.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -119,7 +122,155 @@ torch::Tensor mch_remap(const torch::Tensor& values, const std::vector<int64_t>&
   return out;
 }
 
+namespace {
+
+constexpr int64_t kEmptySlot = -1;  // FBGEMM's marker of an empty identity slot
+
+inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+inline uint64_t fmix(uint64_t h) {
+  h = (h ^ (h >> 33)) * 0xff51afd7ed558ccdULL;
+  h = (h ^ (h >> 33)) * 0xc4ceb9fe1a85ec53ULL;
+  return h ^ (h >> 33);
+}
+
+// FBGEMM's hash of an id, murmur_hash3_2x64(id, 0, 0): MurmurHash3 x64 of the block (id, 0)
+// with seed 0, its two halves xor'ed. With the second word and the seed 0, h2 starts as h1.
+inline uint64_t zch_hash(int64_t id) {
+  const uint64_t c1 = 0x87c37b91114253d5ULL, c2 = 0x4cf5ad432745937fULL;
+  uint64_t h1 = rotl(rotl(uint64_t(id) * c1, 31) * c2, 27) * 5 + 0x52dce729;
+  uint64_t h2 = h1 * 5 + 0x38495ab5;
+  h1 ^= 16;
+  h2 ^= 16;
+  h1 += h2;
+  h2 += h1;
+  h1 = fmix(h1);
+  h2 = fmix(h2);
+  h1 += h2;
+  h2 += h1;
+  return h1 ^ h2;
+}
+
+// One table's slots for n ids (-1, the empty marker, read as -2), identities ident[0, size).
+// An id probes `probes` slots from its home slot (hash % size), circularly.
+// Lookup (FBGEMM's CPU kernel): its own slot, else its home slot.
+// Insert (compression/zch_cpu.py, without eviction: the same slots and identities): each
+// distinct id's window is scanned up to its own slot or an empty one; those that met an empty
+// slot then take, in rounds, the first empty slot of their window as the round began, a slot
+// wanted by several going to the id that comes first in the batch; the others read their home.
+void zch_table(const int64_t* v, int64_t n, int64_t* out, int64_t* ident, int64_t size, int64_t probes,
+               bool insert) {
+  auto next = [size](int64_t s) { return s + 1 == size ? 0 : s + 1; };
+  auto id_of = [](int64_t x) { return x == kEmptySlot ? kEmptySlot - 1 : x; };
+  if (!insert) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t id = id_of(v[i]), home = int64_t(zch_hash(id) % uint64_t(size));
+      int64_t s = home, found = home;
+      for (int64_t k = 0; k < probes; ++k, s = next(s))
+        if (ident[s] == id) {
+          found = s;
+          break;
+        }
+      out[i] = found;
+    }
+    return;
+  }
+  // distinct ids, numbered by first occurrence
+  std::vector<std::pair<int64_t, int64_t>> by_id(n);
+  for (int64_t i = 0; i < n; ++i) by_id[i] = {id_of(v[i]), i};
+  std::sort(by_id.begin(), by_id.end());
+  std::vector<int64_t> which(n), firsts;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j == 0 || by_id[j].first != by_id[j - 1].first) firsts.push_back(by_id[j].second);
+    which[by_id[j].second] = firsts.back();  // the id's first position
+  }
+  std::vector<int64_t> rank(n, -1);  // first position -> number of the distinct id
+  std::sort(firsts.begin(), firsts.end());
+  const int64_t m = int64_t(firsts.size());
+  std::vector<int64_t> ids(m), home(m), slot(m, -1), live;
+  for (int64_t u = 0; u < m; ++u) {
+    rank[firsts[u]] = u;
+    ids[u] = id_of(v[firsts[u]]);
+    home[u] = int64_t(zch_hash(ids[u]) % uint64_t(size));
+  }
+  for (int64_t u = 0; u < m; ++u) {  // ids already in: an id never sits past an empty slot
+    int64_t s = home[u];
+    for (int64_t k = 0; k < probes; ++k, s = next(s)) {
+      if (ident[s] == ids[u]) {
+        slot[u] = s;
+        break;
+      }
+      if (ident[s] == kEmptySlot) {
+        live.push_back(u);
+        break;
+      }
+    }
+  }
+  std::vector<int64_t> pick(m);
+  while (!live.empty()) {
+    for (int64_t u : live) {  // each id's first empty slot as the round begins, or none
+      int64_t s = home[u];
+      pick[u] = -1;
+      for (int64_t k = 0; k < probes; ++k, s = next(s))
+        if (ident[s] == kEmptySlot) {
+          pick[u] = s;
+          break;
+        }
+    }
+    size_t kept = 0;
+    for (int64_t u : live) {  // in the batch's order: the first to want a slot takes it
+      if (pick[u] < 0) continue;
+      if (ident[pick[u]] == kEmptySlot) {
+        ident[pick[u]] = ids[u];
+        slot[u] = pick[u];
+      } else {
+        live[kept++] = u;
+      }
+    }
+    live.resize(kept);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t u = rank[which[i]];
+    out[i] = slot[u] >= 0 ? slot[u] : home[u];
+  }
+}
+
+}  // namespace
+
+// Every table's ids to their slots (TorchRec's HashZchManagedCollisionModule.remap of one
+// bucket, fallback on): table t's ids are values[bounds[t] : bounds[t + 1]], its identities
+// the [size, 1] buffer identities[t], its window probes[t] slots. With insert (training
+// without eviction), new ids are written into the identities and each table's step count
+// steps[t] is raised by one. Undefined, and nothing touched, unless every tensor is a
+// contiguous int64 CPU tensor of the sizes this needs.
+torch::Tensor zch_remap(const torch::Tensor& values, const std::vector<int64_t>& bounds,
+                        const std::vector<torch::Tensor>& identities, const std::vector<int64_t>& probes,
+                        const std::vector<torch::Tensor>& steps, bool insert) {
+  const size_t n = identities.size();
+  if (!plain_bounds(values, bounds, n) || probes.size() != n || steps.size() != n) return {};
+  for (size_t t = 0; t < n; ++t) {
+    const auto& ident = identities[t];
+    if (!ident.device().is_cpu() || ident.scalar_type() != torch::kLong || !ident.is_contiguous() ||
+        ident.dim() != 2 || ident.size(1) != 1 || ident.size(0) < 1 || probes[t] < 1)
+      return {};
+    if (!steps[t].device().is_cpu() || steps[t].scalar_type() != torch::kLong || steps[t].numel() != 1)
+      return {};
+  }
+  auto out = torch::empty_like(values);
+  const int64_t* v = values.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, int64_t(n), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (insert) steps[t].data_ptr<int64_t>()[0] += 1;
+      zch_table(v + bounds[t], bounds[t + 1] - bounds[t], o + bounds[t], identities[t].data_ptr<int64_t>(),
+                identities[t].size(0), probes[t], insert);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mch_profile", &mch_profile);
   m.def("mch_remap", &mch_remap);
+  m.def("zch_remap", &zch_remap);
 }

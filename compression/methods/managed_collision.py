@@ -65,6 +65,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from compression import native
 from compression.api import BuildContext, register, require_fbgemm_cuda
 from compression.bags import pooled_lookup
+from compression.base import _tracing
 from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.deployed import TableFormat
@@ -164,25 +165,32 @@ def _steady_modules(mcc: ManagedCollisionCollection) -> list[SteadyMCH] | None:
     return list(modules.values())  # type: ignore[arg-type]
 
 
+def table_bounds(mcc: ManagedCollisionCollection, features: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, list[int]]:
+    """``features`` in the MCC's table order (as its forward orders them) and where each
+    table's ids start in its values (one more bound: the end)."""
+    feats = _mcc_lazy_init_inplace(features, mcc._feature_names, mcc._features_order, mcc._created_feature_order)
+    lpk = feats.length_per_key()
+    bounds, f = [0], 0
+    for n in mcc._table_feature_splits:
+        bounds.append(bounds[-1] + sum(lpk[f : f + n]))
+        f += n
+    return feats, bounds
+
+
 def mcc_forward(mcc: ManagedCollisionCollection, features: KeyedJaggedTensor, use_kernel: bool = True) -> KeyedJaggedTensor:
     """TorchRec's ``ManagedCollisionCollection.forward`` (each table's profile, eviction and
     remap), computed by the kernel for every table at once where the modules are plain
     ``SteadyMCH`` and the batch is one TorchRec's forward would take as is (no weights, one
     stride, history buffers made by a first forward); else TorchRec's own forward. The
     same ids, counts, history and steps either way (``test_mc_kernel``)."""
-    k = kernel() if use_kernel else None
+    k = kernel() if use_kernel and not _tracing() else None  # (a traced graph keeps TorchRec's ops)
     modules = _steady_modules(mcc) if k is not None else None
     if k is None or modules is None or features.weights_or_none() is not None or features.variable_stride_per_key():
         return mcc(features)
     if mcc.training and any(m._input_history_buffer_size == -1 for m in modules):
         return mcc(features)  # (TorchRec sizes the history buffers from its first batch)
-    feats = _mcc_lazy_init_inplace(features, mcc._feature_names, mcc._features_order, mcc._created_feature_order)
-    values = feats.values()
-    lpk = feats.length_per_key()
-    bounds, f = [0], 0
-    for n in mcc._table_feature_splits:
-        bounds.append(bounds[-1] + sum(lpk[f : f + n]))
-        f += n
+    feats, bounds = table_bounds(mcc, features)
+    values, lpk = feats.values(), feats.length_per_key()
     sorted_ids, slots = [m._mch_sorted_raw_ids for m in modules], [m._mch_remapped_ids_mapping for m in modules]
     if mcc.training:
         steps = [(m._current_iter if m._current_iter != -1 else int(m._current_iter_tensor.item())) for m in modules]
@@ -320,11 +328,15 @@ class ManagedCollisionEmbeddingBags(IdMappedCollection):
             self.mcc._features_order.clear()
             self.mcc._created_feature_order[0] = False
             self._mc_keys = list(keys)
-        remapped = mcc_forward(self.mcc, ids)
+        remapped = self.remap(ids)
         for table, slots in self.mcc.evict().items():
             if slots is not None and slots.numel():
                 self._reinit(table, slots)
         return pooled_lookup(self.mc_tables, remapped)
+
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The MCC's forward: every table's raw ids to slots (state updated as in training)."""
+        return mcc_forward(self.mcc, features)
 
     @torch.no_grad()
     def _reinit(self, table: str, slots: torch.Tensor) -> None:

@@ -21,7 +21,11 @@ On the CPU, FBGEMM's ``zero_collision_hash`` kernel answers lookups only (its CP
 build refuses inserts); training inserts go through ``compression.zch_cpu``, which
 follows FBGEMM's CUDA kernel, and every lookup outside training (and everything on
 CUDA) goes through FBGEMM's own kernel, as do training lookups once a table without
-eviction is full (it stays full: no insert can place an id).
+eviction is full (it stays full: no insert can place an id). Unsharded on the CPU without
+eviction, the collection's remap of every table, inserts included, is one call of
+``mc_cpu.cpp`` (``zch_forward``) where TorchRec runs a dozen small torch operations and
+FBGEMM's kernel a table: the same slots, identities and step counts, tested step by step
+against TorchRec's forward.
 
 Bytes: per slot, the row (4·dim), the int64 identity and, with eviction, the int32
 time of last read; per table the bucket count and the step clock (all counted from
@@ -50,9 +54,11 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.hash_mc_evictions import HashZchEvictionConfig, HashZchEvictionPolicyName
 from torchrec.modules.hash_mc_modules import HashZchManagedCollisionModule
-from torchrec.sparse.jagged_tensor import JaggedTensor
+from torchrec.modules.mc_modules import ManagedCollisionCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from compression.api import BuildContext, quiet_logs, register
+from compression.base import _tracing
 from compression.budget import Budget
 from compression.config_checks import bounded, one_of
 from compression.memory import tensor_bytes
@@ -60,6 +66,8 @@ from compression.methods.managed_collision import (
     MIN_SLOTS,
     ManagedCollisionEmbeddingBags,
     build_slotted,
+    kernel,
+    table_bounds,
 )
 from compression.sizing import BudgetedConfig
 from compression.zch_cpu import EMPTY, zero_collision_hash_insert
@@ -163,6 +171,50 @@ class StepMpzch(HashZchManagedCollisionModule):
         return self._empty_slots == 0
 
 
+def _plain_modules(mcc: ManagedCollisionCollection) -> list[StepMpzch] | None:
+    """The MCC's modules in its tables' order, where every one is a ``StepMpzch`` of one
+    unsharded bucket with fallback, no reserved slots, logger or runtime metadata, and CPU
+    int64 identities: what the kernel computes (eviction is checked by the caller)."""
+    modules = dict(mcc._managed_collision_modules.items())
+    if list(modules) != list(mcc._table_to_features):
+        return None
+    for m in modules.values():
+        if type(m) is not StepMpzch or m._buckets != 1 or m.is_sharded or m._disable_fallback:
+            return None
+        if m._output_global_offset_tensor is not None or m._opt_in_prob != -1 or m._scalar_logger is not None:
+            return None
+        if m._track_id_freq or m._write_runtime_meta_dim > 0 or m._input_hash_size != 0:
+            return None
+        if any(f.lower().endswith(m._read_only_suffix) for f in mcc._table_to_features[m._name]):
+            return None
+    return list(modules.values())  # type: ignore[arg-type]
+
+
+def zch_forward(
+    mcc: ManagedCollisionCollection, features: KeyedJaggedTensor, use_kernel: bool = True
+) -> KeyedJaggedTensor:
+    """TorchRec's ``ManagedCollisionCollection.forward`` of MPZCH modules (every table's remap,
+    and in training its inserts and step count), computed by the kernel for every table at
+    once where the modules are as ``_plain_modules`` asks, none evicts in training and the
+    batch is one TorchRec's forward would take as is (no weights, one stride); else TorchRec's
+    own forward. The same slots, identities and steps either way (``test_mpzch``)."""
+    k = kernel() if use_kernel and not _tracing() else None  # (a traced graph keeps TorchRec's ops)
+    modules = _plain_modules(mcc) if k is not None else None
+    if k is None or modules is None or features.weights_or_none() is not None or features.variable_stride_per_key():
+        return mcc(features)
+    if mcc.training and any(m._eviction_module is not None for m in modules):
+        return mcc(features)
+    feats, bounds = table_bounds(mcc, features)
+    out = k.zch_remap(feats.values(), bounds, [m._hash_zch_identities.data for m in modules],
+                      [m._max_probe for m in modules], [m._steps for m in modules], mcc.training)  # fmt: skip
+    if out is None:
+        return mcc(features)  # (a tensor the kernel does not take: nothing was touched)
+    return KeyedJaggedTensor(
+        keys=feats.keys(), values=out, lengths=feats.lengths(), stride=feats.stride(),
+        length_per_key=feats.length_per_key(),
+    )  # fmt: skip
+
+
 def slot_module(slots: int, config: MpzchConfig, device: torch.device, name: str) -> StepMpzch:
     policy = EVICTIONS[config.eviction]
     # TorchRec logs each module's settings, line by line, and warns for each that it skips
@@ -193,6 +245,9 @@ class MpzchEmbeddingBags(ManagedCollisionEmbeddingBags):
 
     def slot_module(self, table: EmbeddingBagConfig, config: Any, ctx: BuildContext) -> StepMpzch:
         return slot_module(table.num_embeddings, config, ctx.device, table.name)
+
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        return zch_forward(self.mcc, features)
 
     def slot_of(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
         """The slot (row) each raw id reads now (FBGEMM's lookup)."""

@@ -1,11 +1,15 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.mc_modules import ManagedCollisionCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compression import Budget, compress, memory_report
-from compression.methods.mpzch import MpzchConfig, zch_bytes
+from compression.methods.managed_collision import kernel
+from compression.methods.mpzch import MpzchConfig, slot_module, zch_bytes, zch_forward
 from compression.zch_cpu import home_slots, zero_collision_hash_insert
 
 TABLES = [
@@ -23,6 +27,17 @@ def kjt(big) -> KeyedJaggedTensor:
         values=torch.tensor(big + tiny),
         lengths=torch.ones(2 * len(big), dtype=torch.int32),
     )
+
+
+@pytest.fixture(params=["kernel", "torchrec"])
+def remap_by(request, monkeypatch):
+    """Each test of a collection without eviction twice: its remap through the kernel, and
+    through TorchRec's modules as a machine without a compiler runs it."""
+    if request.param == "torchrec":
+        monkeypatch.setattr("compression.methods.mpzch.kernel", lambda: None)
+    elif kernel() is None:
+        pytest.skip("no C++ compiler: the kernel is not built here")
+    return request.param
 
 
 def build(zch_size=8, **kw):
@@ -200,7 +215,7 @@ def test_lru_takes_the_least_recently_read_expired_slot():
     assert out2.item() == first_expired
 
 
-def test_without_eviction_a_full_window_shares_the_home_row():
+def test_without_eviction_a_full_window_shares_the_home_row(remap_by):
     m = build(zch_size=3, max_probe=3, eviction="none")
     m.train()
     m(kjt([1, 2, 3]))
@@ -210,7 +225,7 @@ def test_without_eviction_a_full_window_shares_the_home_row():
     assert sorted(m.slot_of("big", torch.tensor([1, 2, 3])).tolist()) == [0, 1, 2]
 
 
-def test_eval_never_inserts_and_matches_training_slots():
+def test_eval_never_inserts_and_matches_training_slots(remap_by):
     m = build(zch_size=16)
     m.train()
     seen = [11, -5, 2**40, 99_999, -1]
@@ -245,7 +260,7 @@ def test_bytes_are_counted_from_the_tensors():
     assert 0.95 * report.uncompressed_bytes / 20 <= report.bytes <= report.uncompressed_bytes / 20
 
 
-def test_a_full_table_only_looks_up_until_a_load_empties_it():
+def test_a_full_table_only_looks_up_until_a_load_empties_it(remap_by):
     m = build(zch_size=3, max_probe=3, eviction="none")
     m.train()
     empty = {k: v.clone() for k, v in m.state_dict().items()}
@@ -258,3 +273,119 @@ def test_a_full_table_only_looks_up_until_a_load_empties_it():
     m.load_state_dict(empty)
     m(kjt([4]))
     assert table.view(-1)[m.slot_of("big", torch.tensor([4]))].tolist() == [4]  # placed again
+
+
+# The MPZCH kernel (``mc_cpu.cpp``'s ``zch_remap``) against TorchRec's forward of the same
+# modules: a table of two features, one of fewer slots than its window
+KERNEL_TABLES = [
+    EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=40, feature_names=["a1", "a2"]),
+    EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=97, feature_names=["b"]),
+    EmbeddingBagConfig(name="c", embedding_dim=4, num_embeddings=3, feature_names=["c"]),
+]
+KERNEL_KEYS = ["x", "b", "a2", "c", "a1"]  # another order than the MCC's, and a key it does not map
+
+
+def zch_collection(**kw) -> ManagedCollisionCollection:
+    config = MpzchConfig(**kw)
+    modules = {t.name: slot_module(t.num_embeddings, config, torch.device("cpu"), t.name) for t in KERNEL_TABLES}
+    return ManagedCollisionCollection(modules, KERNEL_TABLES)
+
+
+def zch_batch(g: torch.Generator, step: int, size: int) -> KeyedJaggedTensor:
+    """Power-law ids (-1 among them) whose hot set moves every 30 steps; bags of 0 to 2 ids."""
+    lengths = torch.randint(0, 3, (len(KERNEL_KEYS) * size,), generator=g, dtype=torch.int32)
+    ids = (torch.empty(int(lengths.sum())).exponential_(generator=g) ** 3 * 5).long() + (step // 30) * 1000 - 1
+    return KeyedJaggedTensor(keys=KERNEL_KEYS, values=ids, lengths=lengths)
+
+
+def zch_state(mcc: ManagedCollisionCollection) -> list:
+    return [(k, v.tolist()) for k, v in mcc.state_dict().items()]
+
+
+def needs_kernel() -> None:
+    if kernel() is None:
+        pytest.skip("no C++ compiler: the kernel is not built here")
+
+
+@pytest.mark.parametrize("probe", [128, 4])
+def test_the_kernel_remaps_and_inserts_as_torchrec(probe):
+    needs_kernel()
+    ours = zch_collection(max_probe=probe)
+    theirs = copy.deepcopy(ours)
+    torchrec_calls: list[int] = []
+    ours.register_forward_pre_hook(lambda *_: torchrec_calls.append(1))
+    g = torch.Generator().manual_seed(probe)
+    filled = set()
+    for step in range(120):
+        training = step % 25 < 20  # some steps in eval: lookups only
+        ours.train(training), theirs.train(training)
+        features = zch_batch(g, step, 8 + step % 13)
+        got, want = zch_forward(ours, features), theirs(features)
+        assert got.keys() == want.keys(), step
+        assert torch.equal(got.values(), want.values()) and torch.equal(got.lengths(), want.lengths()), step
+        assert zch_state(ours) == zch_state(theirs), step
+        filled |= {n for n, m in ours._managed_collision_modules.items() if (m._hash_zch_identities != -1).all()}
+    assert torchrec_calls == []
+    assert filled == {"a", "b", "c"}  # every table filled up on the way: inserts and full windows met
+    assert int(ours._managed_collision_modules["a"]._steps) == 100  # training steps only
+
+
+def test_the_kernel_gives_a_contested_slot_as_torchrec_does():
+    """Ids p and q share a home slot and r's home is the next one: p takes the home, q loses it
+    to p and, in the next round, also the slot r took in the first round."""
+    needs_kernel()
+    size = KERNEL_TABLES[1].num_embeddings
+    ids = torch.arange(1, 5000)
+    home = murmur_home(ids, size)
+    h = next(s for s in range(size - 1) if (home == s).sum() >= 2 and (home == s + 1).any())
+    p, q = ids[home == h][:2].tolist()
+    r = ids[home == h + 1][0].item()
+    ours = zch_collection()
+    theirs = copy.deepcopy(ours)
+    lengths = torch.tensor([0, 0, 0, 1, 1, 1] + [0] * 9, dtype=torch.int32)  # three bags a key, ids in b's only
+    features = KeyedJaggedTensor(keys=["x", "b", "a2", "c", "a1"], values=torch.tensor([p, q, r]), lengths=lengths)
+    got = zch_forward(ours, features)
+    assert got.values().tolist() == [h, h + 2, h + 1] == theirs(features).values().tolist()
+
+
+def test_the_kernel_leaves_eviction_and_weights_to_torchrec():
+    needs_kernel()
+    ours = zch_collection(max_probe=4, eviction="lru", ttl_steps=2)
+    theirs = copy.deepcopy(ours)
+    calls: list[int] = []
+    ours.register_forward_pre_hook(lambda *_: calls.append(1))
+    g = torch.Generator().manual_seed(0)
+    evictions = 0
+    for step in range(40):
+        training = step % 10 < 8
+        ours.train(training), theirs.train(training)
+        features = zch_batch(g, step, 8)
+        if step == 9:  # weighted ids in eval
+            features = KeyedJaggedTensor(keys=KERNEL_KEYS, values=features.values(), lengths=features.lengths(),
+                                         weights=torch.ones(features.values().numel()))  # fmt: skip
+        assert torch.equal(zch_forward(ours, features).values(), theirs(features).values()), step
+        assert zch_state(ours) == zch_state(theirs), step
+        evicted = ours.evict(), theirs.evict()
+        assert {k: v is None or v.tolist() for k, v in evicted[0].items()} == {
+            k: v is None or v.tolist() for k, v in evicted[1].items()
+        }
+        evictions += any(v is not None and v.numel() > 0 for v in evicted[1].values())
+    assert evictions > 5
+    assert len(calls) == 33  # the 32 training steps (they evict) and the weighted one
+    features = zch_batch(g, 40, 8)  # kernels off: TorchRec's forward
+    assert torch.equal(zch_forward(ours, features, use_kernel=False).values(), theirs(features).values())
+    assert len(calls) == 34
+
+
+def test_the_collection_remaps_through_the_kernel_and_its_rows_learn():
+    needs_kernel()
+    m = build(zch_size=8)
+    m.train()
+    calls: list[int] = []
+    m.mcc.register_forward_pre_hook(lambda *_: calls.append(1))
+    out = m(kjt([5, 6, 7]))
+    out.values().sum().backward()
+    assert calls == []
+    slots = m.slot_of("big", torch.tensor([5, 6, 7]))
+    grad = m.mc_tables.embedding_bags["t_big"].weight.grad
+    assert len(set(slots.tolist())) == 3 and (grad[slots] != 0).all()
