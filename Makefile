@@ -53,10 +53,11 @@ else
 endif
 	$(PY) -m pip install -q -e ".[dev,$(DEVICE)]"
 	$(PY) -m pip install -q --no-deps "torchrec==1.8.0" "hydra-optuna-sweeper==1.3.0"
-	@# the C++ kernels (the MLP's, one-hot lookups', managed collisions', Criteo TSV's), built now rather than on first use (about 20 s each)
+	@# the C++ kernels (the MLP's, pooled lookups', managed collisions' (MCH and MPZCH), universal hashes', Criteo TSV's), built now rather than on first use (about 20 s each)
 	$(PY) -c "from recsys.models.fused import kernel; print('C++ kernel:', 'built' if kernel() else 'not built: torch ops')"
 	$(PY) -c "from compression.bags import kernel; print('one-hot lookup kernel:', 'built' if kernel() else 'not built: torch ops')"
 	$(PY) -c "from compression.methods.managed_collision import kernel; print('MC kernel:', 'built' if kernel() else 'not built: TorchRec ops')"
+	$(PY) -c "from compression.hashing import kernel; print('hash kernel:', 'built' if kernel() else 'not built: torch ops')"
 	$(PY) -c "from recsys.data.criteo import tsv_parser; print('TSV parser:', 'built' if tsv_parser() else 'not built: polars alone')"
 	rm -f $(VENV)/.setup-*
 	touch $@

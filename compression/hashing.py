@@ -30,6 +30,10 @@ the seed. Properties:
 - deterministic: the coefficients depend only on (seed, stream), in any process; they
   are a registered buffer (saved in the state_dict, counted in the module's bytes).
 
+On the CPU, where ``hash_cpu.cpp`` is built, one C++ pass computes the same integers for
+ids of any contiguous shape with an int modulus or one per id (``_by_kernel``); anything
+else (another device, broadcast moduli, tracing) takes the torch ops.
+
 Example::
 
     h = UniversalHash(num_hashes=2, seed=0)
@@ -39,6 +43,9 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -46,6 +53,18 @@ from torch import nn
 PRIME = 2**31 - 1
 _SHIFT = 2**33  # makes q = floor(x / p) non-negative for every int64 x
 _LOW_BITS = 2**30 - 1
+_SOURCE = Path(__file__).with_name("hash_cpu.cpp")
+
+
+def kernel() -> Any:
+    """``hash_cpu.cpp`` (None where it cannot be built, or kernels are off)."""
+    from compression import native  # (here: this file also loads alone, without the package)
+
+    return native.load(_SOURCE, "universal hashes run as torch ops")
+
+
+def _tracing() -> bool:
+    return torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
 class UniversalHash(nn.Module):
@@ -98,6 +117,9 @@ class UniversalHash(nn.Module):
         """
         if ids.dtype != torch.int64:
             raise TypeError(f"ids must be int64, got {ids.dtype}")
+        out = self._by_kernel(ids, m, which)
+        if out is not None:
+            return out
         r = torch.remainder(ids, PRIME)
         u = torch.div(ids, PRIME, rounding_mode="floor") + _SHIFT
         l1 = torch.bitwise_and(u, _LOW_BITS)
@@ -111,3 +133,36 @@ class UniversalHash(nn.Module):
             c = self.coeffs[which].movedim(-1, 0)
         g = torch.remainder(c[0] * r + c[1] * l1 + c[2] * l2 + c[3], PRIME)
         return torch.remainder(g, m)
+
+    def _by_kernel(
+        self, ids: torch.Tensor, m: int | torch.Tensor, which: int | torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """``forward`` by ``hash_cpu.cpp``, or None where it does not take the call: a tensor
+        not on the CPU or not contiguous, moduli that broadcast other than one per id, a
+        function index or modulus out of range (the torch ops then say so), tracing."""
+        if ids.device.type != "cpu" or not ids.is_contiguous() or _tracing():
+            return None
+        k = kernel()
+        if k is None:
+            return None
+        per_id_m: torch.Tensor | None = None
+        if isinstance(m, torch.Tensor):
+            per_id_shape = ids.shape if which is not None else (*ids.shape, 1)
+            if m.numel() == 1 and m.dim() <= ids.dim():
+                m = int(m)
+            elif m.shape == per_id_shape:
+                per_id_m, m = m, 0
+            else:
+                return None
+        per_id_which: torch.Tensor | None = None
+        if isinstance(which, torch.Tensor):
+            if which.numel() == 1 and which.dim() <= ids.dim():
+                which = int(which)
+            elif which.shape == ids.shape:
+                per_id_which, which = which, 0
+            else:
+                return None
+        if isinstance(which, int) and which < 0 or isinstance(m, int) and m < 0:
+            return None  # (a negative index or modulus: the torch ops' meaning, or their error)
+        out = k.universal_hash(ids, self.coeffs, -1 if which is None else which, per_id_which, m, per_id_m)
+        return out

@@ -184,3 +184,55 @@ def test_hashing_tolerates_key_order_and_unknown_keys():
     b = m(swapped).to_dict()
     for k in ("big", "tiny"):
         torch.testing.assert_close(a[k], b[k])
+
+
+class _Counted:
+    """The kernel, counting the calls it takes (a call it returns None for fails the test)."""
+
+    def __init__(self, k) -> None:
+        self.k, self.calls = k, 0
+
+    def universal_hash(self, *args):
+        out = self.k.universal_hash(*args)
+        assert out is not None, "the kernel refused a call it should take"
+        self.calls += 1
+        return out
+
+
+def test_the_kernel_gives_the_torch_ops_integers(monkeypatch):
+    from compression import hashing
+
+    if hashing.kernel() is None:
+        pytest.skip("no C++ compiler: the kernel is not built here")
+    h = UniversalHash(5, seed=7)
+    ids = torch.cat([torch.tensor(EXTREMES), random_int64(5986, 3)])
+    m = torch.randint(1, PRIME, ids.shape)
+    which = torch.randint(0, 5, ids.shape)
+    calls = [
+        (ids, 1000, None), (ids, 1, 0), (ids, PRIME, 2), (ids, 2**40, None), (ids, 2**40, 4),
+        (ids, m, which), (ids, m.unsqueeze(-1), None), (ids, m, 3),
+        (ids.view(60, 100), m.view(60, 100), which.view(60, 100)), (ids.view(60, 100), 97, None),
+        (ids, torch.tensor(77), which), (ids, torch.tensor([77]), None), (ids, m, torch.tensor(3)),
+        (ids[:0], 5, None), (torch.tensor(-12), 31, None),
+    ]  # fmt: skip
+    spy = _Counted(hashing.kernel())
+    monkeypatch.setattr(hashing, "kernel", lambda: spy)
+    got = [h(*c) for c in calls]
+    assert spy.calls == len(calls)
+    monkeypatch.setattr(hashing, "kernel", lambda: None)
+    want = [h(*c) for c in calls]
+    for c, g, w in zip(calls, got, want):
+        assert g.shape == w.shape and torch.equal(g, w), c[1:]
+
+
+def test_the_kernel_leaves_what_it_does_not_take_to_the_torch_ops():
+    h = UniversalHash(2, seed=1)
+    ids = torch.arange(-50, 50)
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        h(ids, 0)
+    with pytest.raises(IndexError):
+        h(ids, 10, which=2)
+    m = torch.tensor([[3, 5]])  # one modulus per function: broadcast, not per id
+    assert torch.equal(h(ids, m), torch.stack([h(ids, 3, which=0), h(ids, 5, which=1)], dim=1))
+    strided = torch.arange(200)[::2]
+    assert torch.equal(h(strided, 13), h(strided.contiguous(), 13))
