@@ -27,6 +27,10 @@ least one hashed row), ``entries_per_hot`` entries of sketch per exact slot, rou
 whole buckets. Tables whose plain form fits their share stay exact. Sharding: refused
 (promotion rewrites rows by the sketch's global ranking).
 
+On the CPU, where ``hash_cpu.cpp`` is built, a step's counting and every id's row are one call
+each for every table (``_rows_by_kernel``), where the torch ops sort the ids twice: the same
+counts, entries and rows (tested step by step against them).
+
 Example::
 
     ebc = compress(tables, CafeConfig(budget=Budget(ratio=10)))
@@ -45,10 +49,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression.api import BuildContext, register
 from compression.bags import pooled_lookup
+from compression.base import _tracing
 from compression.budget import Budget
 from compression.config_checks import bounded
 from compression.deployed import TableFormat
 from compression.hashing import UniversalHash
+from compression.hashing import kernel as hash_kernel
 from compression.idmap import IdMappedCollection, KeyParams, in_range, inner_table, with_values
 from compression.sizing import BudgetedConfig, FieldCost, Plan, build_sized
 
@@ -244,9 +250,36 @@ class CafeCollection(IdMappedCollection):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         p = self.params.expand(features)  # (once: the sketch and the rows read the same)
-        if self.training and self.coded:
-            self.observe(features, p)
-        return pooled_lookup(self.ebc, with_values(features, self.rows(features, p)))
+        rows = self._rows_by_kernel(features, p)
+        if rows is None:
+            if self.training and self.coded:
+                self.observe(features, p)
+            rows = self.rows(features, p)
+        return pooled_lookup(self.ebc, with_values(features, rows))
+
+    def _rows_by_kernel(self, features: KeyedJaggedTensor, p: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``observe`` (in training) and ``rows`` by ``hash_cpu.cpp``'s sketch functions, every
+        table at once, the same counts, entries and rows; None, nothing touched, where the
+        kernel does not take the tensors (another device, no compiler, tracing)."""
+        k = hash_kernel() if self.coded and self.keys.device.type == "cpu" and not _tracing() else None
+        if k is None:
+            return None
+        ids = features.values()
+        coded = p["table"] >= 0
+        b = p["first_bucket"] + self.hasher(ids, p["buckets"], which=1)  # (a coded id's bucket)
+        if self.training:
+            if not k.sketch_count(ids, b, coded, self.keys, self.scores, self.slot):
+                return None
+            self.steps += 1
+            if int(self.steps) % self.config.interval == 0:
+                with torch.no_grad():
+                    for name in self.coded:
+                        self._promote(name)
+        rows = torch.where(coded, p["base"] + self.hasher(ids, p["mod"], which=0),
+                           torch.where(in_range(ids, p["rows"]), ids, self.hasher(ids, p["rows"], which=0)))  # fmt: skip
+        if not k.sketch_rows(ids, b, coded, self.keys, self.slot, rows):  # (only if the sketch moved device)
+            return self.rows(features, p)
+        return rows
 
 
 def _cost(t: EmbeddingBagConfig, config: CafeConfig, fmt: TableFormat) -> FieldCost:

@@ -71,3 +71,51 @@ def test_the_budget_counts_the_sketch_and_bad_values_are_refused():
     assert buckets * 4 >= 4 * k  # entries_per_hot entries per exact slot
     with pytest.raises(MethodConfigError, match=r"^cafe.hot_fraction: must be < 1, got 1"):
         CafeConfig(hot_fraction=1.0)
+
+
+KERNEL_TABLES = [
+    EmbeddingBagConfig(name="t_a", embedding_dim=4, num_embeddings=5_000, feature_names=["a1", "a2"]),
+    EmbeddingBagConfig(name="t_b", embedding_dim=4, num_embeddings=800, feature_names=["b"]),
+    EmbeddingBagConfig(name="t_c", embedding_dim=4, num_embeddings=6, feature_names=["c"]),  # stays exact
+]
+
+
+def drifting(g: torch.Generator, step: int) -> KeyedJaggedTensor:
+    """Power-law ids (negative ones, -1 among them) whose hot set moves every 20 steps; bags of 0-2 ids."""
+    keys = ["c", "b", "a2", "a1"]
+    lengths = torch.randint(0, 3, (len(keys) * 32,), generator=g)
+    ids = (torch.empty(int(lengths.sum())).exponential_(generator=g) ** 2 * 4).long() + (step // 20) * 300 - 2
+    return KeyedJaggedTensor(keys=keys, values=ids, lengths=lengths)
+
+
+def test_the_sketch_kernel_computes_what_the_torch_ops_compute(monkeypatch):
+    from compression.methods import cafe
+
+    k = cafe.hash_kernel()
+    if k is None:
+        pytest.skip("no C++ compiler: the kernel is not built here")
+    config = CafeConfig(budget=None, rows=60, hot_fraction=0.2, entries_per_hot=2, slots=4, interval=3, decay=0.5)
+    ours = compress(KERNEL_TABLES, config, seed=0)
+    theirs = compress(KERNEL_TABLES, config, seed=0)
+    theirs.load_state_dict(ours.state_dict())
+    calls = {"sketch_count": 0, "sketch_rows": 0}
+
+    class Counted:
+        def __getattr__(self, name):
+            calls[name] = calls.get(name, 0) + 1
+            return getattr(k, name)
+
+    g = torch.Generator().manual_seed(0)
+    for step in range(100):
+        training = step % 25 < 20
+        ours.train(training), theirs.train(training)
+        features = drifting(g, step)
+        monkeypatch.setattr(cafe, "hash_kernel", lambda: Counted())
+        got = ours(features).values()
+        monkeypatch.setattr(cafe, "hash_kernel", lambda: None)
+        want = theirs(features).values()
+        assert torch.equal(got, want), step
+        mine, other = ours.state_dict(), theirs.state_dict()
+        assert all(torch.equal(v, other[name]) for name, v in mine.items()), step
+    assert calls["sketch_count"] == 80 and calls["sketch_rows"] == 100
+    assert (ours.keys >= 0).all() and (ours.slot >= 0).any()  # the sketches filled; ids were promoted
