@@ -26,6 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from compression import native
+from compression.base import _tracing
 
 
 def unpooled(table: EmbeddingBagConfig, keep_init: bool = False) -> EmbeddingConfig:
@@ -51,7 +52,11 @@ def bag_index(lengths: torch.Tensor, total: int | None = None) -> torch.Tensor:
 
 
 def pool(rows: torch.Tensor, lengths: torch.Tensor, batch: int, pooling: PoolingType) -> torch.Tensor:
-    """Bags of ``rows`` (one per id, in bag order) pooled by sum or mean: [batch, dim]."""
+    """Bags of ``rows`` (one per id, in bag order) pooled by sum or mean: [batch, dim]. Where
+    every bag holds one id, the rows are the bags (returned as they are: the same values and
+    gradients, without a scatter each way)."""
+    if not _tracing() and rows.shape[0] == batch == lengths.numel() and bool((lengths == 1).all()):
+        return rows
     out = torch.zeros(batch, rows.shape[1], device=rows.device, dtype=rows.dtype)
     out = out.index_add(0, bag_index(lengths, rows.shape[0]), rows)
     if pooling == PoolingType.MEAN:
@@ -95,13 +100,7 @@ def pooled_lookup(ebc: nn.Module, features: KeyedJaggedTensor) -> KeyedTensor:
 def _plain(features: KeyedJaggedTensor) -> bool:
     """Whether ``features`` may be read by anything but the collection itself: one batch size
     for every key, and not while scripting, compiling or tracing."""
-    return not (
-        features.variable_stride_per_key()
-        or features.inverse_indices_or_none() is not None
-        or torch.jit.is_scripting()
-        or torch.compiler.is_compiling()
-        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-    )
+    return not (features.variable_stride_per_key() or features.inverse_indices_or_none() is not None or _tracing())
 
 
 def _one_hot(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor) -> bool:

@@ -63,7 +63,7 @@ def kernel() -> Any:
     return native.load(_SOURCE, "universal hashes run as torch ops")
 
 
-def _tracing() -> bool:
+def _tracing() -> bool:  # (compression.base's; this file also loads alone, without the package)
     return torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 

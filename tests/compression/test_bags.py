@@ -146,3 +146,23 @@ def test_other_collections_go_to_the_collection(monkeypatch):
     torch.manual_seed(0)
     other = Subclass(tables=TABLES)
     assert torch.equal(pooled_lookup(other, _kjt([1] * 16)).values(), other(_kjt([1] * 16)).values())
+
+
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_pool_gives_one_hot_bags_their_rows_and_scatters_the_rest(pooling):
+    def scattered(rows, lengths, batch):  # the bags by their definition
+        out = torch.zeros(batch, rows.shape[1]).index_add(0, bags.bag_index(lengths, rows.shape[0]), rows)
+        return out / lengths.clamp(min=1).unsqueeze(1) if pooling == PoolingType.MEAN else out
+
+    for lengths in ([1, 1, 1, 1], [2, 0, 1, 1], [1, 1, 1], [0, 3, 1, 0]):
+        lengths = torch.tensor(lengths)
+        rows = torch.randn(int(lengths.sum()), 3, requires_grad=True)
+        out = bags.pool(rows, lengths, 4 if lengths.numel() == 4 else 3, pooling)
+        want = scattered(rows, lengths, out.shape[0])
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+        grad, rows.grad = rows.grad, None
+        (want * torch.arange(want.numel()).view_as(want)).sum().backward()
+        torch.testing.assert_close(grad, rows.grad, rtol=0, atol=0)
+    one_hot = torch.randn(4, 3)
+    assert bags.pool(one_hot, torch.ones(4, dtype=torch.int64), 4, pooling) is one_hot  # no scatter
