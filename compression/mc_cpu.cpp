@@ -151,15 +151,26 @@ inline uint64_t zch_hash(int64_t id) {
   return h1 ^ h2;
 }
 
+// A table's eviction in training (compression/mpzch.py's step clock): every id read gets the
+// time `value` (now + TTL); a slot whose time is below `threshold` (now) and the id's is expired.
+struct Eviction {
+  int32_t* meta = nullptr;  // each slot's time of last read; null: no eviction
+  int64_t value = 0, threshold = 0;
+  bool lru = false;  // FBGEMM's policy 1 (LRU), else 0 (TTL)
+};
+
 // One table's slots for n ids (-1, the empty marker, read as -2), identities ident[0, size).
 // An id probes `probes` slots from its home slot (hash % size), circularly.
 // Lookup (FBGEMM's CPU kernel): its own slot, else its home slot.
-// Insert (compression/zch_cpu.py, without eviction: the same slots and identities): each
-// distinct id's window is scanned up to its own slot or an empty one; those that met an empty
-// slot then take, in rounds, the first empty slot of their window as the round began, a slot
-// wanted by several going to the id that comes first in the batch; the others read their home.
+// Insert (compression/zch_cpu.py: the same slots, identities, times and evicted slots): each
+// distinct id's window is scanned up to its own slot or an empty one (an id found there reads
+// it: its time raised). The others (without eviction, those that met an empty slot) take slots
+// in rounds: each its window's first empty slot as the round began (with eviction: or expired;
+// LRU: the first empty one, else the least recently read expired one), a slot wanted by several
+// going to the id that comes first in the batch; the rest read their home slot. A taken slot that
+// held an id is appended to evicted.
 void zch_table(const int64_t* v, int64_t n, int64_t* out, int64_t* ident, int64_t size, int64_t probes,
-               bool insert) {
+               bool insert, const Eviction& ev, std::vector<int64_t>& evicted) {
   auto next = [size](int64_t s) { return s + 1 == size ? 0 : s + 1; };
   auto id_of = [](int64_t x) { return x == kEmptySlot ? kEmptySlot - 1 : x; };
   if (!insert) {
@@ -193,36 +204,53 @@ void zch_table(const int64_t* v, int64_t n, int64_t* out, int64_t* ident, int64_
     ids[u] = id_of(v[firsts[u]]);
     home[u] = int64_t(zch_hash(ids[u]) % uint64_t(size));
   }
+  int32_t* meta = ev.meta;
+  const int32_t value = int32_t(ev.value);
+  auto read = [&](int64_t s) {
+    if (meta) meta[s] = std::max(meta[s], value);
+  };
   for (int64_t u = 0; u < m; ++u) {  // ids already in: an id never sits past an empty slot
     int64_t s = home[u];
+    bool open = false;
     for (int64_t k = 0; k < probes; ++k, s = next(s)) {
       if (ident[s] == ids[u]) {
         slot[u] = s;
         break;
       }
       if (ident[s] == kEmptySlot) {
-        live.push_back(u);
+        open = true;
         break;
       }
     }
+    if (slot[u] >= 0)
+      read(slot[u]);
+    else if (open || meta)  // with eviction a window of others may hold an expired slot
+      live.push_back(u);
   }
-  std::vector<int64_t> pick(m);
+  auto expired = [&](int64_t s) { return meta[s] < ev.threshold && meta[s] < value; };
+  std::vector<int64_t> pick(m), seen(m);
   while (!live.empty()) {
-    for (int64_t u : live) {  // each id's first empty slot as the round begins, or none
-      int64_t s = home[u];
+    for (int64_t u : live) {  // each id's slot as the round begins, or none
+      int64_t s = home[u], oldest = -1;
       pick[u] = -1;
-      for (int64_t k = 0; k < probes; ++k, s = next(s))
-        if (ident[s] == kEmptySlot) {
+      for (int64_t k = 0; k < probes; ++k, s = next(s)) {
+        if (ident[s] == kEmptySlot || (meta && !ev.lru && expired(s))) {  // the first usable slot
           pick[u] = s;
           break;
         }
+        if (meta && ev.lru && expired(s) && (oldest < 0 || meta[s] < meta[oldest])) oldest = s;
+      }
+      if (pick[u] < 0) pick[u] = oldest;  // LRU: no empty slot, the least recently read expired one
+      if (pick[u] >= 0) seen[u] = ident[pick[u]];
     }
     size_t kept = 0;
     for (int64_t u : live) {  // in the batch's order: the first to want a slot takes it
       if (pick[u] < 0) continue;
-      if (ident[pick[u]] == kEmptySlot) {
+      if (ident[pick[u]] == seen[u]) {
+        if (seen[u] != kEmptySlot) evicted.push_back(pick[u]);
         ident[pick[u]] = ids[u];
         slot[u] = pick[u];
+        read(pick[u]);
       } else {
         live[kept++] = u;
       }
@@ -239,15 +267,20 @@ void zch_table(const int64_t* v, int64_t n, int64_t* out, int64_t* ident, int64_
 
 // Every table's ids to their slots (TorchRec's HashZchManagedCollisionModule.remap of one
 // bucket, fallback on): table t's ids are values[bounds[t] : bounds[t + 1]], its identities
-// the [size, 1] buffer identities[t], its window probes[t] slots. With insert (training
-// without eviction), new ids are written into the identities and each table's step count
-// steps[t] is raised by one. Undefined, and nothing touched, unless every tensor is a
-// contiguous int64 CPU tensor of the sizes this needs.
-torch::Tensor zch_remap(const torch::Tensor& values, const std::vector<int64_t>& bounds,
-                        const std::vector<torch::Tensor>& identities, const std::vector<int64_t>& probes,
-                        const std::vector<torch::Tensor>& steps, bool insert) {
+// the [size, 1] buffer identities[t], its window probes[t] slots. With insert (training), new ids
+// are written into the identities, each table's step count steps[t] is raised by one and, where
+// ttl[t] >= 0, slots expire: metadata[t] ([size, 1] int32) holds each slot's step of last read
+// plus the TTL, now the raised step count; policy[t] 1 is LRU, 0 TTL. Returns the slots and each
+// table's evicted slots (sorted, distinct). Undefined, and nothing touched, unless every tensor
+// is a contiguous CPU tensor of the type and size this needs.
+std::tuple<torch::Tensor, std::vector<torch::Tensor>> zch_remap(
+    const torch::Tensor& values, const std::vector<int64_t>& bounds, const std::vector<torch::Tensor>& identities,
+    const std::vector<int64_t>& probes, const std::vector<torch::Tensor>& steps, bool insert,
+    const std::vector<int64_t>& ttl, const std::vector<int64_t>& policy, const std::vector<torch::Tensor>& metadata) {
   const size_t n = identities.size();
-  if (!plain_bounds(values, bounds, n) || probes.size() != n || steps.size() != n) return {};
+  if (!plain_bounds(values, bounds, n) || probes.size() != n || steps.size() != n || ttl.size() != n ||
+      policy.size() != n || metadata.size() != n)
+    return {};
   for (size_t t = 0; t < n; ++t) {
     const auto& ident = identities[t];
     if (!ident.device().is_cpu() || ident.scalar_type() != torch::kLong || !ident.is_contiguous() ||
@@ -255,18 +288,32 @@ torch::Tensor zch_remap(const torch::Tensor& values, const std::vector<int64_t>&
       return {};
     if (!steps[t].device().is_cpu() || steps[t].scalar_type() != torch::kLong || steps[t].numel() != 1)
       return {};
+    const auto& meta = metadata[t];
+    if (insert && ttl[t] >= 0 &&
+        (!meta.defined() || !meta.device().is_cpu() || meta.scalar_type() != torch::kInt || !meta.is_contiguous() ||
+         meta.numel() != ident.size(0) || (policy[t] != 0 && policy[t] != 1)))
+      return {};
   }
   auto out = torch::empty_like(values);
+  std::vector<std::vector<int64_t>> evicted(n);
   const int64_t* v = values.data_ptr<int64_t>();
   int64_t* o = out.data_ptr<int64_t>();
   at::parallel_for(0, int64_t(n), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      if (insert) steps[t].data_ptr<int64_t>()[0] += 1;
+      Eviction ev;
+      if (insert) {
+        const int64_t now = ++steps[t].data_ptr<int64_t>()[0];
+        if (ttl[t] >= 0) ev = {metadata[t].data_ptr<int32_t>(), now + ttl[t], now, policy[t] == 1};
+      }
       zch_table(v + bounds[t], bounds[t + 1] - bounds[t], o + bounds[t], identities[t].data_ptr<int64_t>(),
-                identities[t].size(0), probes[t], insert);
+                identities[t].size(0), probes[t], insert, ev, evicted[t]);
+      std::sort(evicted[t].begin(), evicted[t].end());
+      evicted[t].erase(std::unique(evicted[t].begin(), evicted[t].end()), evicted[t].end());
     }
   });
-  return out;
+  std::vector<torch::Tensor> slots(n);
+  for (size_t t = 0; t < n; ++t) slots[t] = torch::tensor(evicted[t], torch::kLong);
+  return {out, slots};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

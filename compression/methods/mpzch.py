@@ -21,11 +21,11 @@ On the CPU, FBGEMM's ``zero_collision_hash`` kernel answers lookups only (its CP
 build refuses inserts); training inserts go through ``compression.zch_cpu``, which
 follows FBGEMM's CUDA kernel, and every lookup outside training (and everything on
 CUDA) goes through FBGEMM's own kernel, as do training lookups once a table without
-eviction is full (it stays full: no insert can place an id). Unsharded on the CPU without
-eviction, the collection's remap of every table, inserts included, is one call of
+eviction is full (it stays full: no insert can place an id). Unsharded on the CPU,
+the collection's remap of every table, inserts and evictions included, is one call of
 ``mc_cpu.cpp`` (``zch_forward``) where TorchRec runs a dozen small torch operations and
-FBGEMM's kernel a table: the same slots, identities and step counts, tested step by step
-against TorchRec's forward.
+FBGEMM's kernel a table: the same slots, identities, times, evictions and step counts, tested
+step by step against TorchRec's forward.
 
 Bytes: per slot, the row (4·dim), the int64 identity and, with eviction, the int32
 time of last read; per table the bucket count and the step clock (all counted from
@@ -171,6 +171,9 @@ class StepMpzch(HashZchManagedCollisionModule):
         return self._empty_slots == 0
 
 
+_NO_METADATA = torch.empty(0, dtype=torch.int32)  # (a table without eviction)
+
+
 def _plain_modules(mcc: ManagedCollisionCollection) -> list[StepMpzch] | None:
     """The MCC's modules in its tables' order, where every one is a ``StepMpzch`` of one
     unsharded bucket with fallback, no reserved slots, logger or runtime metadata, and CPU
@@ -194,21 +197,30 @@ def zch_forward(
     mcc: ManagedCollisionCollection, features: KeyedJaggedTensor, use_kernel: bool = True
 ) -> KeyedJaggedTensor:
     """TorchRec's ``ManagedCollisionCollection.forward`` of MPZCH modules (every table's remap,
-    and in training its inserts and step count), computed by the kernel for every table at
-    once where the modules are as ``_plain_modules`` asks, none evicts in training and the
-    batch is one TorchRec's forward would take as is (no weights, one stride); else TorchRec's
-    own forward. The same slots, identities and steps either way (``test_mpzch``)."""
+    and in training its inserts, evictions and step count), computed by the kernel for every
+    table at once where the modules are as ``_plain_modules`` asks and the batch is one
+    TorchRec's forward would take as is (no weights, one stride); else TorchRec's own forward.
+    The same slots, identities, times of last read, evicted slots and steps either way
+    (``test_mpzch``)."""
     k = kernel() if use_kernel and not _tracing() else None  # (a traced graph keeps TorchRec's ops)
     modules = _plain_modules(mcc) if k is not None else None
     if k is None or modules is None or features.weights_or_none() is not None or features.variable_stride_per_key():
         return mcc(features)
-    if mcc.training and any(m._eviction_module is not None for m in modules):
+    evictions = [m._eviction_module if mcc.training else None for m in modules]
+    if any(e is not None and type(e) is not _StepEviction for e in evictions):
         return mcc(features)
     feats, bounds = table_bounds(mcc, features)
-    out = k.zch_remap(feats.values(), bounds, [m._hash_zch_identities.data for m in modules],
-                      [m._max_probe for m in modules], [m._steps for m in modules], mcc.training)  # fmt: skip
+    out, evicted = k.zch_remap(
+        feats.values(), bounds, [m._hash_zch_identities.data for m in modules], [m._max_probe for m in modules],
+        [m._steps for m in modules], mcc.training, [-1 if e is None else e.ttl for e in evictions],
+        [m.eviction_flag for m in modules],
+        [_NO_METADATA if e is None else m._hash_zch_metadata.data for m, e in zip(modules, evictions)],
+    )  # fmt: skip
     if out is None:
         return mcc(features)  # (a tensor the kernel does not take: nothing was touched)
+    for m, slots in zip(modules, evicted):
+        if slots.numel():  # (TorchRec's remap keeps them so; the MCC's evict() collects them)
+            m._evicted_indices.append(slots)
     return KeyedJaggedTensor(
         keys=feats.keys(), values=out, lengths=feats.lengths(), stride=feats.stride(),
         length_per_key=feats.length_per_key(),

@@ -1,5 +1,3 @@
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -307,15 +305,19 @@ def needs_kernel() -> None:
         pytest.skip("no C++ compiler: the kernel is not built here")
 
 
-@pytest.mark.parametrize("probe", [128, 4])
-def test_the_kernel_remaps_and_inserts_as_torchrec(probe):
+def evicted(mcc: ManagedCollisionCollection) -> dict:
+    return {k: None if v is None else v.tolist() for k, v in mcc.evict().items()}
+
+
+@pytest.mark.parametrize("probe,eviction", [(128, "none"), (4, "none"), (4, "ttl"), (4, "lru"), (128, "lru")])
+def test_the_kernel_remaps_inserts_and_evicts_as_torchrec(probe, eviction):
     needs_kernel()
-    ours = zch_collection(max_probe=probe)
-    theirs = copy.deepcopy(ours)
+    ours = zch_collection(max_probe=probe, eviction=eviction, ttl_steps=3)
+    theirs = zch_collection(max_probe=probe, eviction=eviction, ttl_steps=3)  # (a copy's clock would read ours)
     torchrec_calls: list[int] = []
     ours.register_forward_pre_hook(lambda *_: torchrec_calls.append(1))
     g = torch.Generator().manual_seed(probe)
-    filled = set()
+    filled, evictions = set(), 0
     for step in range(120):
         training = step % 25 < 20  # some steps in eval: lookups only
         ours.train(training), theirs.train(training)
@@ -324,9 +326,18 @@ def test_the_kernel_remaps_and_inserts_as_torchrec(probe):
         assert got.keys() == want.keys(), step
         assert torch.equal(got.values(), want.values()) and torch.equal(got.lengths(), want.lengths()), step
         assert zch_state(ours) == zch_state(theirs), step
+        for m, other in zip(ours._managed_collision_modules.values(), theirs._managed_collision_modules.values()):
+            assert (m._hash_zch_metadata is None) == (eviction == "none"), step
+            assert eviction == "none" or torch.equal(m._hash_zch_metadata, other._hash_zch_metadata), step
+        slots = evicted(ours)
+        assert slots == evicted(theirs), step
+        evictions += sum(bool(v) for v in slots.values())
         filled |= {n for n, m in ours._managed_collision_modules.items() if (m._hash_zch_identities != -1).all()}
     assert torchrec_calls == []
-    assert filled == {"a", "b", "c"}  # every table filled up on the way: inserts and full windows met
+    # without eviction every table filled up on the way (inserts and full windows met); with it,
+    # expired slots were taken
+    assert filled == {"a", "b", "c"} if eviction == "none" else evictions > 20
+    assert eviction != "none" or evictions == 0
     assert int(ours._managed_collision_modules["a"]._steps) == 100  # training steps only
 
 
@@ -340,41 +351,33 @@ def test_the_kernel_gives_a_contested_slot_as_torchrec_does():
     h = next(s for s in range(size - 1) if (home == s).sum() >= 2 and (home == s + 1).any())
     p, q = ids[home == h][:2].tolist()
     r = ids[home == h + 1][0].item()
-    ours = zch_collection()
-    theirs = copy.deepcopy(ours)
+    ours, theirs = zch_collection(), zch_collection()
     lengths = torch.tensor([0, 0, 0, 1, 1, 1] + [0] * 9, dtype=torch.int32)  # three bags a key, ids in b's only
     features = KeyedJaggedTensor(keys=["x", "b", "a2", "c", "a1"], values=torch.tensor([p, q, r]), lengths=lengths)
     got = zch_forward(ours, features)
     assert got.values().tolist() == [h, h + 2, h + 1] == theirs(features).values().tolist()
 
 
-def test_the_kernel_leaves_eviction_and_weights_to_torchrec():
+def test_the_kernel_leaves_weighted_ids_to_torchrec():
     needs_kernel()
     ours = zch_collection(max_probe=4, eviction="lru", ttl_steps=2)
-    theirs = copy.deepcopy(ours)
+    theirs = zch_collection(max_probe=4, eviction="lru", ttl_steps=2)
     calls: list[int] = []
     ours.register_forward_pre_hook(lambda *_: calls.append(1))
     g = torch.Generator().manual_seed(0)
-    evictions = 0
-    for step in range(40):
-        training = step % 10 < 8
-        ours.train(training), theirs.train(training)
+    for step in range(12):
         features = zch_batch(g, step, 8)
-        if step == 9:  # weighted ids in eval
+        if step in (4, 9):  # weighted ids, in training and in eval
+            ours.train(step == 4), theirs.train(step == 4)
             features = KeyedJaggedTensor(keys=KERNEL_KEYS, values=features.values(), lengths=features.lengths(),
                                          weights=torch.ones(features.values().numel()))  # fmt: skip
         assert torch.equal(zch_forward(ours, features).values(), theirs(features).values()), step
-        assert zch_state(ours) == zch_state(theirs), step
-        evicted = ours.evict(), theirs.evict()
-        assert {k: v is None or v.tolist() for k, v in evicted[0].items()} == {
-            k: v is None or v.tolist() for k, v in evicted[1].items()
-        }
-        evictions += any(v is not None and v.numel() > 0 for v in evicted[1].values())
-    assert evictions > 5
-    assert len(calls) == 33  # the 32 training steps (they evict) and the weighted one
-    features = zch_batch(g, 40, 8)  # kernels off: TorchRec's forward
+        assert zch_state(ours) == zch_state(theirs) and evicted(ours) == evicted(theirs), step
+        ours.train(), theirs.train()
+    assert len(calls) == 2
+    features = zch_batch(g, 12, 8)  # kernels off: TorchRec's forward
     assert torch.equal(zch_forward(ours, features, use_kernel=False).values(), theirs(features).values())
-    assert len(calls) == 34
+    assert len(calls) == 3
 
 
 def test_the_collection_remaps_through_the_kernel_and_its_rows_learn():

@@ -49,13 +49,16 @@ def test_a_store_deleted_mid_run_costs_no_training_and_the_rerun_records_it_all(
     # the rerun in the same directory: the store answers again (a new, empty one)
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr[-2000:]
-    runs = _read_store(f"sqlite:///{db}", "print(json.dumps([[r.info.run_id, r.info.status, r.data.tags.get('embcomp.status')] "
-                       "for r in c.search_runs([e.experiment_id for e in c.search_experiments()])]))")  # fmt: skip
-    assert len(runs) == 1 and runs[0][1:] == ["FINISHED", "complete"]
-    history = _read_store(f"sqlite:///{db}", f"print(json.dumps([m.step for m in c.get_metric_history({runs[0][0]!r}, 'val_auc')]))")
+    # the runs, and the first run's metric steps, in one reading process (each costs MLflow's import)
+    runs, history, loss = _read_store(f"sqlite:///{db}", (
+        "rs = c.search_runs([e.experiment_id for e in c.search_experiments()]); "
+        "steps = lambda k: [m.step for m in c.get_metric_history(rs[0].info.run_id, k)] if rs else []; "
+        "print(json.dumps([[[r.info.status, r.data.tags.get('embcomp.status')] for r in rs], "
+        "steps('val_auc'), steps('train_loss')]))"
+    ))  # type: ignore[misc]  # fmt: skip
+    assert runs == [["FINISHED", "complete"]]
     assert len(history) >= 4  # every epoch recorded after recovery, no gap
     assert sorted(set(history)) == sorted({h for h in history})
-    loss = _read_store(f"sqlite:///{db}", f"print(json.dumps([m.step for m in c.get_metric_history({runs[0][0]!r}, 'train_loss')]))")
     assert min(loss) == 10 and max(loss) >= 4 * 125 - 10
 
 
