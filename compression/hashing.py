@@ -148,6 +148,8 @@ class UniversalHash(nn.Module):
         per_id_m: torch.Tensor | None = None
         if isinstance(m, torch.Tensor):
             per_id_shape = ids.shape if which is not None else (*ids.shape, 1)
+            if m.dtype != torch.int64:
+                return None
             if m.numel() == 1 and m.dim() <= ids.dim():
                 m = int(m)
             elif m.shape == per_id_shape:
@@ -156,13 +158,15 @@ class UniversalHash(nn.Module):
                 return None
         per_id_which: torch.Tensor | None = None
         if isinstance(which, torch.Tensor):
+            if which.dtype != torch.int64:
+                return None
             if which.numel() == 1 and which.dim() <= ids.dim():
                 which = int(which)
             elif which.shape == ids.shape:
                 per_id_which, which = which, 0
             else:
                 return None
-        if isinstance(which, int) and which < 0 or isinstance(m, int) and m < 0:
+        if isinstance(which, int) and not 0 <= which < 2**63 or not 0 <= m < 2**63:
             return None  # (a negative index or modulus: the torch ops' meaning, or their error)
         out = k.universal_hash(ids, self.coeffs, -1 if which is None else which, per_id_which, m, per_id_m)
         return out

@@ -236,3 +236,5 @@ def test_the_kernel_leaves_what_it_does_not_take_to_the_torch_ops():
     assert torch.equal(h(ids, m), torch.stack([h(ids, 3, which=0), h(ids, 5, which=1)], dim=1))
     strided = torch.arange(200)[::2]
     assert torch.equal(h(strided, 13), h(strided.contiguous(), 13))
+    with pytest.raises(OverflowError):  # a modulus past int64: the torch ops' error, not a binding's
+        h(ids, 2**70)

@@ -109,8 +109,8 @@ def test_jobs_started_together_on_a_new_store_all_complete(tmp_path, n):
 def test_a_sweep_runs_in_parallel_through_the_joblib_and_submitit_local_launchers(tmp_path):
     """Hydra's launchers as a user picks them: every job a complete run under the one
     parent, each method's figures the same whichever launcher ran it (seeded jobs)."""
-    aucs = {}
-    for launcher, extra in (("joblib", "hydra.launcher.n_jobs=2"), ("submitit_local", "hydra.launcher.timeout_min=10")):
+    launchers = (("joblib", "hydra.launcher.n_jobs=2"), ("submitit_local", "hydra.launcher.timeout_min=10"))
+    for launcher, extra in launchers:
         name = f"launch-{launcher}"
         r = run_cli("--multirun", f"hydra/launcher={launcher}", extra, "dataset=criteo_sample", "compression=none,hashing",
                     "budget=10x", "trainer.max_steps_per_epoch=2", "trainer.num_threads=1",
@@ -119,12 +119,18 @@ def test_a_sweep_runs_in_parallel_through_the_joblib_and_submitit_local_launcher
                     f"report_dir={tmp_path}/reports", cwd=tmp_path)  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         assert "is_fx_tracing" not in r.stderr  # quiet in the launcher's worker processes too
-        runs = _read_store(f"sqlite:///{tmp_path}/mlflow.db", (
-            f"e = c.get_experiment_by_name({name!r}).experiment_id; print(json.dumps([[r.data.tags.get('embcomp.kind'), "
-            "r.data.tags.get('method'), r.info.status, r.data.metrics.get('test_auc')] for r in c.search_runs([e])]))"))  # fmt: skip
+        assert (tmp_path / "reports" / name / "table.md").is_file()
+    # both sweeps' runs in one reading process (each costs MLflow's import)
+    names = [f"launch-{launcher}" for launcher, _ in launchers]
+    by_name = _read_store(f"sqlite:///{tmp_path}/mlflow.db", (
+        f"print(json.dumps({{n: [[r.data.tags.get('embcomp.kind'), r.data.tags.get('method'), r.info.status, "
+        f"r.data.metrics.get('test_auc')] for r in c.search_runs([c.get_experiment_by_name(n).experiment_id])] "
+        f"for n in {names!r}}}))"))  # fmt: skip
+    aucs = {}
+    for launcher, _ in launchers:
+        runs = by_name[f"launch-{launcher}"]  # type: ignore[index]
         jobs = sorted(x for x in runs if x[0] != "sweep")
         assert [(m, s) for _, m, s, _ in jobs] == [("hashing", "FINISHED"), ("none", "FINISHED")], runs
         assert [x[2] for x in runs if x[0] == "sweep"] == ["FINISHED"]
         aucs[launcher] = [a for *_, a in jobs]
-        assert (tmp_path / "reports" / name / "table.md").is_file()
     assert aucs["joblib"] == aucs["submitit_local"]
