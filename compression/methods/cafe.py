@@ -167,8 +167,7 @@ class CafeCollection(IdMappedCollection):
         p = self.params.expand(features) if p is None else p
         ids = features.values()
         coded = p["table"] >= 0
-        rows = torch.where(coded, p["base"] + self.hasher(ids, p["mod"], which=0),
-                           torch.where(in_range(ids, p["rows"]), ids, self.hasher(ids, p["rows"], which=0)))  # fmt: skip
+        rows = self._hashed_rows(ids, coded, p)
         sel = coded.nonzero().squeeze(1)
         if sel.numel():
             b = self._buckets(ids, p, sel)
@@ -176,6 +175,11 @@ class CafeCollection(IdMappedCollection):
             s = torch.where(match, self.slot[b], -1).amax(dim=1)
             rows[sel] = torch.where(s >= 0, s.to(rows.dtype), rows[sel])
         return rows
+
+    def _hashed_rows(self, ids: torch.Tensor, coded: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every id's row without the sketch: a coded id's hashed row, an exact table's id (folded)."""
+        return torch.where(coded, p["base"] + self.hasher(ids, p["mod"], which=0),
+                           torch.where(in_range(ids, p["rows"]), ids, self.hasher(ids, p["rows"], which=0)))  # fmt: skip
 
     @torch.no_grad()
     def observe(self, features: KeyedJaggedTensor, p: dict[str, torch.Tensor]) -> None:
@@ -192,6 +196,11 @@ class CafeCollection(IdMappedCollection):
             starts = new.nonzero().squeeze(1)  # (torch.unique over the pairs: 27 ms a step, not 21)
             counts = torch.diff(starts, append=starts.new_tensor([b.numel()]))
             self._count(b[starts], x[starts], counts.to(torch.float32))
+        self._tick()
+
+    @torch.no_grad()
+    def _tick(self) -> None:
+        """A training step counted; every ``interval`` steps, promote and demote."""
         self.steps += 1
         if int(self.steps) % self.config.interval == 0:
             for name in self.coded:
@@ -270,13 +279,8 @@ class CafeCollection(IdMappedCollection):
         if self.training:
             if not k.sketch_count(ids, b, coded, self.keys, self.scores, self.slot):
                 return None
-            self.steps += 1
-            if int(self.steps) % self.config.interval == 0:
-                with torch.no_grad():
-                    for name in self.coded:
-                        self._promote(name)
-        rows = torch.where(coded, p["base"] + self.hasher(ids, p["mod"], which=0),
-                           torch.where(in_range(ids, p["rows"]), ids, self.hasher(ids, p["rows"], which=0)))  # fmt: skip
+            self._tick()
+        rows = self._hashed_rows(ids, coded, p)
         if not k.sketch_rows(ids, b, coded, self.keys, self.slot, rows):  # (only if the sketch moved device)
             return self.rows(features, p)
         return rows
