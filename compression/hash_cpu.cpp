@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -162,7 +163,8 @@ bool sketch_count(const torch::Tensor& ids, const torch::Tensor& bucket, const t
   std::vector<int64_t> touched;
   std::vector<float> best;  // per touched bucket, the most frequent new id's count and the id
   std::vector<int64_t> winner;
-  std::vector<int64_t> at(keys.size(0), -1);  // bucket -> its place in touched
+  std::unordered_map<int64_t, int64_t> at;  // bucket -> its place in touched (not one per bucket
+  at.reserve(size_t(n));                     // of the sketch: a large table's are millions)
   for (const Pair& p : pairs) {
     if (p.b < 0) continue;
     int64_t* k = key + p.b * width;
@@ -172,13 +174,13 @@ bool sketch_count(const torch::Tensor& ids, const torch::Tensor& bucket, const t
       score[p.b * width + j] += float(p.count);
       continue;
     }
-    if (at[p.b] < 0) {
-      at[p.b] = int64_t(touched.size());
+    const auto [place, added] = at.try_emplace(p.b, int64_t(touched.size()));
+    if (added) {
       touched.push_back(p.b);
       best.push_back(-1.0f);
       winner.push_back(0);
     }
-    const int64_t t = at[p.b];
+    const int64_t t = place->second;
     const float cnt = float(p.count);
     if (cnt > best[t] || (cnt == best[t] && p.x < winner[t])) best[t] = cnt, winner[t] = p.x;
   }
